@@ -1,0 +1,775 @@
+"""Shared infrastructure for every script: data, ResNet-18, PGD, per-layer weight helpers,
+checkpoints, logging and the distributed setup (SPEC §1-§5).
+
+Method logic lives in the method files; what is here is what every script needs.
+Conventions: inputs in [0, 1]; the per-channel normaliser is the model's first module; every
+attack runs the model in eval mode (BN running statistics) and restores the caller's mode.
+"""
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)  # the correct CIFAR-10 std, not the widely copied 0.2023...
+NUM_CLASSES = 10
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors and command-line helpers
+# ---------------------------------------------------------------------------------------------
+class UsageError(Exception):
+    """Bad input from the user: reported as one line and exit code 1, never as a traceback."""
+
+
+def run_cli(main):
+    """Run `main()` and turn a UsageError into one clear line on stderr and exit code 1."""
+    try:
+        main()
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def fraction(text):
+    """argparse type for values like `8/255`, `0.007` or `2e-4`."""
+    try:
+        return float(Fraction(text)) if "/" in text else float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or a fraction like 8/255")
+
+
+def check(condition, message):
+    if not condition:
+        raise UsageError(message)
+
+
+def add_runtime_args(parser):
+    """Flags every script shares: where data lives, which device, which seed, how fast."""
+    g = parser.add_argument_group("runtime")
+    g.add_argument("--data-dir", default="data", help="CIFAR-10 root (downloaded if missing) or an "
+                   "ImageFolder tree with train/ and test/ (e.g. ../shared/data/cifar10-jpeg)")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--seed", type=int, default=0, help="seeds every random draw; recorded in results")
+    return g
+
+
+# ---------------------------------------------------------------------------------------------
+# Device, seeds, distributed (SPEC §5.6)
+# ---------------------------------------------------------------------------------------------
+def resolve_device(flag):
+    if flag == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(flag)
+    except RuntimeError:
+        raise UsageError(f"unknown --device {flag!r}; use auto, cpu, cuda or cuda:N")
+    check(device.type != "cuda" or torch.cuda.is_available(),
+          f"--device {flag} asked for CUDA but torch sees no GPU; use --device cpu")
+    return device
+
+
+def setup_distributed(device_flag):
+    """(rank, world, device). Under `torchrun --nproc_per_node=N` one process per device
+    (NCCL on GPUs, gloo on CPU); a plain `python script.py` is rank 0 of 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, resolve_device(device_flag)
+    device = resolve_device(device_flag)
+    if device.type == "cuda":
+        local = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def rng_state(loader=None):
+    """All RNG states as tensors/ints, so a checkpoint loads with weights_only=True."""
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+             "python_pos": random.getstate()[2]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if loader is not None and hasattr(loader, "generator"):
+        state["loader"] = loader.generator.get_state()
+    return state
+
+
+def set_rng_state(state, loader=None):
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if loader is not None and "loader" in state:
+        loader.generator.set_state(state["loader"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Data (SPEC §2)
+# ---------------------------------------------------------------------------------------------
+def _imagefolder_arrays(root):
+    """Decode an ImageFolder split into uint8 N×32×32×3 + labels (folder order). Decoding 60k
+    JPEGs takes ~10 s, so the arrays are cached as .npz under ~/.cache (read-only trees work)."""
+    from torchvision.datasets import ImageFolder
+    folder = ImageFolder(str(root))
+    key = f"{Path(root).resolve()}".replace(os.sep, "_").strip("_")
+    cache = Path(os.environ.get("ROBUST_FLATNESS_CACHE", Path.home() / ".cache" / "robust_flatness"))
+    cache_file = cache / f"{key}_{len(folder.samples)}.npz"
+    if cache_file.exists():
+        with np.load(cache_file) as z:
+            return torch.from_numpy(z["x"]), torch.from_numpy(z["y"])
+    x = np.empty((len(folder.samples), 32, 32, 3), np.uint8)
+    for i, (path, _) in enumerate(folder.samples):
+        image = folder.loader(path)
+        if image.size != (32, 32):
+            raise UsageError(f"{path} is {image.size[0]}x{image.size[1]}; CIFAR images are 32x32")
+        x[i] = np.asarray(image.convert("RGB"))
+    y = np.asarray(folder.targets, np.int64)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_suffix(".tmp.npz")
+    np.savez(tmp, x=x, y=y)
+    os.replace(tmp, cache_file)
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def class_interleaved_order(labels):
+    """Indices that visit image i of every class in turn: 'the first N' is then class-balanced,
+    as it is for the real CIFAR-10 test set."""
+    labels = torch.as_tensor(labels)
+    per_class = [torch.nonzero(labels == c).flatten() for c in labels.unique(sorted=True)]
+    order = []
+    for i in range(max(len(p) for p in per_class)):
+        order.extend(int(p[i]) for p in per_class if i < len(p))
+    return torch.tensor(order, dtype=torch.long)
+
+
+def load_cifar10(data_dir, train):
+    """The whole split as (uint8 N×3×32×32 tensor, int64 labels) in the canonical order."""
+    root = Path(data_dir)
+    split = "train" if train else "test"
+    if (root / split).is_dir():  # ImageFolder tree, e.g. ../shared/data/cifar10-jpeg
+        x, y = _imagefolder_arrays(root / split)
+        order = class_interleaved_order(y)
+        x, y = x[order], y[order]
+    else:
+        from torchvision.datasets import CIFAR10
+        try:
+            ds = CIFAR10(str(root), train=train, download=True)
+        except Exception as e:  # no network, bad path, corrupt archive
+            raise UsageError(f"could not find or download CIFAR-10 in {root.resolve()} ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else 'no detail'}); point --data-dir at a "
+                             "CIFAR-10 root or an ImageFolder tree with train/ and test/, e.g. "
+                             "--data-dir ../shared/data/cifar10-jpeg")
+        x, y = torch.from_numpy(ds.data), torch.tensor(ds.targets, dtype=torch.long)
+    return x.permute(0, 3, 1, 2).contiguous(), y
+
+
+def balanced_subset(labels, n):
+    """The first n // K indices of every class (class-balanced `--train-subset`)."""
+    labels = torch.as_tensor(labels)
+    classes = labels.unique(sorted=True)
+    check(n % len(classes) == 0 and n > 0,
+          f"--train-subset {n} must be a positive multiple of the {len(classes)} classes")
+    picked = [torch.nonzero(labels == c).flatten()[: n // len(classes)] for c in classes]
+    check(all(len(p) == n // len(classes) for p in picked),
+          f"--train-subset {n} asks for more images per class than the data has")
+    return torch.sort(torch.cat(picked)).values
+
+
+def eval_split(data_dir, name, n, device):
+    """A fixed evaluation subset (SPEC §2) as float [0, 1] tensors on `device`:
+    eval = test 0…n-1, train-eval = train 0…n-1, early-stop = the last n test images,
+    log = test 0…n-1 (per-epoch logging)."""
+    check(name in ("eval", "train-eval", "early-stop", "log"), f"unknown subset {name!r}")
+    x, y = load_cifar10(data_dir, train=(name == "train-eval"))
+    check(0 < n <= len(y), f"subset {name} needs 1..{len(y)} images, got {n}")
+    sl = slice(len(y) - n, len(y)) if name == "early-stop" else slice(0, n)
+    return x[sl].to(device).float().div_(255), y[sl].to(device)
+
+
+class DeviceLoader:
+    """The training set on the device as uint8; shuffling, random crop (4-px zero padding) and
+    horizontal flip happen there per batch, drawn from a seeded device generator.
+    Under DDP each rank takes every world-th image of the shuffled order (equal-size batches)."""
+
+    def __init__(self, x, y, batch_size, device, seed, rank=0, world=1):
+        self.x, self.y = x.to(device), y.to(device)
+        self.batch_size, self.device, self.rank, self.world = batch_size, device, rank, world
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+    def __len__(self):
+        n = len(self.y)
+        return n // self.batch_size if self.world > 1 else math.ceil(n / self.batch_size)
+
+    def __iter__(self):
+        g, n, b = self.generator, len(self.y), self.batch_size
+        order = torch.randperm(n, device=self.device, generator=g)
+        for i in range(len(self)):
+            idx = order[i * b:(i + 1) * b][self.rank::self.world]
+            yield augment_crop_flip(self.x[idx], g), self.y[idx]
+
+
+def augment_crop_flip(x_uint8, generator):
+    """Random 32×32 crop of the 4-px zero-padded image and a random horizontal flip, batched:
+    one gather builds every crop, so there is no per-image Python loop."""
+    n, _, h, w = x_uint8.shape
+    padded = F.pad(x_uint8, (4, 4, 4, 4))
+    dy = torch.randint(0, 9, (n, 1, 1), device=x_uint8.device, generator=generator)
+    dx = torch.randint(0, 9, (n, 1, 1), device=x_uint8.device, generator=generator)
+    flip = torch.rand(n, 1, 1, device=x_uint8.device, generator=generator) < 0.5
+    rows = torch.arange(h, device=x_uint8.device).view(1, h, 1) + dy                    # n×h×1
+    cols = torch.arange(w, device=x_uint8.device).view(1, 1, w)
+    cols = torch.where(flip, w - 1 - cols, cols) + dx                                 # n×1×w
+    flat = (rows * (w + 8) + cols).view(n, 1, h * w).expand(-1, 3, -1)
+    out = padded.flatten(2).gather(2, flat).view(n, 3, h, w)
+    return out.float().div_(255)
+
+
+class Cutout:
+    """One 16×16 hole (zeros) at a uniformly drawn centre, clipped at the border (DeVries & Taylor)."""
+
+    def __init__(self, size=16):
+        self.size = size
+
+    def __call__(self, img):
+        _, h, w = img.shape
+        cy, cx = random.randrange(h), random.randrange(w)
+        y0, y1 = max(cy - self.size // 2, 0), min(cy + self.size // 2, h)
+        x0, x1 = max(cx - self.size // 2, 0), min(cx + self.size // 2, w)
+        img = img.clone()
+        img[:, y0:y1, x0:x1] = 0
+        return img
+
+
+class AutoAugmentLoader:
+    """`--autoaugment`: per image crop + flip + torchvision's CIFAR-10 AutoAugment policy + Cutout,
+    in DataLoader workers. Each epoch's draws come from a generator seeded by (seed, epoch), so
+    resume reproduces them."""
+
+    def __init__(self, x, y, batch_size, device, seed, workers=2, rank=0, world=1):
+        from torchvision import transforms as T
+        self.transform = T.Compose([
+            T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(),
+            T.AutoAugment(T.AutoAugmentPolicy.CIFAR10), T.ConvertImageDtype(torch.float32), Cutout(16)])
+        self.x, self.y, self.batch_size, self.device = x, y, batch_size, device
+        self.seed, self.workers, self.rank, self.world, self.epoch = seed, workers, rank, world, 0
+
+    def __len__(self):
+        n = len(self.y)
+        return n // self.batch_size if self.world > 1 else math.ceil(n / self.batch_size)
+
+    def __getitem__(self, i):
+        return self.transform(self.x[i]), self.y[i]
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        order = torch.randperm(len(self.y), generator=g)[: len(self) * self.batch_size][self.rank::self.world]
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(self, order.tolist()), batch_size=self.batch_size // self.world,
+            num_workers=self.workers, generator=g, persistent_workers=False,
+            worker_init_fn=_seed_worker, pin_memory=self.device.type == "cuda")
+        self.epoch += 1
+        for x, y in loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def _seed_worker(worker_id):
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model: CIFAR ResNet-18 with the normaliser inside (SPEC §3)
+# ---------------------------------------------------------------------------------------------
+ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "mish": nn.Mish, "gelu": nn.GELU}
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel; buffers, never trained and never perturbed."""
+
+    def __init__(self, mean=CIFAR_MEAN, std=CIFAR_STD):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+class BasicBlock(nn.Module):
+    """Post-activation block: conv-BN-act-conv-BN, + shortcut, act."""
+
+    def __init__(self, c_in, c_out, stride, act):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.act = act()
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = self.act(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.act(out + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """Key layout `conv1, bn1, layer1..4.{0,1}.{conv1,bn1,conv2,bn2,shortcut.0,shortcut.1}, linear`
+    (the widespread CIFAR layout), with `normalize.*` buffers in front when `normalize=True`."""
+
+    def __init__(self, width=64, act="relu", num_classes=NUM_CLASSES, normalize=True):
+        super().__init__()
+        check(act in ACTIVATIONS, f"unknown --act {act!r}; choose one of {', '.join(ACTIVATIONS)}")
+        check(width >= 1, f"--width must be positive, got {width}")
+        a = ACTIVATIONS[act]
+        self.normalize = Normalize() if normalize else nn.Identity()
+        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.act = a()
+        layers, c_in = [], width
+        for i, mult in enumerate((1, 2, 4, 8)):
+            c_out = width * mult
+            stride = 1 if i == 0 else 2
+            layers.append(nn.Sequential(BasicBlock(c_in, c_out, stride, a), BasicBlock(c_out, c_out, 1, a)))
+            c_in = c_out
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.linear = nn.Linear(c_in, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def features(self, x):
+        out = self.act(self.bn1(self.conv1(self.normalize(x))))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        return F.adaptive_avg_pool2d(out, 1).flatten(1)
+
+    def forward(self, x):
+        return self.linear(self.features(x))
+
+
+def add_model_args(parser):
+    g = parser.add_argument_group("model")
+    g.add_argument("--width", type=int, default=64, help="channels of the first stage (paper: 64; 16 or 8 for CPU)")
+    g.add_argument("--act", default="relu", help="relu | silu | mish | gelu (Table 1 activation rows)")
+    return g
+
+
+def build_model(args):
+    return ResNet18(width=args["width"], act=args["act"], normalize=not args.get("no_normalize", False))
+
+
+def strip_prefixes(state_dict):
+    """Drop `module.` (DDP/DataParallel), `model.` and `_orig_mod.` (torch.compile) prefixes."""
+    out = {}
+    for k, v in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for p in ("module.", "model.", "_orig_mod."):
+                if k.startswith(p):
+                    k, changed = k[len(p):], True
+        out[k] = v
+    return out
+
+
+def load_weights(model, state_dict):
+    """Load a state dict that may carry wrapper prefixes; a mismatch names the keys."""
+    state_dict = strip_prefixes(state_dict)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = sorted(k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape)
+    if missing or unexpected or shapes:
+        hint = []
+        if any(k.startswith("normalize.") for k in missing):
+            hint.append("--no-normalize if the checkpoint has no normalisation layer")
+        if shapes:
+            hint.append("--width / --num-classes to match the checkpoint")
+        raise UsageError(
+            "checkpoint does not fit the model: "
+            + (f"missing {_few(missing)}; " if missing else "")
+            + (f"unexpected {_few(unexpected)}; " if unexpected else "")
+            + (f"shape mismatch {_few(shapes)}; " if shapes else "")
+            + ("try " + " or ".join(hint) if hint else "is it a CIFAR ResNet-18 in the common key layout?"))
+    model.load_state_dict(state_dict)
+
+
+def _few(keys, n=4):
+    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# PGD (SPEC §4)
+# ---------------------------------------------------------------------------------------------
+def cross_entropy_each(logits, y):
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+@contextlib.contextmanager
+def bn_mode(model, mode="eval"):
+    """Put the model in eval (or train) mode for an attack and restore the caller's modes."""
+    was = [m.training for m in model.modules()]
+    model.train(mode == "train")
+    try:
+        yield model
+    finally:
+        for m, t in zip(model.modules(), was):
+            m.training = t
+
+
+def pgd(model, x, y, eps, alpha, steps, restarts=1, loss_fn=cross_entropy_each, start="uniform",
+        bn="eval", autocast=False):
+    """L∞ PGD ascent on `loss_fn(model(x + δ), y)` (per-example losses).
+    Returns (δ, loss): per example the iterate with the highest loss over all steps and restarts,
+    the random start included, and that loss (computed in the attack's BN mode).
+    Restarts are batched by repeating the input; gradients are taken w.r.t. δ only, with the
+    summed loss (the sign step is scale-free). No host synchronisation inside the loop."""
+    b = x.shape[0]
+    xr = x.repeat(restarts, *([1] * (x.dim() - 1)))
+    yr = y.repeat(restarts, *([1] * (y.dim() - 1)))
+    if start == "uniform":
+        delta = torch.empty_like(xr).uniform_(-eps, eps)
+    elif start == "normal":  # TRADES: x + 0.001·N(0, I)
+        delta = 0.001 * torch.randn_like(xr)
+    else:
+        delta = torch.zeros_like(xr)
+    delta = ((xr + delta).clamp_(0, 1) - xr).requires_grad_(True)
+    best_delta = delta.detach().clone()
+    best_loss = torch.full((xr.shape[0],), -float("inf"), device=x.device)
+    with bn_mode(model, bn):
+        for t in range(steps + 1):
+            with torch.set_grad_enabled(t < steps), torch.autocast(x.device.type, torch.bfloat16, enabled=autocast):
+                loss = loss_fn(model(xr + delta), yr).float()
+            better = loss.detach() > best_loss
+            best_loss = torch.where(better, loss.detach(), best_loss)
+            best_delta = torch.where(better.view(-1, *([1] * (x.dim() - 1))), delta.detach(), best_delta)
+            if t == steps:
+                break
+            (grad,) = torch.autograd.grad(loss.sum(), delta)
+            with torch.no_grad():
+                delta = (delta + alpha * grad.sign()).clamp_(-eps, eps)
+                delta = (xr + delta).clamp_(0, 1) - xr
+            delta.requires_grad_(True)
+    best_loss, which = best_loss.view(restarts, b).max(0)
+    best_delta = best_delta.view(restarts, b, *x.shape[1:])[which, torch.arange(b, device=x.device)]
+    return best_delta, best_loss
+
+
+@torch.no_grad()
+def clean_metrics(model, x, y, batch_size=500):
+    """Per-example clean CE and correctness in eval mode (fp32)."""
+    losses, correct = [], []
+    with bn_mode(model, "eval"):
+        for i in range(0, len(y), batch_size):
+            logits = model(x[i:i + batch_size]).float()
+            losses.append(F.cross_entropy(logits, y[i:i + batch_size], reduction="none"))
+            correct.append(logits.argmax(1) == y[i:i + batch_size])
+    return torch.cat(losses), torch.cat(correct)
+
+
+def robust_metrics(model, x, y, eps, alpha, steps, restarts=1, batch_size=128, progress=False):
+    """Per-example robust CE (max over iterates and restarts) and robust correctness
+    (correct clean and on the chosen adversarial example), in eval mode and fp32."""
+    from tqdm import tqdm
+    losses, correct = [], []
+    for i in tqdm(range(0, len(y), batch_size), desc="PGD", disable=not progress, leave=False):
+        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+        delta, loss = pgd(model, xb, yb, eps, alpha, steps, restarts)
+        with torch.no_grad(), bn_mode(model, "eval"):
+            ok = (model(xb + delta).argmax(1) == yb) & (model(xb).argmax(1) == yb)
+        losses.append(loss)
+        correct.append(ok)
+    return torch.cat(losses), torch.cat(correct)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-layer weight helpers (SPEC §1.6, §7 AWP, §10 flatness)
+# ---------------------------------------------------------------------------------------------
+def perturbable_params(model, weights_only=False):
+    """{name: parameter} of the 'layers' a weight perturbation acts on: conv/linear weights and
+    biases, each tensor its own layer. Normalisation layers (identified by module type) and any
+    auxiliary head (a module flagged `auxiliary = True`) are excluded; `weights_only` keeps only
+    tensors with dim > 1 (AWP)."""
+    norm_types = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, Normalize)
+    out = {}
+    for mname, module in model.named_modules():
+        if getattr(module, "auxiliary", False) or any(
+                getattr(model.get_submodule(p), "auxiliary", False) for p in _parents(mname)):
+            continue
+        if isinstance(module, norm_types) or not isinstance(module, (nn.Conv2d, nn.Linear)):
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            if weights_only and p.dim() <= 1:
+                continue
+            out[f"{mname}.{pname}" if mname else pname] = p
+    return out
+
+
+def _parents(name):
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def layer_norms(tensors):
+    """{name: ‖t‖₂} per tensor (each tensor is one layer)."""
+    return {k: v.detach().norm() for k, v in tensors.items()}
+
+
+def relative_random(weights, xi, generator=None, on_sphere=True):
+    """ν_l = ξ‖w_l‖ · g_l/‖g_l‖ with g_l ~ N(0, I) (on the sphere, Eq. 3); with on_sphere=False
+    the radius is additionally scaled by U(0, 1) (the worst-case start, SPEC §10)."""
+    nu = {}
+    for k, w in weights.items():
+        g = torch.randn(w.shape, device=w.device, dtype=w.dtype, generator=generator)
+        radius = xi * w.detach().norm()
+        if not on_sphere:
+            radius = radius * torch.rand((), device=w.device, generator=generator)
+        nu[k] = g * (radius / g.norm().clamp_min(1e-12))
+    return nu
+
+
+def project_relative(nu, weights, xi):
+    """Project each ν_l onto the relative ball ‖ν_l‖ ≤ ξ‖w_l‖ (Eq. 4)."""
+    out = {}
+    for k, v in nu.items():
+        radius = xi * weights[k].detach().norm()
+        out[k] = v * torch.clamp(radius / v.norm().clamp_min(1e-12), max=1.0)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Training plumbing shared by train_*.py (SPEC §5, §6)
+# ---------------------------------------------------------------------------------------------
+LR_SCHEDULES = ("multistep", "late", "cyclic", "const", "cosine")
+
+
+def lr_factor(schedule, step, total_steps, cyclic_peak=4.0):
+    """Multiplier of the base lr at iteration `step` of `total_steps` (schedules step per batch).
+    multistep: ×0.1 at 2/5, 3/5, 4/5 of training (epochs 60, 90, 120 of 150);
+    late: ×0.1 at 14/15 and 29/30 (epochs 140, 145 of 150);
+    cyclic: triangular 0 → peak → 0 (peak = cyclic_peak × base lr; 0.2 for lr 0.05)."""
+    frac = step / max(total_steps, 1)
+    if schedule == "multistep":
+        return 0.1 ** sum(frac >= m for m in (0.4, 0.6, 0.8))
+    if schedule == "late":
+        return 0.1 ** sum(frac >= m for m in (14 / 15, 29 / 30))
+    if schedule == "cyclic":
+        return cyclic_peak * (1 - abs(2 * frac - 1))
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * frac))
+    return 1.0
+
+
+def add_optim_args(parser):
+    g = parser.add_argument_group("optimiser and schedule")
+    g.add_argument("--epochs", type=int, default=150, help="paper: 150 (30 for --lr-schedule cyclic)")
+    g.add_argument("--batch-size", type=int, default=128, help="global batch (paper: 128; lr is not rescaled)")
+    g.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"))
+    g.add_argument("--lr", type=fraction, default=0.05, help="base lr (paper: 0.05; its Adam runs used 0.1)")
+    g.add_argument("--momentum", type=fraction, default=0.9)
+    g.add_argument("--nesterov", action="store_true", help="Nesterov momentum, as the paper's released code")
+    g.add_argument("--wd", type=fraction, default=5e-4,
+                   help="coupled L2 on all parameters (released code 5e-4; the text says 5e-3; Table 1 row: 0.05)")
+    g.add_argument("--lr-schedule", default="multistep", choices=LR_SCHEDULES,
+                   help="multistep (x0.1 at 60/90/120 of 150) | late (140/145) | cyclic (0 -> 0.2 -> 0) | const | cosine")
+    g.add_argument("--cyclic-peak", type=fraction, default=0.2, help="peak lr of --lr-schedule cyclic (paper: 0.2)")
+    return g
+
+
+def make_optimizer(model, args, steps_per_epoch):
+    if args.optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.wd)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                              nesterov=args.nesterov, weight_decay=args.wd)
+    total = args.epochs * steps_per_epoch
+    peak = args.cyclic_peak / args.lr
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(args.lr_schedule, s, total, peak))
+    return opt, sched
+
+
+def clip_weights(model, w):
+    """Weight clipping (Table 1): conv/linear weights and biases to [−w, w]; BN γ to [1−w, 1+w]
+    and β to [−w, w] (the paper's re-parameterised BN scale 1 + γ, expressed for standard BN)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                for p in m.parameters(recurse=False):
+                    p.clamp_(-w, w)
+            elif isinstance(m, nn.modules.batchnorm._NormBase) and m.affine:
+                m.weight.clamp_(1 - w, 1 + w)
+                m.bias.clamp_(-w, w)
+
+
+def noisy_labels(y, p, num_classes=NUM_CLASSES):
+    """Label noise: each label is replaced with probability p by a uniformly drawn class
+    (the true one included), so the label actually changes with probability p·(K−1)/K."""
+    replace = torch.rand(y.shape, device=y.device) < p
+    return torch.where(replace, torch.randint_like(y, num_classes), y)
+
+
+# ---------------------------------------------------------------------------------------------
+# Run folder, metrics, checkpoints (SPEC §1.8)
+# ---------------------------------------------------------------------------------------------
+def versions(device):
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    import torchvision
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": np.__version__, "cuda": torch.version.cuda,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "git_commit": commit, "time": datetime.datetime.now().isoformat(timespec="seconds"),
+            "argv": sys.argv}
+
+
+def write_json(path, obj):
+    """Write JSON atomically (temporary file + os.replace)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def append_jsonl(path, obj):
+    with open(path, "a") as f:
+        f.write(json.dumps(obj) + "\n")
+
+
+def save_checkpoint(path, **state):
+    """torch.save to a temporary file, then os.replace: a crash never leaves a torn checkpoint."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device="cpu"):
+    """torch.load(weights_only=True) with one clear error for a missing or unreadable file."""
+    path = Path(path)
+    check(path.is_file(), f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise UsageError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200] if str(e) else ''})")
+    check(isinstance(ckpt, dict), f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
+    return ckpt
+
+
+def model_from_checkpoint(path, device, use_ema=False):
+    """Rebuild the model from a checkpoint of ours (its args hold the architecture)."""
+    ckpt = load_checkpoint(path, device)
+    check("model" in ckpt and "args" in ckpt, f"{path} is not a checkpoint of this codebase "
+          "(no 'model'/'args'); for external state dicts use evaluate.py's --arch flags")
+    check(not use_ema or "ema" in ckpt, f"{path} has no EMA weights (train with --ema to get them)")
+    model = build_model(ckpt["args"]).to(device)
+    load_weights(model, ckpt["ema"] if use_ema else ckpt["model"])
+    return model.eval(), ckpt
+
+
+def unwrap(model):
+    """The plain module under DDP and torch.compile wrappers (what is saved and attacked)."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+class Run:
+    """One run folder (SPEC §1.8): args.json with versions, metrics.jsonl, atomic checkpoints
+    (`ckpt_last.pt` every epoch, `ckpt_epoch{E:03d}.pt` snapshots, `ckpt_best.pt`), exact resume.
+    Only rank 0 writes."""
+
+    NOT_COMPARED = {"resume", "device", "out", "workers"}
+
+    def __init__(self, args, rank, device):
+        self.args, self.rank, self.device = args, rank, device
+        self.dir = Path(args.out)
+        self.last = self.dir / "ckpt_last.pt"
+        self.metrics = self.dir / "metrics.jsonl"
+        has_run = self.last.exists() or self.metrics.exists()
+        check(args.resume or not has_run, f"{self.dir} already holds a run; pass --resume to continue it "
+              "or choose another --out")
+        if rank == 0:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if not self.last.exists():
+                write_json(self.dir / "args.json", {**vars(args), "versions": versions(device)})
+                self.metrics.write_text("")
+
+    def resume(self, model, opt, sched, ema, loader):
+        """Load ckpt_last.pt if --resume finds one: returns (epoch done, early-stopping best)."""
+        if not (self.args.resume and self.last.exists()):
+            return 0, None
+        ckpt = load_checkpoint(self.last, self.device)
+        saved = ckpt.get("args", {})
+        differ = sorted(k for k, v in vars(self.args).items()
+                        if k not in self.NOT_COMPARED and k in saved and saved[k] != v)
+        check(not differ, f"--resume with flags that differ from the saved run: "
+              + ", ".join(f"--{k.replace('_', '-')} {saved[k]} (now {vars(self.args)[k]})" for k in differ))
+        load_weights(model, ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        if ema is not None:
+            load_weights(ema.module, ckpt["ema"])
+            ema.n_averaged.fill_(max(int(ckpt["epoch"]), 1))
+        set_rng_state(ckpt["rng"], loader)
+        if self.rank == 0:  # drop metric lines of epochs after the checkpoint (they are recomputed)
+            lines = [l for l in self.metrics.read_text().splitlines() if l.strip()]
+            kept = [l for l in lines if json.loads(l)["epoch"] <= ckpt["epoch"]]
+            self.metrics.write_text("".join(l + "\n" for l in kept))
+            print(f"resumed {self.dir} at epoch {ckpt['epoch']}")
+        return int(ckpt["epoch"]), ckpt.get("es_best")
+
+    def end_epoch(self, metrics, epoch, model, opt, sched, ema, loader, es_best, snapshot, best):
+        """Append the metrics line, then write the checkpoints (so a crash in between only loses
+        a line that resume recomputes)."""
+        if self.rank == 0:
+            append_jsonl(self.metrics, metrics)
+            state = dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                         epoch=epoch, args=vars(self.args), rng=rng_state(loader), es_best=es_best,
+                         metrics=metrics)
+            if ema is not None:
+                state["ema"] = ema.module.state_dict()
+            save_checkpoint(self.last, **state)
+            if snapshot:
+                save_checkpoint(self.dir / f"ckpt_epoch{epoch:03d}.pt", **state)
+            if best:
+                save_checkpoint(self.dir / "ckpt_best.pt", **state)
+            shown = {k: v for k, v in metrics.items() if k in (
+                "train_loss", "train_err", "test_clean_err", "test_rloss", "test_rerr", "es_rerr", "time_s")}
+            print(f"epoch {epoch:3d} " + " ".join(f"{k}={v:.4g}" for k, v in shown.items()), flush=True)
+        if dist.is_initialized():
+            dist.barrier()
+
+    def finish(self):
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,55 @@
+"""Shared fixtures: a tiny generated CIFAR-like ImageFolder tree and a helper to run scripts."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+torch.set_num_threads(2)
+
+
+def make_imagefolder(root, n_train=20, n_test=20, seed=0):
+    """train/<class>/*.png and test/<class>/*.png with 32×32 images whose colour depends on the
+    class (so a tiny network can learn them in a few steps)."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for c, name in enumerate(CLASSES):
+            d = Path(root) / split / name
+            d.mkdir(parents=True, exist_ok=True)
+            base = np.array([(c * 25) % 256, (c * 70) % 256, (255 - c * 25) % 256], np.float64)
+            for i in range(n):
+                img = np.clip(base + rng.normal(0, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(d / f"{i:04d}.png")
+    return Path(root)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A 10-class ImageFolder: 20 train and 20 test images per class (200 + 200)."""
+    return make_imagefolder(tmp_path_factory.mktemp("tiny_cifar"))
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("ROBUST_FLATNESS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+# Flags that make a training run take seconds on a CPU with the tiny tree above.
+TINY = ["--width", "8", "--batch-size", "50", "--n-log", "40", "--n-early-stop", "40",
+        "--es-restarts", "1", "--device", "cpu"]
+
+
+def run_script(script, *args, check=True, timeout=600, env=None):
+    """Run `python <script> args...` from the repository root; returns the CompletedProcess."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2", **(env or {})}
+    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
