@@ -698,6 +698,47 @@ def model_from_checkpoint(path, device, use_ema=False):
     return model.eval(), ckpt
 
 
+def add_model_source_args(parser):
+    """Where evaluate.py / flatness.py take their model from: a checkpoint of ours (architecture
+    from its args), an external state dict (architecture from these flags), or RobustBench."""
+    parser.add_argument("checkpoint", nargs="?", help="checkpoint of ours, or an external ResNet-18 state dict")
+    g = parser.add_argument_group("model source")
+    g.add_argument("--use-ema", action="store_true", help="evaluate the EMA weights saved with train_*.py --ema")
+    g.add_argument("--arch-width", type=int, default=64, help="external state dicts: ResNet-18 width")
+    g.add_argument("--arch-act", default="relu", help="external state dicts: activation")
+    g.add_argument("--no-normalize", action="store_true",
+                   help="external state dicts: the model has no input normaliser (auto-detected from the keys)")
+    g.add_argument("--robustbench", metavar="NAME", help="a RobustBench CIFAR-10 Linf model instead of a checkpoint")
+    g.add_argument("--model-dir", default="models", help="RobustBench model cache folder")
+    return g
+
+
+def load_model(args, device):
+    """(model in eval mode, info dict for result files) from the flags of add_model_source_args."""
+    if args.robustbench:
+        try:
+            from robustbench.utils import load_model as rb_load
+        except ImportError:
+            raise UsageError("--robustbench needs the robustbench package: pip install robustbench")
+        model = rb_load(model_name=args.robustbench, model_dir=args.model_dir, dataset="cifar10",
+                        threat_model="Linf").to(device).eval()
+        return model, {"source": "robustbench", "name": args.robustbench, "epoch": None, "args": None}
+    check(args.checkpoint, "give a checkpoint path (or --robustbench NAME)")
+    ckpt = load_checkpoint(args.checkpoint, device)
+    if "model" in ckpt and "args" in ckpt:  # ours
+        model, ckpt = model_from_checkpoint(args.checkpoint, device, use_ema=args.use_ema)
+        return model, {"source": "ours", "epoch": ckpt.get("epoch"), "args": ckpt["args"]}
+    check(not args.use_ema, "--use-ema needs a checkpoint of this codebase")
+    state = ckpt.get("state_dict", ckpt)
+    check(all(torch.is_tensor(v) for v in state.values()), f"{args.checkpoint} is not a state dict of tensors")
+    state = strip_prefixes(state)
+    normalize = not args.no_normalize and "normalize.mean" in state
+    model = ResNet18(width=args.arch_width, act=args.arch_act, normalize=normalize).to(device)
+    load_weights(model, state)
+    return model.eval(), {"source": "external", "epoch": None, "normalize": normalize,
+                          "args": {"width": args.arch_width, "act": args.arch_act, "no_normalize": not normalize}}
+
+
 def unwrap(model):
     """The plain module under DDP and torch.compile wrappers (what is saved and attacked)."""
     model = getattr(model, "module", model)
