@@ -116,12 +116,14 @@ def rng_state(loader=None):
 
 
 def set_rng_state(state, loader=None):
-    torch.set_rng_state(state["torch"])
+    # RNG states must be CPU byte tensors, even for CUDA generators; a checkpoint loaded with
+    # map_location=cuda holds them on the GPU, hence the .cpu()
+    torch.set_rng_state(state["torch"].cpu())
     random.setstate((3, tuple(state["python"]), state["python_pos"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
     if loader is not None and "loader" in state:
-        loader.generator.set_state(state["loader"])
+        loader.generator.set_state(state["loader"].cpu())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -666,6 +668,16 @@ def append_jsonl(path, obj):
         f.write(json.dumps(obj) + "\n")
 
 
+def result_path(checkpoint, stem, tag=None):
+    """Where a measurement of `checkpoint` goes: beside it, `<stem>.json` for ckpt_last.pt and
+    `<stem>_<name>.json` for ckpt_<name>.pt (e.g. eval_best.json, flatness_average_epoch045.json);
+    an explicit tag is appended."""
+    checkpoint = Path(checkpoint)
+    name = checkpoint.stem[len("ckpt_"):] if checkpoint.stem.startswith("ckpt_") else checkpoint.stem
+    parts = [stem] + ([] if name == "last" else [name]) + ([tag] if tag else [])
+    return checkpoint.with_name("_".join(parts) + ".json")
+
+
 def save_checkpoint(path, **state):
     """torch.save to a temporary file, then os.replace: a crash never leaves a torn checkpoint."""
     path = Path(path)
@@ -757,7 +769,9 @@ class Run:
         self.dir = Path(args.out)
         self.last = self.dir / "ckpt_last.pt"
         self.metrics = self.dir / "metrics.jsonl"
-        has_run = self.last.exists() or self.metrics.exists()
+        # an empty metrics.jsonl is a start that failed before its first epoch (e.g. a wrong
+        # --data-dir), or rank 0 of this very run having just created it: not a run to protect
+        has_run = self.last.exists() or (self.metrics.exists() and self.metrics.stat().st_size > 0)
         check(args.resume or not has_run, f"{self.dir} already holds a run; pass --resume to continue it "
               "or choose another --out")
         if rank == 0:
@@ -790,9 +804,10 @@ class Run:
             print(f"resumed {self.dir} at epoch {ckpt['epoch']}")
         return int(ckpt["epoch"]), ckpt.get("es_best")
 
-    def end_epoch(self, metrics, epoch, model, opt, sched, ema, loader, es_best, snapshot, best):
+    def end_epoch(self, metrics, epoch, model, opt, sched, ema, loader, es_best, snapshot, best, extra=None):
         """Append the metrics line, then write the checkpoints (so a crash in between only loses
-        a line that resume recomputes)."""
+        a line that resume recomputes). `extra`: more checkpoint entries (e.g. train_misc.py's
+        rotation head under 'aux', kept out of 'model' so evaluate.py loads 'model' unchanged)."""
         if self.rank == 0:
             append_jsonl(self.metrics, metrics)
             state = dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
@@ -800,6 +815,7 @@ class Run:
                          metrics=metrics)
             if ema is not None:
                 state["ema"] = ema.module.state_dict()
+            state.update(extra or {})
             save_checkpoint(self.last, **state)
             if snapshot:
                 save_checkpoint(self.dir / f"ckpt_epoch{epoch:03d}.pt", **state)

@@ -1,0 +1,341 @@
+"""Speed benchmark: this codebase's hot paths against reference-style code and against the compute floor.
+
+Every figure is a ratio of two timings measured side by side in this process, after warm-up, as the
+median of --repeats repeats (shared machines are noisy: ratios are what to compare, not seconds).
+
+Rows
+  1. AT step (PGD-7 + update) of train_at.py's code path vs a step written the way the common public
+     AT scripts do it: attack with loss.backward() through the whole graph, train-mode BN during the
+     attack, and a torchvision DataLoader with CPU transforms.             target ≥ 1.3× (CPU), ≥ 3× (GPU)
+  2. The same AT step vs a bare loop of the same passes (7 input-gradient passes + 1 training pass on
+     one batch, no bookkeeping): efficiency = floor time / step time.        target ≥ 0.9
+  3. Flatness: one average-case sample vs one bare PGD-20 run on the same batch; one worst-case pass
+     vs 1 forward + full backward per batch.                                   target ≥ 0.9 each
+  4. Data: the device-resident loader's images/s vs a DataLoader with the same augmentation.
+  5. Peak memory per row (each row runs in its own process: ru_maxrss on CPU,
+     torch.cuda.max_memory_allocated on GPU).
+With --epoch-time (GPU): seconds per CIFAR-10-sized epoch (50,000 images, batch 128) of PGD-7 AT for
+fp32 eager, bf16 + channels_last, and + torch.compile.
+
+Usage:  python bench.py --device cpu            # ~5-10 min on 2 cores (width 64, batch 16)
+        python bench.py --device cuda --epoch-time
+Writes bench.json (every timing, the machine, versions and parameters) and prints a table.
+"""
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import common
+import train_at
+
+ROWS = ("at_step", "floor", "avg_flatness", "worst_flatness", "data")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="speed ratios against reference-style code and the compute floor")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--width", type=int, default=64, help="ResNet-18 width (paper: 64)")
+    p.add_argument("--batch-size", type=int, default=0, help="0 = 16 on CPU, 128 on GPU")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per variant (median reported)")
+    p.add_argument("--steps", type=int, default=2, help="steps per timed repeat")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast in our AT step (GPU)")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile our model")
+    p.add_argument("--epoch-time", action="store_true", help="GPU: seconds per 50k-image PGD-7 AT epoch")
+    p.add_argument("--only", choices=ROWS, help=argparse.SUPPRESS)  # internal: one row per process
+    p.add_argument("--out", default="bench.json")
+    return p.parse_args(argv)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats, steps, warmup=1):
+    """Median seconds per call of fn over `repeats` repeats of `steps` calls, after warm-up."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) / steps)
+    return statistics.median(times)
+
+
+def side_by_side(fns, device, repeats, steps):
+    """Interleave the variants' repeats so that machine noise hits them alike."""
+    for fn in fns.values():
+        fn()
+    sync(device)
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            sync(device)
+            times[k].append((time.perf_counter() - t0) / steps)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def at_args(args):
+    """train_at.py's flags at their defaults, with this benchmark's speed options."""
+    a = train_at.parse_args(["--width", str(args.width)] + (["--amp"] if args.amp else []))
+    return a
+
+
+def synthetic_cifar(n, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return x, y
+
+
+# ------------------------------------------------------------------------------------------------
+# Row 1 and 2: the AT step, reference-style step, and the bare floor
+# ------------------------------------------------------------------------------------------------
+def our_at_step(net, opt, loader_iter, args_at):
+    x, y = next(loader_iter)
+    x_adv = train_at.adversarial_batch(net, x, y, args_at)
+    net.train()
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=args_at.amp):
+        logits = net(x_adv)
+    loss = train_at.training_loss(logits, y, args_at)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def reference_at_step(net, opt, loader_iter, device, eps=8 / 255, alpha=0.007, steps=7):
+    """How the common public AT scripts write it: CPU DataLoader batch, train-mode attack, loss.backward()."""
+    x, y = next(loader_iter)
+    x, y = x.to(device), y.to(device)
+    net.train()
+    delta = torch.zeros_like(x).uniform_(-eps, eps)
+    delta.data = (x + delta).clamp(0, 1) - x
+    delta.requires_grad = True
+    for _ in range(steps):
+        loss = F.cross_entropy(net(x + delta), y)
+        loss.backward()
+        grad = delta.grad.detach()
+        delta.data = (delta + alpha * grad.sign()).clamp(-eps, eps)
+        delta.data = (x + delta).clamp(0, 1) - x
+        delta.grad.zero_()
+    x_adv = (x + delta).detach()
+    loss = F.cross_entropy(net(x_adv), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def floor_step(net, opt, x, y, steps=7):
+    """The passes an AT step cannot avoid: `steps` forward + input-gradient passes and one
+    forward + full backward + optimiser step, on one resident batch, with no bookkeeping."""
+    delta = torch.zeros_like(x, requires_grad=True)
+    net.eval()
+    for _ in range(steps):
+        (g,) = torch.autograd.grad(F.cross_entropy(net(x + delta), y, reduction="sum"), delta)
+    net.train()
+    loss = F.cross_entropy(net(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def cpu_transform_loader(x_uint8, y, batch_size, workers):
+    from torchvision import transforms as T
+    tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ConvertImageDtype(torch.float32)])
+
+    class DS(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(y)
+
+        def __getitem__(self, i):
+            return tf(x_uint8[i]), y[i]
+    return torch.utils.data.DataLoader(DS(), batch_size=batch_size, shuffle=True, num_workers=workers,
+                                       drop_last=True, persistent_workers=workers > 0)
+
+
+def endless(loader):
+    while True:
+        yield from loader
+
+
+def make_net(args, device):
+    torch.manual_seed(0)
+    net = common.ResNet18(width=args.width).to(device)
+    if args.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    return net
+
+
+def row_at_step(args, device, b):
+    x_u8, y = synthetic_cifar(max(50 * b, 2000), device)
+    args_at = at_args(args)
+    ours, theirs = make_net(args, device), make_net(args, device)
+    fwd = torch.compile(ours) if args.compile else ours
+    opt_o = torch.optim.SGD(ours.parameters(), lr=0.01, momentum=0.9)
+    opt_t = torch.optim.SGD(theirs.parameters(), lr=0.01, momentum=0.9)
+    it_o = endless(common.DeviceLoader(x_u8, y, b, device, seed=0))
+    it_t = endless(cpu_transform_loader(x_u8, y, b, workers=2))
+    t = side_by_side({"ours": lambda: our_at_step(fwd, opt_o, it_o, args_at),
+                      "reference": lambda: reference_at_step(theirs, opt_t, it_t, device)},
+                     device, args.repeats, args.steps)
+    return {"ours_s": t["ours"], "reference_s": t["reference"], "speedup": t["reference"] / t["ours"]}
+
+
+def row_floor(args, device, b):
+    x_u8, y = synthetic_cifar(max(50 * b, 2000), device)
+    args_at = at_args(args)
+    net = make_net(args, device)
+    fwd = torch.compile(net) if args.compile else net
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    it = endless(common.DeviceLoader(x_u8, y, b, device, seed=0))
+    xb, yb = next(it)
+    t = side_by_side({"ours": lambda: our_at_step(fwd, opt, it, args_at),
+                      "floor": lambda: floor_step(fwd, opt, xb, yb)}, device, args.repeats, args.steps)
+    return {"ours_s": t["ours"], "floor_s": t["floor"], "efficiency": t["floor"] / t["ours"]}
+
+
+# ------------------------------------------------------------------------------------------------
+# Row 3: flatness vs bare passes
+# ------------------------------------------------------------------------------------------------
+def bare_pgd(net, x, y, steps=20, eps=8 / 255, alpha=0.007):
+    delta = torch.zeros_like(x, requires_grad=True)
+    for _ in range(steps):
+        (g,) = torch.autograd.grad(F.cross_entropy(net(x + delta), y, reduction="sum"), delta)
+        delta = (delta + alpha * g.sign()).clamp(-eps, eps).requires_grad_(True)
+    with torch.no_grad():
+        return F.cross_entropy(net(x + delta), y)
+
+
+def row_avg_flatness(args, device, b):
+    import flatness
+    x_u8, y = synthetic_cifar(b, device)
+    x, y = x_u8.to(device).float() / 255, y.to(device)
+    net = make_net(args, device).eval()
+    weights = common.perturbable_params(net)
+    torch.manual_seed(0)
+    t = side_by_side({"sample": lambda: flatness.perturbed_rloss(net, weights, x, y, xi=0.5),
+                      "bare_pgd20": lambda: bare_pgd(net, x, y)}, device, args.repeats, args.steps)
+    return {"sample_s": t["sample"], "bare_pgd20_s": t["bare_pgd20"], "efficiency": t["bare_pgd20"] / t["sample"]}
+
+
+def row_worst_flatness(args, device, b):
+    import flatness
+    x_u8, y = synthetic_cifar(b, device)
+    x, y = x_u8.to(device).float() / 255, y.to(device)
+    net = make_net(args, device).eval()
+
+    def bare():
+        net.zero_grad(set_to_none=True)
+        F.cross_entropy(net(x), y, reduction="sum").backward()
+
+    t = side_by_side({"pass": lambda: flatness.worst_case_pass(net, x, y, xi=0.00075),
+                      "fwd_bwd": bare}, device, args.repeats, args.steps)
+    return {"pass_s": t["pass"], "fwd_bwd_s": t["fwd_bwd"], "efficiency": t["fwd_bwd"] / t["pass"]}
+
+
+# ------------------------------------------------------------------------------------------------
+# Row 4: data
+# ------------------------------------------------------------------------------------------------
+def row_data(args, device, b):
+    b = 128
+    x_u8, y = synthetic_cifar(12800, device)
+    ours = common.DeviceLoader(x_u8, y, b, device, seed=0)
+    theirs = cpu_transform_loader(x_u8, y, b, workers=2)
+
+    def epoch(loader):
+        def run():
+            for xb, _ in loader:
+                xb = xb.to(device)
+            sync(device)
+        return run
+    t = side_by_side({"ours": epoch(ours), "dataloader": epoch(theirs)}, device, max(args.repeats // 2, 2), 1)
+    n = len(y) // b * b
+    return {"ours_img_s": n / t["ours"], "dataloader_img_s": n / t["dataloader"],
+            "speedup": t["dataloader"] / t["ours"]}
+
+
+def epoch_times(args, device):
+    """GPU: seconds per 50k-image epoch of PGD-7 AT at batch 128 for three precision/compile settings."""
+    x_u8, y = synthetic_cifar(50000, device)
+    out = {}
+    for name, amp, cl, comp in (("fp32_eager", False, False, False), ("bf16_channels_last", True, True, False),
+                                ("bf16_channels_last_compile", True, True, True)):
+        a = argparse.Namespace(**{**vars(args), "amp": amp, "channels_last": cl, "compile": comp})
+        net = make_net(a, device)
+        fwd = torch.compile(net) if comp else net
+        opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+        loader = common.DeviceLoader(x_u8, y, 128, device, seed=0)
+        args_at = at_args(a)
+        it = endless(loader)
+        for _ in range(20):  # warm-up (and compilation)
+            our_at_step(fwd, opt, it, args_at)
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in loader:
+            our_at_step(fwd, opt, it, args_at)
+        sync(device)
+        out[name] = time.perf_counter() - t0
+    return out
+
+
+ROW_FNS = {"at_step": row_at_step, "floor": row_floor, "avg_flatness": row_avg_flatness,
+           "worst_flatness": row_worst_flatness, "data": row_data}
+TARGETS = {"at_step": ("speedup", 1.3), "floor": ("efficiency", 0.9), "avg_flatness": ("efficiency", 0.9),
+           "worst_flatness": ("efficiency", 0.9), "data": ("speedup", None)}
+
+
+def main():
+    args = parse_args()
+    device = common.resolve_device(args.device)
+    b = args.batch_size or (128 if device.type == "cuda" else 16)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    if args.only:  # child process: one row, JSON on stdout
+        result = ROW_FNS[args.only](args, device, b)
+        result["peak_mem_mb"] = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+                                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        print("RESULT " + json.dumps(result))
+        return
+    results = {}
+    for row in ROWS:
+        cmd = [sys.executable, __file__, "--only", row, "--device", str(device), "--width", str(args.width),
+               "--batch-size", str(b), "--repeats", str(args.repeats), "--steps", str(args.steps)]
+        cmd += [f for f, on in (("--amp", args.amp), ("--channels-last", args.channels_last),
+                                ("--compile", args.compile)) if on]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        if proc.returncode != 0 or not line:
+            print(f"row {row} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+            sys.exit(1)
+        results[row] = json.loads(line[-1][len("RESULT "):])
+        key, target = TARGETS[row]
+        r = results[row]
+        print(f"{row:15s} {key} {r[key]:6.2f}" + (f"  (target ≥ {target})" if target else "")
+              + f"  peak {r['peak_mem_mb']:.0f} MB  " + " ".join(f"{k}={v:.4g}" for k, v in r.items()
+                                                               if k not in (key, "peak_mem_mb")), flush=True)
+    if args.epoch_time and device.type == "cuda":
+        results["epoch_s"] = epoch_times(args, device)
+        print("seconds per 50k-image PGD-7 AT epoch (batch 128):", results["epoch_s"])
+    results["params"] = {**vars(args), "batch_size": b}
+    results["versions"] = common.versions(device)
+    common.write_json(args.out, results)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    common.run_cli(main)
