@@ -11,7 +11,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny workloads: threads cost more than they give on 2 cores
 
 
 def make_imagefolder(root, n_train=20, n_test=20, seed=0):
@@ -47,7 +47,7 @@ TINY = ["--width", "8", "--batch-size", "50", "--n-log", "40", "--n-early-stop",
 
 def run_script(script, *args, check=True, timeout=600, env=None):
     """Run `python <script> args...` from the repository root; returns the CompletedProcess."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2", **(env or {})}
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

@@ -1,0 +1,200 @@
+"""PGD (SPEC §4, common.pgd): the threat model's constraints, that the attack actually ascends,
+the best-iterate / best-restart bookkeeping, and that the caller's model is left as it was."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: a second intra-op thread only adds contention on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+EPS, ALPHA, STEPS = 8 / 255, 4 / 255, 10
+SIZE = 8  # 8×8 images keep the attack cheap; nothing in pgd depends on the image size
+
+
+def teacher_data(n, seed):
+    """Uniform images labelled by a fixed random linear teacher: many examples lie within ε of a
+    decision boundary, so an attack has something to find."""
+    x = torch.rand(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+    w = torch.randn(10, 3 * SIZE * SIZE, generator=torch.Generator().manual_seed(123))
+    return x, ((x.flatten(1) - 0.5) @ w.T).argmax(1)
+
+
+class TinyNet(nn.Module):
+    """Normalize → conv → BN → ReLU → linear: a small model with a BN layer and the normaliser."""
+
+    def __init__(self):
+        super().__init__()
+        self.normalize = common.Normalize()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.linear = nn.Linear(16 * SIZE * SIZE, 10)
+
+    def forward(self, x):
+        return self.linear(F.relu(self.bn(self.conv(self.normalize(x)))).flatten(1))
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A TinyNet trained for 100 Adam steps on teacher data, in eval mode, and a held-out batch."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    x, y = teacher_data(1000, seed=1)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(100):
+        idx = torch.randint(0, len(y), (100,))
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    xt, yt = teacher_data(60, seed=2)
+    assert ce(model, x[:500], y[:500]).mean() < 0.5, "the fixture model did not learn"
+    return model, xt, yt
+
+
+def ce(model, x, y):
+    with torch.no_grad():
+        return F.cross_entropy(model(x), y, reduction="none")
+
+
+def reference_pgd(model, x, y, eps, alpha, steps):
+    """A plain PGD written from SPEC §4 (uniform start, sign steps, projections), returning the
+    loss of every iterate, so the best and the last iterate can be compared with common.pgd."""
+    delta = torch.empty_like(x).uniform_(-eps, eps)
+    delta = (x + delta).clamp(0, 1) - x
+    losses = []
+    for t in range(steps + 1):
+        delta.requires_grad_(True)
+        loss = F.cross_entropy(model(x + delta), y, reduction="none")
+        losses.append(loss.detach())
+        if t == steps:
+            break
+        (grad,) = torch.autograd.grad(loss.sum(), delta)
+        delta = (delta.detach() + alpha * grad.sign()).clamp(-eps, eps)
+        delta = (x + delta).clamp(0, 1) - x
+    return torch.stack(losses)  # (steps + 1) × n
+
+
+@pytest.mark.parametrize("start,restarts", [("uniform", 1), ("uniform", 3), ("normal", 1), ("zero", 2)])
+def test_delta_in_eps_ball_and_image_box(trained, start, restarts):
+    model, x, y = trained
+    x = x.clone()
+    x[:, :, :4] = 0.0  # pixels at the box borders, where the [0, 1] clip binds
+    x[:, :, -4:] = 1.0
+    torch.manual_seed(0)
+    delta, loss = common.pgd(model, x, y, EPS, ALPHA, STEPS, restarts=restarts, start=start)
+    assert delta.shape == x.shape and loss.shape == y.shape
+    assert delta.abs().max() <= EPS + 1e-6
+    assert (x + delta).min() >= -1e-6 and (x + delta).max() <= 1 + 1e-6
+    assert delta.abs().max() > EPS / 2, "the attack did not move"
+
+
+def test_pgd_raises_the_loss(trained):
+    """On a trained model PGD-10 raises the loss well above the clean loss and above its own
+    random start (steps=0, same seed); and its per-example loss is that of the returned δ."""
+    model, x, y = trained
+    clean = ce(model, x, y)
+    torch.manual_seed(1)
+    _, start_loss = common.pgd(model, x, y, EPS, ALPHA, 0)
+    torch.manual_seed(1)
+    delta, adv = common.pgd(model, x, y, EPS, ALPHA, STEPS)
+    assert adv.mean() > clean.mean() + 0.5, (adv.mean(), clean.mean())
+    assert adv.mean() > start_loss.mean() + 0.5
+    assert (adv >= start_loss - 1e-5).all()  # the random start is one of the iterates
+    torch.testing.assert_close(adv, ce(model, x + delta, y), atol=1e-5, rtol=1e-5)
+
+
+def test_best_iterate_matches_reference_and_beats_last(trained):
+    """The returned loss is the per-example maximum over all iterates of a plain PGD (same
+    seed, so the same random start), hence ≥ the last iterate's loss, and ≥ every shorter run."""
+    model, x, y = trained
+    torch.manual_seed(2)
+    ref = reference_pgd(model, x, y, EPS, ALPHA, STEPS)
+    torch.manual_seed(2)
+    _, best = common.pgd(model, x, y, EPS, ALPHA, STEPS)
+    torch.testing.assert_close(best, ref.max(0).values, atol=1e-5, rtol=1e-5)
+    assert (best >= ref[-1] - 1e-5).all()
+    assert (best > ref[-1] + 1e-3).any(), "no example where the best iterate is not the last: weak test data"
+    for k in (0, 3, 7):
+        torch.manual_seed(2)
+        _, shorter = common.pgd(model, x, y, EPS, ALPHA, k)
+        assert (best >= shorter - 1e-5).all()
+
+
+def test_restarts_never_lower_the_loss(trained):
+    """pgd draws all restarts' starts with one uniform_ over the repeated batch, so with the same
+    seed restart 1 of an R-restart run is the 1-restart run: R restarts give ≥ per example.
+    Exactly, R restarts = per-example max over a 1-restart run on the batch repeated R times."""
+    model, x, y = trained
+    torch.manual_seed(3)
+    _, one = common.pgd(model, x, y, EPS, ALPHA, STEPS, restarts=1)
+    torch.manual_seed(3)
+    delta, three = common.pgd(model, x, y, EPS, ALPHA, STEPS, restarts=3)
+    assert (three >= one - 1e-5).all()
+    assert (three > one + 1e-4).any(), "restarts changed nothing"
+    torch.manual_seed(3)
+    _, flat = common.pgd(model, x.repeat(3, 1, 1, 1), y.repeat(3), EPS, ALPHA, STEPS, restarts=1)
+    torch.testing.assert_close(three, flat.view(3, -1).max(0).values, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(three, ce(model, x + delta, y), atol=1e-5, rtol=1e-5)  # δ of the best restart
+
+
+def modes(model):
+    return {name: m.training for name, m in model.named_modules()}
+
+
+@pytest.mark.parametrize("bn", ["eval", "train"])
+def test_modes_restored_and_attack_runs_in_requested_mode(bn):
+    torch.manual_seed(0)
+    model = common.ResNet18(width=4)
+    model.train()
+    model.layer2.eval()          # mixed per-submodule modes must come back exactly
+    model.layer3[1].bn1.train()
+    model.bn1.eval()
+    before = modes(model)
+    seen = []
+    hook = model.layer1[0].bn1.register_forward_hook(lambda m, i, o: seen.append(m.training))
+    x, y = teacher_data(4, seed=0)
+    common.pgd(model, x, y, EPS, ALPHA, 2, bn=bn)
+    hook.remove()
+    assert seen == [bn == "train"] * 3  # 2 gradient steps + the final iterate
+    assert modes(model) == before
+
+    model.eval()
+    model.layer4.train()
+    before = modes(model)
+    common.pgd(model, x, y, EPS, ALPHA, 1, bn=bn)
+    assert modes(model) == before
+
+
+def test_eval_mode_attack_leaves_bn_statistics_and_weights_untouched():
+    torch.manual_seed(0)
+    model = common.ResNet18(width=4).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = teacher_data(4, seed=0)
+    common.pgd(model, x, y, EPS, ALPHA, 3, bn="eval")
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_parameter_gradients_untouched():
+    """The attack differentiates w.r.t. δ only (autograd.grad): .grad stays None, or unchanged."""
+    torch.manual_seed(0)
+    model = common.ResNet18(width=4)
+    x, y = teacher_data(4, seed=0)
+    common.pgd(model, x, y, EPS, ALPHA, 2, restarts=2)
+    assert all(p.grad is None for p in model.parameters())
+
+    F.cross_entropy(model(x), y).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    common.pgd(model, x, y, EPS, ALPHA, 2)
+    assert all(torch.equal(p.grad, grads[n]) for n, p in model.named_parameters())
+    assert not x.requires_grad

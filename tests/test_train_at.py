@@ -1,0 +1,219 @@
+"""train_at.py end to end on the tiny generated ImageFolder (SPEC §1.8, §5, §6): the run folder
+under every Table 1 flag, the one-line errors, and DDP under torchrun on CPU (gloo)."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import common
+import train_at
+from conftest import ROOT, TINY, run_script
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the CPU is shared: one thread per process is fastest
+NO_NETWORK = {"HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
+              "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
+METRIC_KEYS = {"epoch", "lr", "train_loss", "train_err", "test_clean_loss", "test_clean_err", "test_rloss",
+               "test_rerr", "test_rloss_correct", "test_rloss_incorrect", "es_rerr", "es_rloss", "time_s"}
+CKPT_KEYS = {"model", "optimizer", "scheduler", "epoch", "args", "rng", "es_best", "metrics"}
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# Each combination covers several flags; 1 epoch = 4 steps of 50 images. `lr` is the logged lr after
+# the last step, i.e. at the end of each schedule (4 of 4 steps).
+COMBOS = {
+    "multistep-clip-attackbn": (["--lr-schedule", "multistep", "--clip", "0.02", "--attack-bn", "train"],
+                                0.05 * 0.1 ** 3),
+    "late-silu-smoothing-std": (["--lr-schedule", "late", "--act", "silu", "--label-smoothing", "0.3",
+                                 "--attack-steps", "0"], 0.05 * 0.1 ** 2),
+    "cyclic-mish-noise-aa": (["--lr-schedule", "cyclic", "--act", "mish", "--label-noise", "0.4",
+                              "--autoaugment", "--workers", "0"], 0.0),
+    "cosine-gelu-ema": (["--lr-schedule", "cosine", "--act", "gelu", "--ema", "0.9"], 0.0),
+    "const-adam": (["--lr-schedule", "const", "--optimizer", "adam", "--lr", "1e-3"], 1e-3),
+}
+
+
+def flag(flags, name, default=None):
+    return flags[flags.index(name) + 1] if name in flags else default
+
+
+@pytest.mark.parametrize("name", COMBOS)
+def test_run_folder(tiny_data, tmp_path, name):
+    flags, final_lr = COMBOS[name]
+    out = tmp_path / "run"
+    run_script("train_at.py", *TINY, "--data-dir", tiny_data, "--epochs", 1, "--out", out, *flags, env=ONE_THREAD)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "args.json", "ckpt_best.pt", "ckpt_epoch001.pt", "ckpt_last.pt", "metrics.jsonl"]
+
+    saved = json.loads((out / "args.json").read_text())
+    expected = vars(train_at.parse_args([*TINY, "--data-dir", str(tiny_data), "--epochs", "1", "--out", str(out),
+                                         *flags]))
+    assert {k: v for k, v in saved.items() if k != "versions"} == expected
+    assert {"python", "torch", "torchvision", "numpy", "device", "git_commit", "argv"} <= set(saved["versions"])
+    assert saved["versions"]["torch"] == torch.__version__
+
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 1
+    m = lines[0]
+    assert METRIC_KEYS <= set(m) and m["epoch"] == 1 and m["test_n"] == 40
+    assert all(math.isfinite(v) for v in m.values() if isinstance(v, float))
+    assert m["lr"] == pytest.approx(final_lr, abs=1e-12)
+    for k in ("train_err", "test_clean_err", "test_rerr", "es_rerr"):
+        assert 0 <= m[k] <= 1
+    assert m["test_rerr"] >= m["test_clean_err"]  # robust error counts clean mistakes too
+    assert m["test_rloss"] > m["test_clean_loss"]
+
+    ckpt = common.load_checkpoint(out / "ckpt_last.pt")  # weights_only=True
+    assert CKPT_KEYS <= set(ckpt) and ckpt["epoch"] == 1 and ckpt["metrics"] == m
+    assert ckpt["es_best"] == {"epoch": 1, "es_rerr": m["es_rerr"]}
+    for other in ("ckpt_epoch001.pt", "ckpt_best.pt"):
+        c = common.load_checkpoint(out / other)
+        assert all(torch.equal(c["model"][k], v) for k, v in ckpt["model"].items())
+    model, _ = common.model_from_checkpoint(out / "ckpt_last.pt", torch.device("cpu"))
+    x, y = common.eval_split(tiny_data, "log", 40, torch.device("cpu"))  # the logged test metrics are of these weights
+    loss, ok = common.clean_metrics(model, x, y)
+    assert m["test_clean_loss"] == pytest.approx(loss.mean().item(), rel=1e-5)
+    assert m["test_clean_err"] == pytest.approx(1 - ok.float().mean().item())
+    act = common.ACTIVATIONS[flag(flags, "--act", "relu")]
+    assert isinstance(model.act, act) and isinstance(model.layer4[1].act, act)
+    assert model.conv1.out_channels == 8
+
+    opt_state = ckpt["optimizer"]["state"][0]
+    assert ("exp_avg" in opt_state) == (flag(flags, "--optimizer") == "adam")
+    if "--clip" in flags:
+        w = float(flag(flags, "--clip"))
+        for mname, mod in model.named_modules():
+            if isinstance(mod, (nn.Conv2d, nn.Linear)):
+                assert mod.weight.abs().max() <= w, mname
+            elif isinstance(mod, nn.BatchNorm2d):
+                assert (mod.weight - 1).abs().max() <= w + 1e-7 and mod.bias.abs().max() <= w, mname
+    if "--ema" in flags:
+        assert set(ckpt["ema"]) == set(ckpt["model"])
+        assert not torch.equal(ckpt["ema"]["conv1.weight"], ckpt["model"]["conv1.weight"])
+        ema, _ = common.model_from_checkpoint(out / "ckpt_last.pt", torch.device("cpu"), use_ema=True)
+        assert torch.equal(ema.conv1.weight, ckpt["ema"]["conv1.weight"])
+    else:
+        assert "ema" not in ckpt
+
+
+def test_test_metrics_against_hand_computation():
+    """train_at.test_metrics: means of common.clean_metrics / robust_metrics (same seed), with RLoss
+    split by clean correctness (Fig. 2) computed by hand."""
+    torch.manual_seed(0)
+    model = common.ResNet18(width=4).eval()
+    x = torch.rand(24, 3, 8, 8)
+    with torch.no_grad():
+        pred = model(x).argmax(1)
+    y = torch.where(torch.arange(24) % 2 == 0, pred, (pred + 1) % 10)  # half clean-correct, half not
+    args = train_at.parse_args(["--attack-step", "2/255"])
+    torch.manual_seed(1)
+    got = train_at.test_metrics(model, x, y, args, 2, "t_", 0, 1)
+    torch.manual_seed(1)
+    closs, cok = common.clean_metrics(model, x, y)
+    rloss, rok = common.robust_metrics(model, x, y, 8 / 255, 2 / 255, 7, 2)
+    expected = {"t_clean_loss": closs.mean(), "t_clean_err": 1 - cok.float().mean(), "t_rloss": rloss.mean(),
+                "t_rerr": 1 - rok.float().mean(), "t_rloss_correct": rloss[cok].mean(),
+                "t_rloss_incorrect": rloss[~cok].mean(), "t_n": 24}
+    assert cok.sum() == 12 and set(got) == set(expected)
+    for k, v in expected.items():
+        assert got[k] == pytest.approx(float(v), rel=1e-5), k
+    assert got["t_rloss_correct"] < got["t_rloss_incorrect"]
+
+
+def error_line(proc):
+    """Exit code 1, exactly one line on stderr, starting with 'error:', and no traceback."""
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
+
+
+def test_errors(tiny_data, tmp_path):
+    base = [*TINY, "--data-dir", tiny_data, "--epochs", 1]
+    env = {**ONE_THREAD, **NO_NETWORK}  # a missing --data-dir must not download CIFAR-10 here
+
+    line = error_line(run_script("train_at.py", *TINY, "--data-dir", tmp_path / "nowhere", "--out", tmp_path / "a",
+                                 check=False, env=env))
+    assert "could not find or download CIFAR-10" in line and "nowhere" in line
+
+    line = error_line(run_script("train_at.py", *base, "--epsilon", "-1", "--out", tmp_path / "b", check=False, env=env))
+    assert "--epsilon" in line
+
+    line = error_line(run_script("train_at.py", *base, "--act", "swish", "--out", tmp_path / "c", check=False, env=env))
+    assert "swish" in line and "relu" in line
+
+    # an existing run: a ckpt_last.pt saved with the flags of `base`
+    out = tmp_path / "existing"
+    out.mkdir()
+    saved = vars(train_at.parse_args([*map(str, base), "--out", str(out)]))
+    common.save_checkpoint(out / "ckpt_last.pt", args=saved, epoch=1)
+    line = error_line(run_script("train_at.py", *base, "--out", out, check=False, env=env))
+    assert "already holds a run" in line and "--resume" in line
+
+    line = error_line(run_script("train_at.py", *base, "--lr", "0.1", "--out", out, "--resume", check=False, env=env))
+    assert "--lr 0.05 (now 0.1)" in line
+
+
+def test_failed_start_does_not_block_the_run_folder(tmp_path):
+    """A start that fails before epoch 1 (e.g. a wrong --data-dir) leaves an empty metrics.jsonl;
+    rerunning with the same --out must work without --resume. A folder with a metrics line must not."""
+    args = train_at.parse_args(["--out", str(tmp_path / "run")])
+    common.Run(args, 0, torch.device("cpu"))
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == ""
+    common.Run(args, 0, torch.device("cpu"))
+    common.append_jsonl(tmp_path / "run" / "metrics.jsonl", {"epoch": 1})
+    with pytest.raises(common.UsageError, match="already holds a run"):
+        common.Run(args, 0, torch.device("cpu"))
+
+
+DDP_WRAPPER = """
+import os, sys
+sys.path.insert(0, {root!r})
+import torch
+import common, train_at
+
+# record what rank 1 ends with (train_at.py itself writes files on rank 0 only)
+end_epoch = common.Run.end_epoch
+def record(self, metrics, epoch, model, *args, **kwargs):
+    end_epoch(self, metrics, epoch, model, *args, **kwargs)
+    if self.rank == 1:
+        torch.save(model.state_dict(), os.environ["RANK1_STATE"])
+common.Run.end_epoch = record
+common.run_cli(train_at.main)
+"""
+
+
+def test_ddp_two_cpu_ranks(tiny_data, tmp_path):
+    """torchrun --nproc_per_node=2 on gloo: one set of files, and rank 1's final weights and BN
+    statistics are bit-identical to rank 0's checkpoint (synchronised gradients, broadcast buffers)."""
+    wrapper = tmp_path / "ddp_train_at.py"
+    wrapper.write_text(DDP_WRAPPER.format(root=str(ROOT)))
+    out, rank1 = tmp_path / "run", tmp_path / "rank1.pt"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper),
+         *map(str, TINY), "--data-dir", str(tiny_data), "--epochs", "1", "--ema", "0.9", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, **ONE_THREAD, "RANK1_STATE": str(rank1), "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("epoch   1 ") == 1, proc.stdout  # only rank 0 prints
+    assert sorted(p.name for p in out.iterdir()) == [
+        "args.json", "ckpt_best.pt", "ckpt_epoch001.pt", "ckpt_last.pt", "metrics.jsonl"]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    ckpt = common.load_checkpoint(out / "ckpt_last.pt")
+    other = torch.load(rank1, weights_only=True)
+    assert set(other) == set(ckpt["model"])
+    differ = [k for k in other if not torch.equal(other[k], ckpt["model"][k])]
+    assert not differ, f"ranks ended with different {differ[:5]}"
+    first = common.load_checkpoint(out / "ckpt_epoch001.pt")
+    assert "ema" in first and json.loads((out / "args.json").read_text())["versions"]["argv"]
