@@ -414,7 +414,7 @@ def load_weights(model, state_dict):
         if any(k.startswith("normalize.") for k in missing):
             hint.append("--no-normalize if the checkpoint has no normalisation layer")
         if shapes:
-            hint.append("--width / --num-classes to match the checkpoint")
+            hint.append("the width of the checkpoint (--width for our scripts, --arch-width for external state dicts)")
         raise UsageError(
             "checkpoint does not fit the model: "
             + (f"missing {_few(missing)}; " if missing else "")

@@ -1,0 +1,271 @@
+"""Robustness of a checkpoint: clean error, PGD-20 x 10 RLoss/RErr and AutoAttack RErr (SPEC §9).
+
+Stutz, Hein & Schiele, ICCV 2021, §4 and Table 1:
+
+    RLoss = (1/N) Σ_n max_{‖δ‖∞ ≤ ε} CE(f(x_n + δ), y_n)      (PGD: per example the max-CE iterate
+                                                               over all steps and restarts)
+    RErr  = (1/N) Σ_n [f(x_n) ≠ y_n  or  f(x_n + δ_n) ≠ y_n]  (wrong clean or adversarially)
+
+Usage:   python evaluate.py runs/at/ckpt_last.pt [--use-ema] [--train] [--no-autoattack]
+CPU:     python evaluate.py runs/smoke/ckpt_last.pt --n-eval 100 --data-dir ../shared/data/cifar10-jpeg
+Writes `eval.json` beside the checkpoint (`eval_<name>.json` for ckpt_<name>.pt, `_ema` with
+--use-ema, `_<tag>` with --tag); --robustbench NAME writes into --model-dir (or --out).
+
+The paper's protocol: clean error on the full test set; PGD-20 (step 0.007, ε = 8/255, 10 random
+restarts) for RLoss on test images 0…999, split into clean-correct and clean-incorrect examples
+(Fig. 2, 5); AutoAttack for RErr on the same images (Table 1), and on train images 0…999 for the
+"train" column (--train). The paper's bundled AutoAttack ran APGD-CE, APGD-T and FAB-T without
+Square (--aa-version paper); the default is the standard AutoAttack with Square.
+AutoAttack comes from pyautoattack (PyPI: fra31/auto-attack's attack code behind another wrapper
+API) or, when that is not installed, the upstream `autoattack` git package; robust accuracy is
+always recomputed by our own eval-mode fp32 forward on the returned x_adv.
+
+Cost (measured): CPU, 1 thread of a shared 2-core machine, width-16 ResNet-18 after 2 epochs of
+AT, --n-eval 100, clean on all 10,000 test images: 57 s wall (PGD-20 x 10: 42 s; AutoAttack: 3 s, as
+APGD-CE broke every correct point); 2 min 49 s when the machine was busy. Not yet measured on a GPU.
+"""
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import common
+from common import UsageError, check, fraction
+
+# The attacks of each AutoAttack version we offer (the order in which they run).
+AA_ATTACKS = {"standard": ["apgd-ce", "apgd-t", "fab-t", "square"],
+              "paper": ["apgd-ce", "apgd-t", "fab-t"]}  # the paper's bundled copy: Square commented out
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common.add_model_source_args(p)
+    common.add_runtime_args(p)
+    g = p.add_argument_group("evaluation subsets")
+    g.add_argument("--n-eval", type=int, default=1000, help="test images 0…N-1 for PGD and AutoAttack (paper: 1000)")
+    g.add_argument("--n-clean", type=int, default=0, help="test images for clean loss/error (0 = the full test set, paper)")
+    g.add_argument("--train", action="store_true", help="also attack train images 0…N-1 (Table 1 'train' column)")
+    g = p.add_argument_group("attacks")
+    g.add_argument("--epsilon", type=fraction, default=8 / 255, help="L∞ radius (paper: 8/255; its code 0.0314)")
+    g.add_argument("--attack-step", type=fraction, default=0.007, help="PGD step size (paper: 0.007)")
+    g.add_argument("--steps", type=int, default=20, help="PGD iterations (paper: 20)")
+    g.add_argument("--restarts", type=int, default=10, help="PGD random restarts, per example the max-CE one (paper: 10)")
+    g.add_argument("--no-autoattack", action="store_true", help="skip AutoAttack (PGD only; much faster on a CPU)")
+    g.add_argument("--aa-version", default="standard", choices=tuple(AA_ATTACKS),
+                   help="standard: APGD-CE, APGD-T, FAB-T, Square; paper: the same without Square (the paper's runs)")
+    g.add_argument("--batch-size", type=int, default=128, help="images per attack batch (paper: 128); "
+                   "PGD repeats each batch --restarts times")
+    g = p.add_argument_group("output")
+    g.add_argument("--tag", default=None, help="result file eval_<tag>.json (default with --use-ema: 'ema')")
+    g.add_argument("--out", default=None, help="result file path (default: beside the checkpoint)")
+    g.add_argument("--verbose", action="store_true", help="show AutoAttack's per-attack log")
+    args = p.parse_args(argv)
+    check(0 < args.epsilon <= 1, f"--epsilon must be in (0, 1] (pixel units, e.g. 8/255), got {args.epsilon}")
+    check(args.attack_step > 0 and args.steps >= 0 and args.restarts >= 1,
+          "--attack-step must be > 0, --steps >= 0 and --restarts >= 1")
+    check(args.n_eval >= 1 and args.n_clean >= 0 and args.batch_size >= 1,
+          "--n-eval and --batch-size must be >= 1, --n-clean >= 0")
+    check(not (args.use_ema and args.robustbench), "--use-ema needs a checkpoint of this codebase, not --robustbench")
+    if args.tag is None and args.use_ema:
+        args.tag = "ema"
+    return args
+
+
+def output_path(args):
+    """Where eval.json goes: --out, else beside the checkpoint, else (RobustBench) in --model-dir."""
+    if args.out:
+        return Path(args.out)
+    if args.robustbench:
+        return Path(args.model_dir) / ("_".join(["eval", args.robustbench] + ([args.tag] if args.tag else [])) + ".json")
+    return common.result_path(args.checkpoint, "eval", args.tag)
+
+
+# ----------------------------------------------------------------------------------------------
+# PGD: RLoss and RErr, split by clean correctness (Fig. 2, 5)
+# ----------------------------------------------------------------------------------------------
+def mean(values):
+    """Mean in float64 (fp32 sums drift at 10,000 terms); None for an empty group (null in JSON)."""
+    return values.double().mean().item() if len(values) else None
+
+
+def error_rate(ok):
+    """Fraction of examples not `ok`, as an exact count / n."""
+    return int((~ok).sum()) / len(ok)
+
+
+def pgd_metrics(model, x, y, args, progress=False):
+    """RLoss/RErr of PGD-`steps` × `restarts` (per example the max-CE iterate). Returns the JSON
+    section and the per-example robust correctness (for the union with AutoAttack)."""
+    t0 = time.time()
+    _, clean_ok = common.clean_metrics(model, x, y, args.batch_size)
+    common.seed_everything(args.seed)  # the random starts are reproducible per subset
+    rloss, robust_ok = common.robust_metrics(model, x, y, args.epsilon, args.attack_step, args.steps,
+                                             args.restarts, args.batch_size, progress=progress)
+    section = {"rloss": mean(rloss), "rerr": error_rate(robust_ok),
+               "rloss_correct": mean(rloss[clean_ok]), "rloss_incorrect": mean(rloss[~clean_ok]),
+               "n_correct": int(clean_ok.sum()), "n_incorrect": int((~clean_ok).sum()), "n": len(y),
+               "clean_err": error_rate(clean_ok),
+               "eps": args.epsilon, "alpha": args.attack_step, "steps": args.steps, "restarts": args.restarts,
+               "time_s": time.time() - t0}
+    return section, clean_ok, robust_ok
+
+
+# ----------------------------------------------------------------------------------------------
+# AutoAttack: an adapter for the two packagings, then our own forward on x_adv
+# ----------------------------------------------------------------------------------------------
+def make_autoattack(model, eps, version, device, seed, verbose=False):
+    """(AutoAttack object, run(x, y, batch_size) -> x_adv, package name).
+    pyautoattack (PyPI) has keyword-only arguments, `attacks=`, no `verbose`, logs to the
+    'auto-attack' logger and returns (x_adv, y_adv); the upstream git package takes
+    `attacks_to_run=`, `verbose=`, `bs=` and returns x_adv. The attack code is the same."""
+    try:
+        from pyautoattack import AutoAttack
+        package = "pyautoattack"
+    except ImportError:
+        try:
+            from autoattack import AutoAttack
+            package = "autoattack"
+        except ImportError:
+            raise UsageError("AutoAttack needs the pyautoattack package (pip install pyautoattack) "
+                             "or fra31/auto-attack; or pass --no-autoattack")
+    kwargs = dict(norm="Linf", eps=eps, device=device, seed=seed)
+    if version == "paper":  # a custom attack list; the attacks' parameters are set below
+        kwargs.update(version="custom", **{"attacks" if package == "pyautoattack" else "attacks_to_run": AA_ATTACKS[version]})
+    else:
+        kwargs.update(version="standard")
+    if package == "pyautoattack":
+        aa = AutoAttack(model, **kwargs)
+        logger = logging.getLogger("auto-attack")  # pyautoattack logs its progress at DEBUG
+        logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
+        if verbose and not logger.handlers:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("auto-attack: %(message)s"))
+            logger.addHandler(handler)
+    else:
+        aa = AutoAttack(model, verbose=verbose, **kwargs)
+    if version == "paper":
+        # version='custom' keeps the constructor's defaults (APGD-CE and FAB with 5 restarts);
+        # set what set_version('standard') sets for these attacks (L∞), as the paper's copy did:
+        # APGD-CE 1 restart; APGD-T and FAB-T 1 restart, 9 target classes; 100 iterations each.
+        aa.apgd.n_restarts = 1
+        aa.apgd_targeted.n_restarts = 1
+        aa.apgd_targeted.n_target_classes = 9
+        aa.fab.n_restarts = 1
+        aa.fab.n_target_classes = 9
+    if package == "pyautoattack":
+        def run(x, y, batch_size):
+            return aa.run_standard_evaluation(x, y, batch_size=batch_size)[0]
+    else:
+        def run(x, y, batch_size):
+            return aa.run_standard_evaluation(x, y, bs=batch_size)
+    return aa, run, package
+
+
+def autoattack_metrics(model, x, y, clean_ok, pgd_ok, args, device, progress=False):
+    """RErr under AutoAttack, counted by our own eval-mode fp32 forward on x_adv: an example is
+    wrong if it is wrong clean or on x_adv; `rerr_any` also counts PGD's adversarial examples."""
+    t0 = time.time()
+    common.seed_everything(args.seed)
+    aa, run, package = make_autoattack(model, args.epsilon, args.aa_version, device, args.seed, args.verbose)
+    # one call per batch of --batch-size images, as the paper's code did (batches of 128), so the
+    # progress bar moves; each attack reseeds itself per batch either way
+    x_adv = torch.cat([run(x[i:i + args.batch_size], y[i:i + args.batch_size], args.batch_size)
+                       for i in tqdm(range(0, len(y), args.batch_size), desc="AutoAttack", disable=not progress,
+                                     leave=False)])
+    max_linf = (x_adv - x).abs().amax().item()
+    if max_linf > args.epsilon + 1e-6 or x_adv.min() < 0 or x_adv.max() > 1:
+        print(f"warning: AutoAttack returned ‖x_adv − x‖∞ = {max_linf:.6f} > ε = {args.epsilon:.6f} or pixels outside "
+              "[0, 1]; projected back before counting", file=sys.stderr)
+        x_adv = torch.min(torch.max(x_adv, x - args.epsilon), x + args.epsilon).clamp(0, 1)
+    _, aa_ok = common.clean_metrics(model, x_adv, y, args.batch_size)
+    robust_ok = clean_ok & aa_ok
+    return {"rerr": error_rate(robust_ok), "rerr_any": error_rate(robust_ok & pgd_ok),
+            "n": len(y), "version": args.aa_version, "attacks": list(aa.attacks_to_run), "eps": args.epsilon,
+            "max_linf": max_linf, "package": package, "time_s": time.time() - t0}
+
+
+def attack_subset(model, x, y, args, device, progress):
+    """PGD and (unless --no-autoattack) AutoAttack on one fixed subset."""
+    pgd, clean_ok, pgd_ok = pgd_metrics(model, x, y, args, progress)
+    aa = None if args.no_autoattack else autoattack_metrics(model, x, y, clean_ok, pgd_ok, args, device, progress)
+    return {"pgd": pgd, "autoattack": aa}
+
+
+def autoattack_version_string():
+    import importlib.metadata
+    for dist in ("pyautoattack", "autoattack"):
+        try:
+            return f"{dist} {importlib.metadata.version(dist)}"
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def print_table(result):
+    def pct(v):
+        return f"{100 * v:6.2f}%" if v is not None else "      -"
+
+    def num(v):
+        return f"{v:.4f}" if v is not None else "-"
+    rows = [("clean (test)", result["clean"]["n"], result["clean"]["err"], result["clean"]["loss"], "")]
+    for name, part in (("test", result), ("train", result.get("train"))):
+        if part is None:
+            continue
+        p, aa = part["pgd"], part["autoattack"]
+        rows.append((f"PGD-{p['steps']}x{p['restarts']} ({name})", p["n"], p["rerr"], p["rloss"],
+                     f"RLoss correct {num(p['rloss_correct'])} (n={p['n_correct']}), "
+                     f"incorrect {num(p['rloss_incorrect'])} (n={p['n_incorrect']}); clean err {pct(p['clean_err']).strip()}"))
+        if aa is not None:
+            rows.append((f"AutoAttack-{aa['version']} ({name})", aa["n"], aa["rerr"], None,
+                         f"any attack {pct(aa['rerr_any']).strip()}; max ‖δ‖∞ {aa['max_linf']:.5f}"))
+    print(f"{'':26s} {'n':>6s} {'err':>8s} {'loss':>7s}")
+    for label, n, err, loss, note in rows:
+        print(f"{label:26s} {n:6d} {pct(err):>8s} {num(loss) if loss is not None else '':>7s}  {note}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = common.resolve_device(args.device)
+    progress = sys.stderr.isatty()
+
+    # ---- model: ours (architecture from its args), an external state dict, or RobustBench
+    model, info = common.load_model(args, device)
+    model = model.float().eval()  # every reported number is fp32 (SPEC §1.5)
+    out = output_path(args)
+    check(out.parent.is_dir(), f"output folder {out.parent} does not exist (choose --out)")
+
+    # ---- data: clean on the full test set (or --n-clean), attacks on test images 0…n-1
+    n_test = len(common.load_cifar10(args.data_dir, train=False)[1])
+    check(args.n_eval <= n_test, f"--n-eval {args.n_eval} is larger than the test set ({n_test} images)")
+    check(args.n_clean <= n_test, f"--n-clean {args.n_clean} is larger than the test set ({n_test} images)")
+    n_clean = args.n_clean or n_test
+    x, y = common.eval_split(args.data_dir, "eval", max(n_clean, args.n_eval), device)
+    clean_loss, clean_ok = common.clean_metrics(model, x[:n_clean], y[:n_clean], max(args.batch_size, 500))
+
+    result = {"checkpoint": str(args.checkpoint) if not args.robustbench else f"robustbench:{args.robustbench}",
+              "epoch": info["epoch"], "use_ema": args.use_ema, "seed": args.seed,
+              "versions": {**common.versions(device), "autoattack": autoattack_version_string()},
+              "source": info["source"], "model_args": info["args"], "data_dir": str(args.data_dir),
+              "batch_size": args.batch_size,
+              "clean": {"loss": mean(clean_loss), "err": error_rate(clean_ok), "n": n_clean}}
+    if args.robustbench:
+        result["robustbench"] = args.robustbench
+
+    # ---- attacks on the eval subset (and the train-eval subset): fixed seeds, eval mode, fp32
+    result.update(attack_subset(model, x[:args.n_eval], y[:args.n_eval], args, device, progress))
+    if args.train:
+        x_tr, y_tr = common.eval_split(args.data_dir, "train-eval", args.n_eval, device)
+        result["train"] = attack_subset(model, x_tr, y_tr, args, device, progress)
+
+    common.write_json(out, result)
+    print(f"{result['checkpoint']} (epoch {result['epoch']}, {'EMA' if args.use_ema else 'model'} weights)")
+    print_table(result)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    common.run_cli(main)
