@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `pytest` as well as `python -m pytest` imports common, train_at, ...
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 torch.set_num_threads(1)  # tiny workloads: threads cost more than they give on 2 cores
 

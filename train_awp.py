@@ -1,0 +1,265 @@
+"""Adversarial weight perturbation (AT-AWP, Wu et al. 2020) — a Table 1 row of Stutz, Hein & Schiele (ICCV
+2021), SPEC §7, on the AT baseline's data, model, optimiser, schedule, snapshots, logging (diff with train_at.py).
+
+    min_w  E_(x,y) [ max_{‖ν_l‖ ≤ ξ‖w_l‖} max_{‖δ‖∞ ≤ ε} CE(f(x + δ; w + ν), y) ]     (Wu et al. Eq. 6, per layer l)
+
+Per batch, one ascent step for each max (Wu et al.'s AT_AWP code):
+  1. x' = x + δ from PGD-7 on CE at the current weights w (step 0.007, ε = 8/255, eval-mode BN), as AT;
+  2. g = ∇_w CE(f(x'; w), y) for the conv/linear weights (dim > 1: no biases, no BN);
+     per layer ν_l = ξ · d_l with d_l = g_l · ‖w_l‖ / ‖g_l‖, so ‖ν_l‖ = ξ‖w_l‖ (the paper's relative ball, Eq. 4);
+  3. w ← w + ν; one optimiser step with the gradient of CE(f(x'; w + ν), y) (train-mode BN);
+     then w ← w − ν with the same ν (the restore follows the step, as in Wu et al.).
+The paper's released 1-step variant returns the unperturbed weights by a bookkeeping bug; not copied.
+
+Usage:   python train_awp.py --xi 0.005
+CPU:     python train_awp.py --data-dir ../shared/data/cifar10-jpeg --width 16 --train-subset 2000 --epochs 2
+Resume:  python train_awp.py --out runs/awp --resume             # continues from runs/awp/ckpt_last.pt
+Multi-GPU: torchrun --nproc_per_node=4 train_awp.py ...          # global batch stays --batch-size
+
+Cost (measured, see README "Speed"): not yet measured on a GPU; per batch one forward/backward more
+than AT (the direction g). Paper: AutoAttack RErr 54.3 % at epoch 150, 53.6 % early-stopped (SPEC §12).
+"""
+import argparse
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
+from tqdm import tqdm
+
+import common
+from common import check, fraction
+
+METHOD = "awp"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common.add_runtime_args(p)
+    g = p.add_argument_group("data")
+    g.add_argument("--train-subset", type=int, default=0, help="class-balanced subset of N training images (0 = all)")
+    g.add_argument("--autoaugment", action="store_true", help="AutoAugment + Cutout on top of crop/flip (Table 1 row)")
+    g.add_argument("--workers", type=int, default=2, help="DataLoader workers (--autoaugment only)")
+    common.add_model_args(p)
+    common.add_optim_args(p)
+    g = p.add_argument_group("training attack")
+    g.add_argument("--epsilon", type=fraction, default=8 / 255, help="L∞ radius during training (Table 1 'larger ε': 9/255)")
+    g.add_argument("--attack-step", type=fraction, default=0.007, help="PGD step size (paper: 0.007)")
+    g.add_argument("--attack-steps", type=int, default=7, help="PGD iterations (paper: 7; 0 = standard training)")
+    g.add_argument("--attack-bn", default="eval", choices=("eval", "train"),
+                   help="BN mode during the attack (paper code: eval; Rice et al./AWP code: train)")
+    g = p.add_argument_group("AWP")
+    g.add_argument("--xi", type=fraction, default=0.005,
+                   help="ξ: relative per-layer size ‖ν_l‖/‖w_l‖ of the weight perturbation (Wu et al.: 5e-3 for "
+                   "ResNets, their PRN-18 run 1e-2; paper sweep 1e-4 ... 5e-2; 0 = plain AT)")
+    g.add_argument("--awp-warmup", type=int, default=0, help="epochs of plain AT before AWP starts (Wu et al.: 0 for AT-AWP)")
+    g.add_argument("--grad-clip", type=fraction, default=0.0,
+                   help="C: clamp every gradient element to [−C, C] before the step (the paper's own AWP variant: "
+                   "0.05; 0 = off, as Wu et al.)")
+    g = p.add_argument_group("regularisers (Table 1 rows)")
+    g.add_argument("--label-smoothing", type=fraction, default=0.0, help="τ: target (1−τ)·onehot + τ/K (best 0.3)")
+    g.add_argument("--label-noise", type=fraction, default=0.0, help="p: labels resampled uniformly w.p. p per step (best 0.4)")
+    g.add_argument("--clip", type=fraction, default=0.0, help="w: clamp weights to [−w, w] after each step (best 0.005)")
+    g.add_argument("--ema", type=fraction, default=0.0, help="τ: EMA of the weights per step, saved as 'ema' (paper 0.9975)")
+    g = p.add_argument_group("logging, evaluation, checkpoints")
+    g.add_argument("--out", default=f"runs/{METHOD}", help="run folder")
+    g.add_argument("--resume", action="store_true", help="continue from <out>/ckpt_last.pt")
+    g.add_argument("--eval-every", type=int, default=1, help="log test clean/PGD-7 metrics every N epochs")
+    g.add_argument("--n-log", type=int, default=1280, help="test images for per-epoch logging (paper: first 10 batches)")
+    g.add_argument("--es-every", type=int, default=5, help="early-stopping check (and snapshot) every N epochs")
+    g.add_argument("--n-early-stop", type=int, default=500, help="last N test images for early stopping (paper: 500)")
+    g.add_argument("--es-restarts", type=int, default=5, help="PGD-7 restarts of the early-stopping check (paper: 5)")
+    g = p.add_argument_group("speed (GPU)")
+    g.add_argument("--amp", action="store_true", help="bf16 autocast for the training attack and forward (δ stays fp32; "
+                   "every logged/reported number is fp32)")
+    g.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (saved weights come from the plain module)")
+    args = p.parse_args(argv)
+    check(args.epsilon >= 0, f"--epsilon must be >= 0, got {args.epsilon}")
+    check(args.xi >= 0 and args.awp_warmup >= 0 and args.grad_clip >= 0,
+          "--xi, --awp-warmup and --grad-clip must be >= 0")
+    check(args.attack_steps >= 0 and args.attack_step > 0, "--attack-steps must be >= 0 and --attack-step > 0")
+    check(args.epochs >= 1 and args.batch_size >= 1, "--epochs and --batch-size must be >= 1")
+    check(args.lr > 0 and args.wd >= 0, "--lr must be > 0 and --wd >= 0")
+    check(0 <= args.label_smoothing < 1 and 0 <= args.label_noise <= 1, "--label-smoothing in [0, 1), --label-noise in [0, 1]")
+    check(args.clip >= 0 and 0 <= args.ema < 1, "--clip must be >= 0 and --ema in [0, 1)")
+    check(args.eval_every >= 1 and args.es_every >= 1, "--eval-every and --es-every must be >= 1")
+    args.method = METHOD
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# The method: PGD at w, one ascent step in weight space, then the update with the gradient at w + ν
+# ----------------------------------------------------------------------------------------------
+def adversarial_batch(model, x, y, args):
+    """x + δ with δ from PGD-`attack_steps` on true-label CE (eval-mode BN by default)."""
+    if args.attack_steps == 0:
+        return x
+    delta, _ = common.pgd(model, x, y, args.epsilon, args.attack_step, args.attack_steps,
+                          bn=args.attack_bn, autocast=args.amp)
+    return x + delta
+
+
+def training_loss(logits, y, args):
+    """CE on the adversarial batch; label noise and smoothing change the training target only."""
+    if args.label_noise > 0:
+        y = common.noisy_labels(y, args.label_noise)
+    return F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
+
+
+def weight_perturbation(net, weights, x_adv, y, xi, amp=False, world=1):
+    """{name: ν_l} with ν_l = ξ · g_l · ‖w_l‖ / ‖g_l‖ and g = ∇_w CE(f(x'; w), y) for the layers in
+    `weights` (conv/linear weights with dim > 1, as Wu et al.). This is Wu et al.'s proxy step:
+    their proxy takes one SGD step on −CE and uses the difference, whose per-layer normalisation makes
+    the proxy's lr irrelevant; the same 1e-20 guards a zero gradient.
+
+    BatchNorm: train mode (batch statistics), as Wu et al.'s proxy, so g is the ascent direction of
+    the very loss the update minimises; the forward runs on throwaway copies of the BN running
+    statistics (their proxy is a copy of the model), so the real running statistics are untouched.
+    Under DDP g is averaged over the ranks before normalising, so every replica adds the same ν
+    (a per-rank ν makes the replicas drift apart; research/ecosystem.md §4.2)."""
+    buffers = {k: b.clone() for k, b in net.named_buffers()}
+    with common.bn_mode(net, "train"), torch.autocast(x_adv.device.type, torch.bfloat16, enabled=amp):
+        logits = torch.func.functional_call(net, buffers, (x_adv,))
+    grads = torch.autograd.grad(F.cross_entropy(logits.float(), y), list(weights.values()))
+    if world > 1:  # one collective for all layers
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat)
+        flat /= world
+        grads = [g.view_as(w) for g, w in zip(flat.split([w.numel() for w in weights.values()]), weights.values())]
+    return {k: xi * g * (w.detach().norm() / (g.norm() + 1e-20)) for (k, w), g in zip(weights.items(), grads)}
+
+
+@torch.no_grad()
+def add_to_weights(weights, nu, alpha):
+    """w_l ← w_l + alpha · ν_l in place (alpha = +1 perturbs, −1 restores with the same ν)."""
+    for k, v in nu.items():
+        weights[k].add_(v, alpha=alpha)
+
+
+def awp_step(net, model, x_adv, y, opt, xi, args, world=1):
+    """One AT-AWP update on the adversarial batch x' (SPEC §7 steps 2-3): ν from
+    weight_perturbation, w ← w + ν, forward/backward of the training loss at w + ν through `model`
+    (net itself, or its DDP wrapper) in train mode, optional element-wise gradient clipping,
+    optimiser step (momentum and weight decay act at w + ν, as in Wu et al.), w ← w − ν.
+    Returns (loss, logits) at w + ν. With xi = 0 (and no --grad-clip) it is train_at.py's AT step.
+    The training forward updates the BN running statistics at w + ν (as Wu et al.; the paper's code
+    copies them from a forward at w instead)."""
+    weights = common.perturbable_params(net, weights_only=True)
+    nu = weight_perturbation(net, weights, x_adv, y, xi, args.amp, world) if xi > 0 else {}
+    add_to_weights(weights, nu, +1)
+    with torch.autocast(x_adv.device.type, torch.bfloat16, enabled=args.amp):
+        logits = model(x_adv)
+    loss = training_loss(logits, y, args)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if args.grad_clip:
+        torch.nn.utils.clip_grad_value_(net.parameters(), args.grad_clip)
+    opt.step()
+    add_to_weights(weights, nu, -1)
+    return loss, logits
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation during training: fp32, eval-mode BN, sharded over ranks with summed counts
+# ----------------------------------------------------------------------------------------------
+def test_metrics(model, x, y, args, restarts, prefix, rank, world):
+    """Clean and PGD-7 metrics; the robust loss is also split by clean correctness (Fig. 2)."""
+    x, y = x[rank::world], y[rank::world]
+    clean_loss, clean_ok = common.clean_metrics(model, x, y)
+    rloss, robust_ok = common.robust_metrics(model, x, y, 8 / 255, args.attack_step, 7, restarts)
+    sums = torch.stack([torch.tensor(float(len(y)), device=x.device), clean_loss.sum(), (~clean_ok).sum(),
+                        rloss.sum(), (~robust_ok).sum(), clean_ok.sum(), (rloss * clean_ok).sum()])
+    if world > 1:
+        dist.all_reduce(sums)
+    n, cl, ce, rl, re, n_ok, rl_ok = sums.tolist()
+    return {f"{prefix}clean_loss": cl / n, f"{prefix}clean_err": ce / n, f"{prefix}rloss": rl / n,
+            f"{prefix}rerr": re / n, f"{prefix}rloss_correct": rl_ok / max(n_ok, 1),
+            f"{prefix}rloss_incorrect": (rl - rl_ok) / max(n - n_ok, 1), f"{prefix}n": int(n)}
+
+
+def main():
+    args = parse_args()
+    rank, world, device = common.setup_distributed(args.device)
+    check(args.batch_size % world == 0, f"--batch-size {args.batch_size} must divide over {world} processes")
+    common.seed_everything(args.seed)
+    run = common.Run(args, rank, device)  # run folder, args.json, metrics.jsonl; checks --resume
+
+    # ---- data: training set on the device; fixed logging / early-stopping subsets (SPEC §2)
+    x_train, y_train = common.load_cifar10(args.data_dir, train=True)
+    if args.train_subset:
+        idx = common.balanced_subset(y_train, args.train_subset)
+        x_train, y_train = x_train[idx], y_train[idx]
+    check(len(y_train) >= args.batch_size, f"{len(y_train)} training images < --batch-size {args.batch_size}")
+    loader_cls = common.AutoAugmentLoader if args.autoaugment else common.DeviceLoader
+    loader = loader_cls(x_train, y_train, args.batch_size, device, args.seed, rank=rank, world=world)
+    x_log, y_log = common.eval_split(args.data_dir, "log", args.n_log, device)
+    x_es, y_es = common.eval_split(args.data_dir, "early-stop", args.n_early_stop, device)
+
+    # ---- model, optimiser, schedule (stepped per batch), EMA
+    net = common.build_model(vars(args)).to(device)
+    if args.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    if args.clip:
+        common.clip_weights(net, args.clip)
+    opt, sched = common.make_optimizer(net, args, len(loader))
+    ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
+    start_epoch, es_best = run.resume(net, opt, sched, ema, loader)
+    attack_model = torch.compile(net) if args.compile else net  # attacks run on the unwrapped module
+    model = DistributedDataParallel(net) if world > 1 else net  # only the training forward goes through DDP
+    if args.compile:
+        model = torch.compile(model)
+
+    for epoch in range(start_epoch + 1, args.epochs + 1):
+        t0 = time.time()
+        loader.epoch = epoch - 1  # AutoAugmentLoader seeds its workers by (seed, epoch)
+        net.train()
+        loss_sum = torch.zeros((), device=device)
+        err_sum = torch.zeros((), device=device)
+        n_seen = 0
+        for x, y in tqdm(loader, desc=f"epoch {epoch}", disable=None if rank == 0 else True, leave=False):
+            x_adv = adversarial_batch(attack_model, x, y, args)
+            xi = args.xi if epoch > args.awp_warmup else 0.0  # --awp-warmup epochs of plain AT first
+            loss, logits = awp_step(net, model, x_adv, y, opt, xi, args, world)
+            sched.step()
+            if args.clip:
+                common.clip_weights(net, args.clip)
+            if ema is not None:
+                ema.update_parameters(net)
+            loss_sum += loss.detach() * len(y)
+            err_sum += (logits.detach().argmax(1) != y).sum()
+            n_seen += len(y)
+
+        # ---- end of epoch: metrics (fp32), early stopping, checkpoints
+        if world > 1:  # BN statistics differ across ranks after local updates: take rank 0's
+            for b in net.buffers():
+                dist.broadcast(b, 0)
+        totals = torch.stack([loss_sum, err_sum.float(), torch.tensor(float(n_seen), device=device)])
+        if world > 1:
+            dist.all_reduce(totals)
+        metrics = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "train_loss": (totals[0] / totals[2]).item(),
+                   "train_err": (totals[1] / totals[2]).item(), "train_time_s": time.time() - t0}
+        if epoch % args.eval_every == 0 or epoch == args.epochs:
+            metrics.update(test_metrics(net, x_log, y_log, args, 1, "test_", rank, world))
+        last = epoch == args.epochs
+        if last and ema is not None:  # re-estimate the averaged model's BN statistics (clean pass)
+            update_bn(loader, ema, device=device)
+            if world > 1:
+                for b in ema.buffers():
+                    dist.broadcast(b, 0)
+        snapshot = epoch % args.es_every == 0 or last
+        if snapshot:
+            es = test_metrics(net, x_es, y_es, args, args.es_restarts, "es_", rank, world)
+            metrics.update(es_rerr=es["es_rerr"], es_rloss=es["es_rloss"])
+            if es_best is None or es["es_rerr"] < es_best["es_rerr"]:
+                es_best = {"epoch": epoch, "es_rerr": es["es_rerr"]}
+        metrics["time_s"] = time.time() - t0
+        run.end_epoch(metrics, epoch, net, opt, sched, ema, loader, es_best,
+                      snapshot=snapshot, best=snapshot and es_best["epoch"] == epoch)
+    run.finish()
+
+
+if __name__ == "__main__":
+    common.run_cli(main)

@@ -1,0 +1,231 @@
+"""TRADES (Zhang et al. 2019) — a Table 1 row of Stutz, Hein & Schiele (ICCV 2021), SPEC §7, on the
+AT baseline's data, model, optimiser, schedule, snapshots and logging (train_at.py; diff the two files).
+
+    min_w  E_(x,y) [ CE(f(x), y) + β · max_{‖δ‖∞ ≤ ε} KL(p(x) ‖ p(x + δ)) ],   p = softmax ∘ f   (TRADES Eq. 5)
+
+(inner max: PGD-7 on Σ_i KL, start x + 0.001·N(0, I), step 0.007, ε = 8/255, eval-mode BN; outer: the
+KL averaged over the batch, i.e. summed over classes and divided by B, with gradients through both p(x)
+and p(x + δ))
+
+Usage:   python train_trades.py --beta 9                         # Table 1 row (paper's best β; TRADES paper: 6)
+CPU:     python train_trades.py --data-dir ../shared/data/cifar10-jpeg --width 16 --train-subset 2000 --epochs 2
+Resume:  python train_trades.py --out runs/trades --resume       # continues from runs/trades/ckpt_last.pt
+Multi-GPU: torchrun --nproc_per_node=4 train_trades.py ...       # global batch stays --batch-size
+
+Cost (measured, see README "Speed"): not yet measured on a GPU; per batch one clean forward (the
+attack's target) and one clean training forward/backward more than AT. Paper (β = 9): AutoAttack RErr
+56.7 % at epoch 150, 53.4 % early-stopped (SPEC §12).
+"""
+import argparse
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
+from tqdm import tqdm
+
+import common
+from common import check, fraction
+
+METHOD = "trades"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common.add_runtime_args(p)
+    g = p.add_argument_group("data")
+    g.add_argument("--train-subset", type=int, default=0, help="class-balanced subset of N training images (0 = all)")
+    g.add_argument("--autoaugment", action="store_true", help="AutoAugment + Cutout on top of crop/flip (Table 1 row)")
+    g.add_argument("--workers", type=int, default=2, help="DataLoader workers (--autoaugment only)")
+    common.add_model_args(p)
+    common.add_optim_args(p)
+    g = p.add_argument_group("training attack")
+    g.add_argument("--epsilon", type=fraction, default=8 / 255, help="L∞ radius during training (Table 1 'larger ε': 9/255)")
+    g.add_argument("--attack-step", type=fraction, default=0.007, help="PGD step size (paper: 0.007)")
+    g.add_argument("--attack-steps", type=int, default=7, help="PGD iterations (paper: 7; 0 = standard training)")
+    g.add_argument("--attack-bn", default="eval", choices=("eval", "train"),
+                   help="BN mode during the attack (paper code: eval; Rice et al./AWP code: train)")
+    g = p.add_argument_group("TRADES")
+    g.add_argument("--beta", type=fraction, default=6.0,
+                   help="β: weight of the KL term (TRADES paper: 6; paper sweep 1, 3, 6, 9, Table 1 best: 9)")
+    g = p.add_argument_group("regularisers (Table 1 rows)")
+    g.add_argument("--label-smoothing", type=fraction, default=0.0, help="τ: target (1−τ)·onehot + τ/K (best 0.3)")
+    g.add_argument("--label-noise", type=fraction, default=0.0, help="p: labels resampled uniformly w.p. p per step (best 0.4)")
+    g.add_argument("--clip", type=fraction, default=0.0, help="w: clamp weights to [−w, w] after each step (best 0.005)")
+    g.add_argument("--ema", type=fraction, default=0.0, help="τ: EMA of the weights per step, saved as 'ema' (paper 0.9975)")
+    g = p.add_argument_group("logging, evaluation, checkpoints")
+    g.add_argument("--out", default=f"runs/{METHOD}", help="run folder")
+    g.add_argument("--resume", action="store_true", help="continue from <out>/ckpt_last.pt")
+    g.add_argument("--eval-every", type=int, default=1, help="log test clean/PGD-7 metrics every N epochs")
+    g.add_argument("--n-log", type=int, default=1280, help="test images for per-epoch logging (paper: first 10 batches)")
+    g.add_argument("--es-every", type=int, default=5, help="early-stopping check (and snapshot) every N epochs")
+    g.add_argument("--n-early-stop", type=int, default=500, help="last N test images for early stopping (paper: 500)")
+    g.add_argument("--es-restarts", type=int, default=5, help="PGD-7 restarts of the early-stopping check (paper: 5)")
+    g = p.add_argument_group("speed (GPU)")
+    g.add_argument("--amp", action="store_true", help="bf16 autocast for the training attack and forward (δ stays fp32; "
+                   "every logged/reported number is fp32)")
+    g.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (saved weights come from the plain module)")
+    args = p.parse_args(argv)
+    check(args.epsilon >= 0, f"--epsilon must be >= 0, got {args.epsilon}")
+    check(args.beta >= 0, f"--beta must be >= 0, got {args.beta}")
+    check(args.attack_steps >= 0 and args.attack_step > 0, "--attack-steps must be >= 0 and --attack-step > 0")
+    check(args.epochs >= 1 and args.batch_size >= 1, "--epochs and --batch-size must be >= 1")
+    check(args.lr > 0 and args.wd >= 0, "--lr must be > 0 and --wd >= 0")
+    check(0 <= args.label_smoothing < 1 and 0 <= args.label_noise <= 1, "--label-smoothing in [0, 1), --label-noise in [0, 1]")
+    check(args.clip >= 0 and 0 <= args.ema < 1, "--clip must be >= 0 and --ema in [0, 1)")
+    check(args.eval_every >= 1 and args.es_every >= 1, "--eval-every and --es-every must be >= 1")
+    args.method = METHOD
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# The method: PGD on the KL to the clean prediction, then CE(clean) + β·KL(clean ‖ adversarial)
+# ----------------------------------------------------------------------------------------------
+def kl_each(logits_adv, p_clean):
+    """Per-example KL(p(x) ‖ p(x')) = Σ_k p_k(x)·(log p_k(x) − log p_k(x')): the TRADES attack objective."""
+    return F.kl_div(F.log_softmax(logits_adv.float(), 1), p_clean, reduction="none").sum(1)
+
+
+def adversarial_batch(model, x, y, args):
+    """x + δ with δ from PGD-`attack_steps` maximising Σ_i KL(p(x_i) ‖ p(x_i + δ_i)), started at
+    x + 0.001·N(0, I) (TRADES code). The clean probabilities are computed once, without grad, in the
+    attack's BN mode (eval by default); the labels y are not used. Per example the iterate with the
+    highest KL is kept (common.pgd; the TRADES code keeps the last iterate)."""
+    if args.attack_steps == 0:
+        return x
+    with torch.no_grad(), common.bn_mode(model, args.attack_bn), \
+            torch.autocast(x.device.type, torch.bfloat16, enabled=args.amp):
+        p_clean = F.softmax(model(x).float(), 1)
+    delta, _ = common.pgd(model, x, p_clean, args.epsilon, args.attack_step, args.attack_steps, loss_fn=kl_each,
+                          start="normal", bn=args.attack_bn, autocast=args.amp)
+    return x + delta
+
+
+def trades_loss(logits_clean, logits_adv, y, beta, label_smoothing=0.0):
+    """CE(f(x), y) + β · (1/B) Σ_i KL(p(x_i) ‖ p(x'_i))  (TRADES Eq. 5, the reference `trades_loss`).
+    reduction='batchmean' is the sum over examples and classes divided by B; the default 'mean' would
+    also divide by the K classes (a silent β/K). The clean branch is not detached: the gradient flows
+    through p(x) and p(x'), as in the reference."""
+    logits_clean, logits_adv = logits_clean.float(), logits_adv.float()
+    natural = F.cross_entropy(logits_clean, y, label_smoothing=label_smoothing)
+    robust = F.kl_div(F.log_softmax(logits_adv, 1), F.softmax(logits_clean, 1), reduction="batchmean")
+    return natural + beta * robust
+
+
+def training_loss(logits_clean, logits, y, args):
+    """The TRADES loss on the clean and adversarial logits; label noise and smoothing change the
+    target of the CE term only (the KL term has no labels)."""
+    if args.label_noise > 0:
+        y = common.noisy_labels(y, args.label_noise)
+    return trades_loss(logits_clean, logits, y, args.beta, args.label_smoothing)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation during training: fp32, eval-mode BN, sharded over ranks with summed counts
+# ----------------------------------------------------------------------------------------------
+def test_metrics(model, x, y, args, restarts, prefix, rank, world):
+    """Clean and PGD-7 metrics; the robust loss is also split by clean correctness (Fig. 2)."""
+    x, y = x[rank::world], y[rank::world]
+    clean_loss, clean_ok = common.clean_metrics(model, x, y)
+    rloss, robust_ok = common.robust_metrics(model, x, y, 8 / 255, args.attack_step, 7, restarts)
+    sums = torch.stack([torch.tensor(float(len(y)), device=x.device), clean_loss.sum(), (~clean_ok).sum(),
+                        rloss.sum(), (~robust_ok).sum(), clean_ok.sum(), (rloss * clean_ok).sum()])
+    if world > 1:
+        dist.all_reduce(sums)
+    n, cl, ce, rl, re, n_ok, rl_ok = sums.tolist()
+    return {f"{prefix}clean_loss": cl / n, f"{prefix}clean_err": ce / n, f"{prefix}rloss": rl / n,
+            f"{prefix}rerr": re / n, f"{prefix}rloss_correct": rl_ok / max(n_ok, 1),
+            f"{prefix}rloss_incorrect": (rl - rl_ok) / max(n - n_ok, 1), f"{prefix}n": int(n)}
+
+
+def main():
+    args = parse_args()
+    rank, world, device = common.setup_distributed(args.device)
+    check(args.batch_size % world == 0, f"--batch-size {args.batch_size} must divide over {world} processes")
+    common.seed_everything(args.seed)
+    run = common.Run(args, rank, device)  # run folder, args.json, metrics.jsonl; checks --resume
+
+    # ---- data: training set on the device; fixed logging / early-stopping subsets (SPEC §2)
+    x_train, y_train = common.load_cifar10(args.data_dir, train=True)
+    if args.train_subset:
+        idx = common.balanced_subset(y_train, args.train_subset)
+        x_train, y_train = x_train[idx], y_train[idx]
+    check(len(y_train) >= args.batch_size, f"{len(y_train)} training images < --batch-size {args.batch_size}")
+    loader_cls = common.AutoAugmentLoader if args.autoaugment else common.DeviceLoader
+    loader = loader_cls(x_train, y_train, args.batch_size, device, args.seed, rank=rank, world=world)
+    x_log, y_log = common.eval_split(args.data_dir, "log", args.n_log, device)
+    x_es, y_es = common.eval_split(args.data_dir, "early-stop", args.n_early_stop, device)
+
+    # ---- model, optimiser, schedule (stepped per batch), EMA
+    net = common.build_model(vars(args)).to(device)
+    if args.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    if args.clip:
+        common.clip_weights(net, args.clip)
+    opt, sched = common.make_optimizer(net, args, len(loader))
+    ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
+    start_epoch, es_best = run.resume(net, opt, sched, ema, loader)
+    attack_model = torch.compile(net) if args.compile else net  # attacks run on the unwrapped module
+    model = DistributedDataParallel(net) if world > 1 else net  # only the training forward goes through DDP
+    if args.compile:
+        model = torch.compile(model)
+
+    for epoch in range(start_epoch + 1, args.epochs + 1):
+        t0 = time.time()
+        loader.epoch = epoch - 1  # AutoAugmentLoader seeds its workers by (seed, epoch)
+        net.train()
+        loss_sum = torch.zeros((), device=device)
+        err_sum = torch.zeros((), device=device)
+        n_seen = 0
+        for x, y in tqdm(loader, desc=f"epoch {epoch}", disable=None if rank == 0 else True, leave=False):
+            x_adv = adversarial_batch(attack_model, x, y, args)
+            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
+                logits_clean = model(x)  # train-mode BN sees the clean batch, then the adversarial one (TRADES code)
+                logits = model(x_adv)
+            loss = training_loss(logits_clean, logits, y, args)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if args.clip:
+                common.clip_weights(net, args.clip)
+            if ema is not None:
+                ema.update_parameters(net)
+            loss_sum += loss.detach() * len(y)
+            err_sum += (logits.detach().argmax(1) != y).sum()
+            n_seen += len(y)
+
+        # ---- end of epoch: metrics (fp32), early stopping, checkpoints
+        if world > 1:  # BN statistics differ across ranks after local updates: take rank 0's
+            for b in net.buffers():
+                dist.broadcast(b, 0)
+        totals = torch.stack([loss_sum, err_sum.float(), torch.tensor(float(n_seen), device=device)])
+        if world > 1:
+            dist.all_reduce(totals)
+        metrics = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "train_loss": (totals[0] / totals[2]).item(),
+                   "train_err": (totals[1] / totals[2]).item(), "train_time_s": time.time() - t0}
+        if epoch % args.eval_every == 0 or epoch == args.epochs:
+            metrics.update(test_metrics(net, x_log, y_log, args, 1, "test_", rank, world))
+        last = epoch == args.epochs
+        if last and ema is not None:  # re-estimate the averaged model's BN statistics (clean pass)
+            update_bn(loader, ema, device=device)
+            if world > 1:
+                for b in ema.buffers():
+                    dist.broadcast(b, 0)
+        snapshot = epoch % args.es_every == 0 or last
+        if snapshot:
+            es = test_metrics(net, x_es, y_es, args, args.es_restarts, "es_", rank, world)
+            metrics.update(es_rerr=es["es_rerr"], es_rloss=es["es_rloss"])
+            if es_best is None or es["es_rerr"] < es_best["es_rerr"]:
+                es_best = {"epoch": epoch, "es_rerr": es["es_rerr"]}
+        metrics["time_s"] = time.time() - t0
+        run.end_epoch(metrics, epoch, net, opt, sched, ema, loader, es_best,
+                      snapshot=snapshot, best=snapshot and es_best["epoch"] == epoch)
+    run.finish()
+
+
+if __name__ == "__main__":
+    common.run_cli(main)
