@@ -1,0 +1,619 @@
+"""Robust flatness of a checkpoint: the measures of Stutz, Hein & Schiele (ICCV 2021), §3.3 (SPEC §10).
+
+Weight perturbations ν live in the relative per-layer ball (Eq. 4), each conv/linear weight or bias
+tensor l being one "layer" (BatchNorm, the input normaliser and auxiliary heads are never perturbed):
+
+    B_ξ(w) = { ν : ‖ν_l‖₂ ≤ ξ‖w_l‖₂ for every layer l }
+
+    average-case (Eq. 3):  E_ν [ RLoss(w + ν) ] − RLoss(w),   ν_l = ξ‖w_l‖·g_l/‖g_l‖, g_l ~ N(0, I)
+    worst-case   (Eq. 5):  max_{ν ∈ B_ξ(w)} RLoss(w + ν) − RLoss(w)   (joint PGD on ν and δ)
+    RLoss(w) = (1/N) Σ_n max_{‖δ‖∞ ≤ ε} CE(f(x_n + δ; w), y_n)
+
+RLoss(w) is the reference: PGD-20 × 10 restarts on the unperturbed model (common.robust_metrics, the
+same estimator as evaluate.py). On every perturbed model the adversarial examples are recomputed.
+Also here: the clean variants (--loss clean), 1-D landscapes along random and adversarial weight
+directions (Fig. 4), the largest Hessian eigenvalue, and the BN-compensated rescaling check (§3.2).
+
+Choices where the paper's text and its released code differ (research/paper-code.md §2-4, §9): ν of
+the average case exactly on the sphere, one PGD restart per draw (code); the worst case shares one ν
+across the batches of a restart and evaluates the final iterates (code; --per-batch for the text's
+reading); the reference takes per example the max-CE restart (the notebook: the restart with the
+largest wrong-class probability); the Hessian is of the mean CE (the code summed batch means).
+
+Usage:   python flatness.py runs/at/ckpt_last.pt --mode both          # flatness_average.json, flatness_worst.json
+         python flatness.py --epochs runs/at --mode both               # every ckpt_epoch*.pt snapshot (Fig. 6)
+         python flatness.py runs/at/ckpt_last.pt --mode landscape      # Fig. 4 curves
+         python flatness.py runs/at/ckpt_last.pt --mode hessian --scale 2
+CPU:     python flatness.py runs/smoke/ckpt_last.pt --mode both --n-eval 100 --samples 3 --restarts 2 \\
+             --data-dir ../shared/data/cifar10-jpeg
+Writes `flatness_<mode>.json` beside the checkpoint (`flatness_<mode>_<name>.json` for ckpt_<name>.pt);
+settings other than the paper's defaults add to the name, in this order: `clean` (--loss clean),
+`train` (--subset train-eval), `xi<ξ>` (a non-default --xi), `scale<α>`, `ema`, then --tag.
+
+Paper values (Table 1, SPEC §12): AT baseline average-case 1.21 (ξ = 0.5), worst-case 6.48 (ξ = 0.00075);
+Hessian λ_max 1990 (505 at ×2, 7936 at ×0.5; their code sums 4 batch means, see --hessian-reduction).
+Cost (measured): CPU, 1 thread, width-16 ResNet-18, 100 test images, the CPU line above: 64 s
+(reference PGD-20 × 10: 47 s, 3 average-case draws: 7 s, 2 worst-case restarts: 7 s). GPU: not yet
+measured (estimate, research/style-and-speed.md B.4: 5-20 s per checkpoint for both measures on an H100).
+"""
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+from tqdm import tqdm, trange
+
+import common
+from common import check, fraction
+
+MODES = ("average", "worst", "both", "landscape", "hessian")
+DEFAULT_XI = {"average": 0.5, "worst": 0.00075}      # the paper's ξ (Table 1)
+NU_SEED_OFFSET = 1_000_003  # ν draws use their own generator, seeded apart from the PGD starts
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common.add_model_source_args(p)
+    common.add_runtime_args(p)
+    p.add_argument("--epochs", metavar="RUN_DIR", default=None,
+                   help="measure every ckpt_epoch*.pt snapshot of this run folder (Fig. 6), skipping those "
+                        "whose result file exists")
+    p.add_argument("--mode", default="both", choices=MODES,
+                   help="average (Eq. 3) | worst (Eq. 5) | both | landscape (Fig. 4) | hessian (λ_max)")
+    g = p.add_argument_group("flatness (average and worst case)")
+    g.add_argument("--xi", type=fraction, default=None,
+                   help="relative per-layer radius ξ (paper: 0.5 average-case, 0.00075 worst-case); "
+                        "only with --mode average or worst")
+    g.add_argument("--loss", default="robust", choices=("robust", "clean"),
+                   help="robust: RLoss (PGD on every perturbed model); clean: clean CE (supplementary)")
+    g.add_argument("--subset", default="eval", choices=("eval", "train-eval"),
+                   help="eval = test images 0…N-1; train-eval = train images 0…N-1 (Fig. 9)")
+    g.add_argument("--n-eval", type=int, default=1000, help="images of the subset (paper: 1000)")
+    g.add_argument("--samples", type=int, default=None, help="average-case draws of ν (paper: 10; clean: 50)")
+    g.add_argument("--restarts-perturbed", type=int, default=1,
+                   help="PGD restarts on each perturbed model (paper's code: 1, vs 10 for the reference)")
+    g.add_argument("--restarts", type=int, default=10, help="worst-case restarts, the max is taken (paper: 10)")
+    g.add_argument("--passes", type=int, default=20, help="worst-case passes over the subset (paper: 20)")
+    g.add_argument("--weight-step", type=fraction, default=0.01,
+                   help="worst-case step on ν_l, relative to ‖w_l‖ (paper's code: 0.01)")
+    g.add_argument("--per-batch", action="store_true",
+                   help="worst-case: one ν per mini-batch (the paper's text) instead of one ν shared by all "
+                        "batches of a restart (the released code, default)")
+    g.add_argument("--joint-batch-size", type=int, default=128,
+                   help="worst-case mini-batch; ν is updated after each one, so this changes the measure (paper: 128)")
+    g = p.add_argument_group("PGD (reference RLoss and perturbed models)")
+    g.add_argument("--epsilon", type=fraction, default=8 / 255, help="L∞ radius (paper: 8/255; its code 0.0314)")
+    g.add_argument("--attack-step", type=fraction, default=0.007, help="PGD step size (paper: 0.007)")
+    g.add_argument("--steps", type=int, default=20, help="PGD iterations (paper: 20)")
+    g.add_argument("--ref-restarts", type=int, default=10, help="PGD restarts of the reference RLoss (paper: 10)")
+    g.add_argument("--batch-size", type=int, default=128,
+                   help="images per PGD batch (paper: 128); only speed and the order of random draws depend on it")
+    g = p.add_argument_group("1-D landscape (Fig. 4)")
+    g.add_argument("--directions", type=int, default=10, help="random and adversarial directions each (paper: 10)")
+    g.add_argument("--points", type=int, default=51, help="steps s in [-1, 1] (paper: 51)")
+    g.add_argument("--n-landscape", type=int, default=100, help="the last N test images (paper: 100)")
+    g.add_argument("--landscape-steps", type=int, default=10, help="PGD iterations at every s (paper: 10)")
+    g.add_argument("--direction-norm", default="l2", choices=("l2", "max-abs"),
+                   help="l2: d_l scaled to ‖w_l‖ (Eq. 2); max-abs: max|d_l| scaled to c·max|w_l| "
+                        "(the released code, c = 0.5 random, 0.01 adversarial)")
+    g.add_argument("--random-scale", type=fraction, default=None,
+                   help="c of the random directions (default: 1 for l2, 0.5 for max-abs)")
+    g.add_argument("--adversarial-scale", type=fraction, default=None,
+                   help="c of the adversarial directions (default 0.01 for both norms, the released code's size: "
+                        "at c = 1 an adversarial direction as large as w makes the RLoss explode for s > 0.02)")
+    g.add_argument("--adversarial-xi", type=fraction, default=0.005,
+                   help="ξ of the weights-only ascent that finds adversarial directions (paper's code: 0.005)")
+    g.add_argument("--adversarial-passes", type=int, default=7, help="passes of that ascent (paper's code: 7)")
+    g = p.add_argument_group("Hessian")
+    g.add_argument("--n-hessian", type=int, default=500, help="the last N test images (paper: 500)")
+    g.add_argument("--hessian-iters", type=int, default=100, help="maximum power iterations")
+    g.add_argument("--hessian-tol", type=fraction, default=1e-3,
+                   help="stop when the eigenvalue estimate changes by less than this fraction")
+    g.add_argument("--hessian-reduction", default="mean", choices=("mean", "batch-sum"),
+                   help="mean: Hessian of the mean CE over the N images; batch-sum: sum over --batch-size "
+                        "batches of the batch-mean CE (the released code; ≈ N/batch × larger)")
+    g = p.add_argument_group("scale invariance (§3.2)")
+    g.add_argument("--scale", type=fraction, default=1.0,
+                   help="α: multiply every conv feeding a BN by α, its running mean by α and variance by α² "
+                        "(paper: 0.5 and 2); the logits do not change, the measures should not either")
+    g.add_argument("--scale-bn-eps", action="store_true",
+                   help="also multiply each rescaled BN's eps by α², which makes the rescaling exact (the paper "
+                        "leaves eps, so the logits change slightly where running variances are small)")
+    g.add_argument("--scale-tol", type=fraction, default=1e-3,
+                   help="largest allowed logit change of the rescaled model, relative to max |logit|")
+    g = p.add_argument_group("output")
+    g.add_argument("--tag", default=None, help="appended to the result file name")
+    args = p.parse_args(argv)
+
+    check(args.checkpoint or args.robustbench or args.epochs,
+          "give a checkpoint, --epochs RUN_DIR or --robustbench NAME")
+    check(not (args.epochs and (args.checkpoint or args.robustbench)),
+          "give either a checkpoint / --robustbench or --epochs RUN_DIR, not both")
+    check(args.xi is None or args.mode in ("average", "worst"),
+          "--xi needs --mode average or --mode worst (their paper values differ: 0.5 and 0.00075)")
+    check(args.xi is None or args.xi >= 0, f"--xi must be >= 0, got {args.xi}")
+    check(0 < args.epsilon <= 1, f"--epsilon must be in (0, 1] (pixel units, e.g. 8/255), got {args.epsilon}")
+    check(args.attack_step > 0 and args.weight_step >= 0, "--attack-step must be > 0 and --weight-step >= 0")
+    check(min(args.steps, args.landscape_steps) >= 0, "--steps and --landscape-steps must be >= 0")
+    check(min(args.ref_restarts, args.restarts_perturbed, args.restarts, args.passes, args.directions,
+              args.adversarial_passes, args.hessian_iters) >= 1,
+          "--ref-restarts, --restarts-perturbed, --restarts, --passes, --directions, --adversarial-passes and "
+          "--hessian-iters must be >= 1")
+    check(args.samples is None or args.samples >= 1, "--samples must be >= 1")
+    check(min(args.n_eval, args.n_landscape, args.n_hessian, args.batch_size, args.joint_batch_size) >= 1,
+          "--n-eval, --n-landscape, --n-hessian, --batch-size and --joint-batch-size must be >= 1")
+    check(args.points >= 2, "--points must be >= 2")
+    check(args.scale > 0, f"--scale must be > 0, got {args.scale}")
+    check(args.adversarial_xi >= 0 and args.hessian_tol >= 0, "--adversarial-xi and --hessian-tol must be >= 0")
+    if args.samples is None:
+        args.samples = 50 if args.loss == "clean" else 10  # the paper's code: at50 for clean, at10 for robust
+    default_c = {"l2": (1.0, 0.01), "max-abs": (0.5, 0.01)}[args.direction_norm]
+    args.random_scale = default_c[0] if args.random_scale is None else args.random_scale
+    args.adversarial_scale = default_c[1] if args.adversarial_scale is None else args.adversarial_scale
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# The model at w + ν, computed functionally: the loaded weights are never written to
+# ----------------------------------------------------------------------------------------------
+class Perturbed(nn.Module):
+    """f(·; w + ν) as a module (so common.pgd can attack it): a functional_call with the perturbed
+    conv/linear tensors; every other parameter and buffer (BN, normaliser) is the model's own."""
+
+    def __init__(self, model, params):
+        super().__init__()
+        self.model = model
+        self.params = params  # a plain dict of tensors: not registered, not saved
+
+    def forward(self, x):
+        return functional_call(self.model, self.params, (x,))
+
+
+def plus(weights, nu, s=1.0):
+    """{name: w_l + s·ν_l} (new tensors; w is detached, so no graph reaches the model)."""
+    return {k: weights[k] + s * nu[k] for k in weights}
+
+
+def frozen_weights(model):
+    """The perturbable tensors (SPEC §1.6), detached: the centre w of every perturbation."""
+    return {k: p.detach() for k, p in common.perturbable_params(model).items()}
+
+
+def nu_generator(seed, device):
+    g = torch.Generator(device=device)
+    g.manual_seed(seed + NU_SEED_OFFSET)
+    return g
+
+
+def loss_of(model, x, y, loss, eps, alpha, steps, restarts, batch_size):
+    """Per-example loss and correctness: RLoss by PGD (max over iterates and restarts) or clean CE."""
+    if loss == "clean":
+        return common.clean_metrics(model, x, y, batch_size)
+    return common.robust_metrics(model, x, y, eps, alpha, steps, restarts, batch_size)
+
+
+def reference(model, x, y, loss="robust", eps=8 / 255, alpha=0.007, steps=20, restarts=10, batch_size=128,
+              seed=0):
+    """RLoss(w) (PGD-20 × 10 restarts, per example the max-CE iterate) or the clean CE of the
+    unperturbed model: (mean loss, error) as floats."""
+    common.seed_everything(seed)
+    ce, ok = loss_of(model, x, y, loss, eps, alpha, steps, restarts, batch_size)
+    return ce.mean().item(), 1 - ok.float().mean().item()
+
+
+# ----------------------------------------------------------------------------------------------
+# Average-case flatness (Eq. 3)
+# ----------------------------------------------------------------------------------------------
+def average_case(model, x, y, xi=0.5, samples=10, loss="robust", eps=8 / 255, alpha=0.007, steps=20,
+                 restarts=1, batch_size=128, seed=0, progress=False, on_sample=None):
+    """Per draw ν (exactly on the per-layer sphere ‖ν_l‖ = ξ‖w_l‖, as the released code), the
+    loss of f(·; w + ν) with adversarial examples recomputed on the perturbed model (PGD-`steps`,
+    `restarts` restarts). Returns (losses, errors): one mean over the subset per draw, as tensors.
+    `on_sample(ν)` sees every draw (tests)."""
+    common.seed_everything(seed)  # the PGD starts
+    generator = nu_generator(seed, x.device)
+    weights = frozen_weights(model)
+    losses, errors = [], []
+    for _ in trange(samples, desc=f"average-case ξ={xi:g}", disable=not progress, leave=False):
+        nu = common.relative_random(weights, xi, generator)          # Eq. 3: ν on the sphere
+        if on_sample is not None:
+            on_sample(nu)
+        ce, ok = loss_of(Perturbed(model, plus(weights, nu)), x, y, loss, eps, alpha, steps, restarts, batch_size)
+        losses.append(ce.mean())
+        errors.append(1 - ok.float().mean())
+    return torch.stack(losses), torch.stack(errors)
+
+
+# ----------------------------------------------------------------------------------------------
+# Worst-case flatness (Eq. 5): joint PGD on the weights and the inputs
+# ----------------------------------------------------------------------------------------------
+def joint_ascent(model, x, y, xi, passes=20, weight_step=0.01, batch_size=128, eps=8 / 255, alpha=0.007,
+                 attack_inputs=True, per_batch=False, generator=None, progress=False):
+    """One restart of the joint maximisation of Σ CE(f(x + δ; w + ν), y) over ν ∈ B_ξ(w) and δ:
+    ν starts uniform inside the per-layer ball, δ uniform in the ε-ball; `passes` passes over the
+    data in mini-batches, each batch one backward for ∂/∂ν and ∂/∂δ, then
+        ν_l ← Π_ξ(ν_l + weight_step·‖w_l‖·g_l/‖g_l‖),   δ ← Π_ε,[0,1](δ + α·sign(g_δ)).
+    One ν is shared by all batches and updated after each (the released code), or, `per_batch`,
+    every batch has its own. With `attack_inputs=False` only ν moves (clean CE, or CE on fixed
+    adversarial inputs for the landscape's directions). The final iterates are returned
+    (no best tracking): (list of ν per batch group, δ, per-example CE, per-example correctness)."""
+    weights = frozen_weights(model)
+    norms = common.layer_norms(weights)
+    batches = [slice(i, i + batch_size) for i in range(0, len(y), batch_size)]
+    nus = [common.relative_random(weights, xi, generator, on_sphere=False)
+           for _ in (batches if per_batch else batches[:1])]
+    if attack_inputs:
+        delta = torch.empty_like(x).uniform_(-eps, eps)
+        delta = (x + delta).clamp_(0, 1) - x
+    else:
+        delta = torch.zeros_like(x)
+    with common.bn_mode(model, "eval"):
+        for _ in trange(passes, desc=f"joint ascent ξ={xi:g}", disable=not progress, leave=False):
+            for b, sl in enumerate(batches):
+                j = b if per_batch else 0
+                nu = {k: v.detach().requires_grad_(True) for k, v in nus[j].items()}
+                d = delta[sl].clone().requires_grad_(attack_inputs)
+                logits = functional_call(model, plus(weights, nu), (x[sl] + d,))
+                ce = F.cross_entropy(logits.float(), y[sl], reduction="sum")  # sums: steps are scale-free
+                grads = torch.autograd.grad(ce, list(nu.values()) + ([d] if attack_inputs else []))
+                with torch.no_grad():
+                    # per layer, the gradient normalised to ‖w_l‖ (the released code's relative step),
+                    # then back into the relative ball (Eq. 4)
+                    stepped = {k: nu[k] + weight_step * norms[k] * g / g.norm().clamp_min(1e-12)
+                               for k, g in zip(nu, grads)}
+                    nus[j] = common.project_relative(stepped, weights, xi)
+                    if attack_inputs:
+                        step = (d + alpha * grads[-1].sign()).clamp_(-eps, eps)
+                        delta[sl] = (x[sl] + step).clamp_(0, 1) - x[sl]
+        # RLoss of the restart: CE at the final ν and the final δ of every example
+        with torch.no_grad():
+            ce, ok = [], []
+            for b, sl in enumerate(batches):
+                logits = functional_call(model, plus(weights, nus[b if per_batch else 0]), (x[sl] + delta[sl],))
+                ce.append(F.cross_entropy(logits.float(), y[sl], reduction="none"))
+                ok.append(logits.argmax(1) == y[sl])
+    return nus, delta, torch.cat(ce), torch.cat(ok)
+
+
+def worst_case(model, x, y, xi=0.00075, restarts=10, loss="robust", passes=20, weight_step=0.01, batch_size=128,
+               eps=8 / 255, alpha=0.007, per_batch=False, seed=0, progress=False, on_restart=None):
+    """Per restart the loss at the final iterates of joint_ascent (ν and δ for RLoss; ν only for
+    clean CE). Returns (losses, errors) per restart as tensors; the measure takes the max.
+    `on_restart(nus, delta)` sees every restart's final iterates (tests)."""
+    common.seed_everything(seed)  # the δ starts
+    generator = nu_generator(seed, x.device)
+    losses, errors = [], []
+    for _ in trange(restarts, desc=f"worst-case ξ={xi:g}", disable=not progress, leave=False):
+        nus, delta, ce, ok = joint_ascent(model, x, y, xi, passes, weight_step, batch_size, eps, alpha,
+                                          attack_inputs=(loss == "robust"), per_batch=per_batch,
+                                          generator=generator)
+        if on_restart is not None:
+            on_restart(nus, delta)
+        losses.append(ce.mean())
+        errors.append(1 - ok.float().mean())
+    return torch.stack(losses), torch.stack(errors)
+
+
+# ----------------------------------------------------------------------------------------------
+# 1-D landscapes along random and adversarial weight directions (Fig. 4, Eq. 2)
+# ----------------------------------------------------------------------------------------------
+def normalise_direction(d, weights, norm, c):
+    """Per layer: l2 scales d_l to c·‖w_l‖ (Eq. 2); max-abs scales max|d_l| to c·max|w_l| (the
+    released code's `weight_direction`)."""
+    if norm == "l2":
+        return {k: v * (c * weights[k].norm() / v.norm().clamp_min(1e-12)) for k, v in d.items()}
+    return {k: v * (c * weights[k].abs().max() / v.abs().max().clamp_min(1e-12)) for k, v in d.items()}
+
+
+def landscape_directions(model, x, y, kind, count, args, generator):
+    """`count` raw directions, normalised: random (Gaussian per layer) or adversarial (weights-only
+    ascent on the CE of fixed PGD-`landscape_steps` examples, ξ = adversarial_xi, from a random start
+    inside the ball; the final ν is the direction)."""
+    weights = frozen_weights(model)
+    if kind == "random":
+        raw = [common.relative_random(weights, 1.0, generator) for _ in range(count)]
+        c = args.random_scale
+    else:
+        delta, _ = common.pgd(model, x, y, args.epsilon, args.attack_step, args.landscape_steps)
+        raw = [joint_ascent(model, x + delta, y, args.adversarial_xi, args.adversarial_passes, args.weight_step,
+                            args.batch_size, attack_inputs=False, generator=generator)[0][0] for _ in range(count)]
+        c = args.adversarial_scale
+    return [normalise_direction(d, weights, args.direction_norm, c) for d in raw]
+
+
+def landscape(model, x, y, args, progress=False):
+    """Robust and clean loss (and error) of f(·; w + s·d) for s in linspace(-1, 1, points), PGD
+    recomputed on every perturbed model: {kind: {"robust": [[...]], ...}} per direction."""
+    common.seed_everything(args.seed)
+    generator = nu_generator(args.seed, x.device)
+    weights = frozen_weights(model)
+    s_values = [-1 + 2 * i / (args.points - 1) for i in range(args.points)]  # 51 points: steps of 0.04
+    out = {}
+    for kind in ("random", "adversarial"):
+        curves = {"robust": [], "robust_err": [], "clean": [], "clean_err": []}
+        for d in tqdm(landscape_directions(model, x, y, kind, args.directions, args, generator),
+                      desc=f"{kind} directions", disable=not progress, leave=False):
+            points = []
+            for s in s_values:
+                perturbed = Perturbed(model, plus(weights, d, s))
+                rce, rok = common.robust_metrics(perturbed, x, y, args.epsilon, args.attack_step,
+                                                 args.landscape_steps, 1, args.batch_size)
+                cce, cok = common.clean_metrics(perturbed, x, y, args.batch_size)
+                points.append(torch.stack([rce.mean(), 1 - rok.float().mean(), cce.mean(), 1 - cok.float().mean()]))
+            for key, column in zip(curves, torch.stack(points).T.tolist()):  # one curve over s per key
+                curves[key].append(column)
+        out[kind] = curves
+    return s_values, out
+
+
+# ----------------------------------------------------------------------------------------------
+# Largest Hessian eigenvalue (power iteration on Hessian-vector products)
+# ----------------------------------------------------------------------------------------------
+def hessian_vector_product(model, weights, x, y, v, batch_size=128, reduction="mean"):
+    """H·v of the clean CE w.r.t. `weights` by double backward, accumulated over batches.
+    reduction 'mean': the Hessian of the mean CE over all examples; 'batch-sum': of the sum of the
+    batch-mean CEs (the released code)."""
+    hv = {k: torch.zeros_like(w) for k, w in weights.items()}
+    with common.bn_mode(model, "eval"):
+        for i in range(0, len(y), batch_size):
+            xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+            w = {k: t.detach().requires_grad_(True) for k, t in weights.items()}
+            ce = F.cross_entropy(functional_call(model, w, (xb,)).float(), yb, reduction="sum")
+            ce = ce / (len(y) if reduction == "mean" else len(yb))
+            grads = torch.autograd.grad(ce, list(w.values()), create_graph=True)
+            dot = sum((g * v[k]).sum() for k, g in zip(w, grads))
+            for k, h in zip(w, torch.autograd.grad(dot, list(w.values()))):
+                hv[k] += h
+    return hv
+
+
+def hessian_top_eigenvalue(model, x, y, iters=100, tol=1e-3, batch_size=128, reduction="mean", seed=0,
+                           progress=False):
+    """Power iteration v ← Hv/‖Hv‖ w.r.t. the conv/linear weights (dim > 1, as the released code),
+    λ = vᵀHv. It converges to the eigenvalue of largest magnitude, which is the largest one near
+    a minimum (there |λ_min|/λ_max ≈ 0.08, per the released notebook). Returns
+    (λ, iterations, converged, history)."""
+    weights = {k: p.detach() for k, p in common.perturbable_params(model, weights_only=True).items()}
+    g = torch.Generator(device=x.device)
+    g.manual_seed(seed)
+    v = {k: torch.randn(w.shape, device=w.device, generator=g) for k, w in weights.items()}
+    history, converged = [], False
+    for it in trange(1, iters + 1, desc="power iteration", disable=not progress, leave=False):
+        norm = torch.sqrt(sum((t ** 2).sum() for t in v.values()))
+        v = {k: t / norm for k, t in v.items()}
+        hv = hessian_vector_product(model, weights, x, y, v, batch_size, reduction)
+        history.append(sum((hv[k] * v[k]).sum() for k in v).item())   # Rayleigh quotient vᵀHv
+        v = hv
+        if it > 1 and abs(history[-1] - history[-2]) <= tol * abs(history[-1]):
+            converged = True
+            break
+    return history[-1], len(history), converged, history
+
+
+# ----------------------------------------------------------------------------------------------
+# Scale invariance (§3.2): a BN-compensated rescaling that keeps the function
+# ----------------------------------------------------------------------------------------------
+def conv_bn_pairs(model):
+    """(conv name, BN name) for every BatchNorm whose input is exactly one conv's output (found
+    by tracing the forward with torch.fx, so the pairing follows the data flow, not names)."""
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception as e:
+        raise common.UsageError(f"--scale needs a model torch.fx can trace ({type(e).__name__}: {str(e)[:200]})")
+    modules = dict(model.named_modules())
+    pairs = []
+    for node in graph.nodes:
+        if node.op == "call_module" and isinstance(modules[node.target], nn.modules.batchnorm._BatchNorm):
+            src = node.args[0]
+            if (isinstance(src, torch.fx.Node) and src.op == "call_module"
+                    and isinstance(modules[src.target], nn.Conv2d) and len(src.users) == 1):
+                pairs.append((src.target, node.target))
+    return pairs
+
+
+def rescale(model, alpha, bn_eps=False):
+    """A copy of the model with every conv kernel (and bias) that feeds a BN multiplied by α, and
+    that BN's running_mean by α and running_var by α². In eval mode BN(α·z) = γ(α·z − α·μ)/√(α²σ² + eps) + β
+    equals BN(z) up to the BN eps: exactly if `bn_eps` also multiplies eps by α² (then, for α a
+    power of two, bit for bit). The linear head is left alone, so the logits do not change (the
+    released code also scaled the head, multiplying the logits by α)."""
+    scaled = copy.deepcopy(model)
+    pairs = conv_bn_pairs(scaled)
+    check(pairs, "--scale found no conv feeding a BatchNorm in this model")
+    with torch.no_grad():
+        for conv_name, bn_name in pairs:
+            conv, bn = scaled.get_submodule(conv_name), scaled.get_submodule(bn_name)
+            check(bn.running_mean is not None, f"--scale needs BN running statistics ({bn_name} has none)")
+            conv.weight.mul_(alpha)
+            if conv.bias is not None:
+                conv.bias.mul_(alpha)
+            bn.running_mean.mul_(alpha)
+            bn.running_var.mul_(alpha ** 2)
+            if bn_eps:
+                bn.eps = bn.eps * alpha ** 2
+    return scaled.eval(), pairs
+
+
+@torch.no_grad()
+def logit_change(model, scaled, x, batch_size=500):
+    """(max |Δlogit|, max |logit|) between the model and its rescaled copy (eval mode)."""
+    diff, top = 0.0, 0.0
+    with common.bn_mode(model, "eval"), common.bn_mode(scaled, "eval"):
+        for i in range(0, len(x), batch_size):
+            a, b = model(x[i:i + batch_size]), scaled(x[i:i + batch_size])
+            diff, top = max(diff, (a - b).abs().max().item()), max(top, a.abs().max().item())
+    return diff, top
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver: one checkpoint, all requested modes
+# ----------------------------------------------------------------------------------------------
+def selected_modes(args):
+    return ["average", "worst"] if args.mode == "both" else [args.mode]
+
+
+def file_tag(args, mode):
+    """The parts of the result file name after the checkpoint name (see the header)."""
+    parts = []
+    if mode in ("average", "worst"):
+        parts += ["clean"] if args.loss == "clean" else []
+        parts += ["train"] if args.subset == "train-eval" else []
+        parts += [f"xi{args.xi:g}"] if args.xi is not None and args.xi != DEFAULT_XI[mode] else []
+    parts += [f"scale{args.scale:g}"] if args.scale != 1 else []
+    parts += ["ema"] if args.use_ema else []
+    parts += [args.tag] if args.tag else []
+    return "_".join(parts) or None
+
+
+def output_path(args, checkpoint, mode):
+    tag = file_tag(args, mode)
+    if checkpoint is None:  # RobustBench: into --model-dir
+        return Path(args.model_dir) / ("_".join([f"flatness_{mode}", args.robustbench] + ([tag] if tag else [])) + ".json")
+    return common.result_path(checkpoint, f"flatness_{mode}", tag)
+
+
+class Data:
+    """The fixed subsets (SPEC §2), loaded once and shared by every checkpoint of --epochs."""
+
+    def __init__(self, args, device):
+        self.args, self.device, self.cache = args, device, {}
+
+    def get(self, name, n):
+        if (name, n) not in self.cache:
+            self.cache[(name, n)] = common.eval_split(self.args.data_dir, name, n, self.device)
+        return self.cache[(name, n)]
+
+    def for_mode(self, mode):
+        """(x, y) a mode measures on: the --subset for the flatness measures, the last test images
+        for the landscape and the Hessian."""
+        if mode == "landscape":
+            return self.get("early-stop", self.args.n_landscape)
+        if mode == "hessian":
+            return self.get("early-stop", self.args.n_hessian)
+        return self.get(self.args.subset, self.args.n_eval)
+
+
+def measure_checkpoint(model, info, checkpoint, modes, args, data, device, progress):
+    """Run every mode in `modes` on one model and write one JSON per mode."""
+    model = model.float().eval()  # every reported number is fp32 (SPEC §1.5)
+    base = {"checkpoint": str(checkpoint) if checkpoint else f"robustbench:{args.robustbench}",
+            "epoch": info["epoch"], "use_ema": args.use_ema, "source": info["source"], "model_args": info["args"],
+            "seed": args.seed, "scale": args.scale, "data_dir": str(args.data_dir), "batch_size": args.batch_size,
+            "versions": common.versions(device)}
+    if args.scale != 1:
+        x_check, _ = data.for_mode(modes[0])
+        scaled, pairs = rescale(model, args.scale, args.scale_bn_eps)
+        diff, top = logit_change(model, scaled, x_check)
+        check(diff <= args.scale_tol * max(top, 1.0),
+              f"--scale {args.scale:g} changed the logits by {diff:.3g} (max |logit| {top:.3g}), more than "
+              f"--scale-tol {args.scale_tol:g}; the BN eps makes the rescaling approximate for tiny running variances")
+        print(f"scale α={args.scale:g}: {len(pairs)} conv→BN pairs rescaled, max |Δlogit| = {diff:.2e} "
+              f"(max |logit| {top:.2f}, {len(x_check)} images)")
+        base.update(scale_pairs=len(pairs), scale_bn_eps=args.scale_bn_eps, scale_logit_max_diff=diff,
+                    scale_logit_max=top, scale_check_n=len(x_check))
+        model = scaled
+
+    ref = {}  # the reference is shared by --mode both
+    for mode in modes:
+        t0 = time.time()
+        if mode in ("average", "worst"):
+            x, y = data.for_mode(mode)
+            if not ref:
+                ref["value"], ref["err"] = reference(model, x, y, args.loss, args.epsilon, args.attack_step, args.steps,
+                                                     args.ref_restarts, args.batch_size, args.seed)
+                ref["time_s"] = time.time() - t0
+                t0 = time.time()
+            xi = args.xi if args.xi is not None else DEFAULT_XI[mode]
+            robust = args.loss == "robust"
+            if mode == "average":
+                losses, errors = average_case(model, x, y, xi, args.samples, args.loss, args.epsilon, args.attack_step,
+                                              args.steps, args.restarts_perturbed, args.batch_size, args.seed, progress)
+                value = losses.mean().item() - ref["value"]
+                extra = {"samples": args.samples, "restarts_perturbed": args.restarts_perturbed,
+                         "value_std": losses.std().item() if len(losses) > 1 else 0.0, "steps": args.steps if robust else 0}
+            else:
+                losses, errors = worst_case(model, x, y, xi, args.restarts, args.loss, args.passes, args.weight_step,
+                                            args.joint_batch_size, args.epsilon, args.attack_step, args.per_batch,
+                                            args.seed, progress)
+                value = losses.max().item() - ref["value"]
+                extra = {"restarts": args.restarts, "passes": args.passes, "weight_step": args.weight_step,
+                         "joint_batch_size": args.joint_batch_size, "steps": args.passes if robust else 0}
+            result = {"mode": mode, "loss": args.loss, "subset": args.subset, "n": len(y), "xi": xi,
+                      "reference": ref["value"], "reference_err": ref["err"],
+                      "reference_steps": args.steps if robust else 0,
+                      "reference_restarts": args.ref_restarts if robust else 0, "reference_time_s": ref["time_s"],
+                      "values": losses.tolist(), "errs": errors.tolist(), "value": value,
+                      "eps": args.epsilon, "alpha": args.attack_step, "per_batch": args.per_batch and mode == "worst",
+                      **extra}
+            print(f"{mode}-case {args.loss} flatness (ξ={xi:g}, n={len(y)}): reference {ref['value']:.4f}, "
+                  f"perturbed {'mean' if mode == 'average' else 'max'} "
+                  f"{losses.mean().item() if mode == 'average' else losses.max().item():.4f} → {value:.4f}")
+        elif mode == "landscape":
+            x, y = data.for_mode(mode)
+            s_values, curves = landscape(model, x, y, args, progress)
+            result = {"mode": "landscape", "subset": "early-stop", "n": len(y), "s": s_values, **curves,
+                      "directions": args.directions, "direction_norm": args.direction_norm,
+                      "random_scale": args.random_scale, "adversarial_scale": args.adversarial_scale,
+                      "adversarial_xi": args.adversarial_xi, "adversarial_passes": args.adversarial_passes,
+                      "weight_step": args.weight_step, "eps": args.epsilon, "alpha": args.attack_step,
+                      "steps": args.landscape_steps, "restarts": 1}
+            mean = {k: [sum(col) / len(col) for col in zip(*curves[k]["robust"])] for k in curves}
+            mid = args.points // 2
+            print(f"landscape (n={len(y)}): mean RLoss at s = -1 / {s_values[mid]:g} / +1: random "
+                  f"{mean['random'][0]:.3f} / {mean['random'][mid]:.3f} / {mean['random'][-1]:.3f}, adversarial "
+                  f"{mean['adversarial'][0]:.3f} / {mean['adversarial'][mid]:.3f} / {mean['adversarial'][-1]:.3f}")
+        else:  # hessian
+            x, y = data.for_mode(mode)
+            eig, iters, converged, history = hessian_top_eigenvalue(
+                model, x, y, args.hessian_iters, args.hessian_tol, args.batch_size, args.hessian_reduction,
+                args.seed, progress)
+            result = {"mode": "hessian", "eigenvalue": eig, "iterations": iters, "converged": converged,
+                      "history": history, "tol": args.hessian_tol, "max_iters": args.hessian_iters,
+                      "reduction": args.hessian_reduction, "subset": "early-stop", "n": len(y),
+                      "loss": "clean", "params": "conv/linear weights (dim > 1)"}
+            print(f"Hessian λ_max = {eig:.4g} after {iters} power iterations"
+                  f"{'' if converged else ' (not converged: raise --hessian-iters)'} (n={len(y)})")
+        result.update(base, time_s=time.time() - t0)
+        path = output_path(args, checkpoint, mode)
+        common.write_json(path, result)
+        print(f"wrote {path}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = common.resolve_device(args.device)
+    progress = sys.stderr.isatty()
+    data = Data(args, device)
+    modes = selected_modes(args)
+
+    if args.epochs is None:
+        model, info = common.load_model(args, device)
+        checkpoint = None if args.robustbench else Path(args.checkpoint)
+        out = output_path(args, checkpoint, modes[0])
+        check(out.parent.is_dir(), f"output folder {out.parent} does not exist")
+        measure_checkpoint(model, info, checkpoint, modes, args, data, device, progress)
+        return
+
+    # ---- --epochs: every snapshot of a run, resumable (Fig. 6)
+    run_dir = Path(args.epochs)
+    check(run_dir.is_dir(), f"--epochs {run_dir} is not a folder")
+    snapshots = sorted(run_dir.glob("ckpt_epoch*.pt"))
+    check(snapshots, f"no ckpt_epoch*.pt snapshots in {run_dir} (train_*.py writes one every --es-every epochs)")
+    for checkpoint in tqdm(snapshots, desc="snapshots", disable=not progress):
+        todo = [m for m in modes if not output_path(args, checkpoint, m).exists()]
+        if not todo:
+            print(f"skip {checkpoint.name}: {', '.join(output_path(args, checkpoint, m).name for m in modes)} exist")
+            continue
+        args.checkpoint = str(checkpoint)
+        model, info = common.load_model(args, device)
+        print(f"{checkpoint} (epoch {info['epoch']})")
+        measure_checkpoint(model, info, checkpoint, todo, args, data, device, progress)
+
+
+if __name__ == "__main__":
+    common.run_cli(main)

@@ -1,0 +1,428 @@
+"""flatness.py (SPEC §10; Eq. 3-5): where ν lives (‖ν_l‖ = ξ‖w_l‖ on the sphere, ≤ ξ‖w_l‖ after the
+joint attack, only conv/linear tensors), that every measure leaves the model bit-identical, the
+limits ξ = 0 and ξ growing, agreement with a plain independent implementation of Eq. 3, the
+BN-compensated rescaling (logits, flatness, Hessian ∝ 1/α²), the power iteration against an exact
+Hessian, and the command line (both modes, --epochs resume, landscape, hessian, errors)."""
+import copy
+import json
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from conftest import ROOT, run_script
+
+sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
+import flatness  # noqa: E402
+
+EPS, ALPHA = 8 / 255, 0.007
+SIZE = 8  # 8×8 images: a width-8 ResNet-18 (global pooling) runs them 16× cheaper than 32×32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def separable_data(n, seed):
+    """One random colour per class plus noise: a tiny network separates it in a few dozen steps."""
+    y = torch.arange(n) % 10
+    colours = torch.rand(10, 3, 1, 1, generator=torch.Generator().manual_seed(99))
+    x = colours[y] + 0.15 * torch.randn(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+    return x.clamp(0, 1), y
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A width-8 ResNet-18 trained for 40 Adam steps (eval mode) and 40 held-out images."""
+    torch.manual_seed(0)
+    model = common.ResNet18(width=8)
+    x, y = separable_data(400, seed=1)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(40):
+        idx = torch.randint(0, len(y), (64,))
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    model.eval()
+    xt, yt = separable_data(40, seed=2)
+    with torch.no_grad():
+        assert (model(xt).argmax(1) == yt).float().mean() >= 0.7, "the fixture model did not learn"
+    return model, xt, yt
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_unchanged(model, before):
+    after = model.state_dict()
+    assert set(after) == set(before)
+    assert all(torch.equal(before[k], after[k]) for k in before), "the measure changed the model"
+    assert all(p.grad is None for p in model.parameters()), "the measure left parameter gradients"
+
+
+def assert_layers_only(model, nu):
+    """ν has exactly the conv/linear tensors; nothing of a BN or the normaliser (by module type)."""
+    assert set(nu) == set(common.perturbable_params(model))
+    for mname, module in model.named_modules():
+        if isinstance(module, (nn.BatchNorm2d, common.Normalize)):
+            assert not any(k.startswith(mname + ".") for k in nu), mname
+
+
+# ---------------------------------------------------------------------------------------------
+# Where ν lives, and that the model is never touched
+# ---------------------------------------------------------------------------------------------
+def test_average_case_nu_on_the_sphere_and_model_untouched(trained):
+    model, x, y = trained
+    before, seen = snapshot(model), []
+    weights = common.perturbable_params(model)
+    flatness.average_case(model, x, y, xi=0.3, samples=2, steps=2, on_sample=seen.append)
+    assert len(seen) == 2
+    for nu in seen:
+        assert_layers_only(model, nu)
+        for k, w in weights.items():  # Eq. 3: exactly on the per-layer sphere
+            torch.testing.assert_close(nu[k].norm(), 0.3 * w.detach().norm(), rtol=1e-5, atol=0)
+    assert not torch.equal(seen[0]["conv1.weight"], seen[1]["conv1.weight"])
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("per_batch", [False, True])
+def test_worst_case_iterates_inside_both_balls_and_model_untouched(trained, per_batch):
+    """After the joint ascent every ν_l is inside ‖ν_l‖ ≤ ξ‖w_l‖ (on the sphere, in practice: the
+    step is 13× the radius) and δ inside the ε-ball and the image box. A model in train mode keeps
+    its mode and its BN statistics (the attack runs in eval mode)."""
+    model, x, y = trained
+    model.train()
+    before, seen = snapshot(model), []
+    xi = 0.00075
+    losses, _ = flatness.worst_case(model, x, y, xi, restarts=1, passes=2, batch_size=16, per_batch=per_batch,
+                                    on_restart=lambda nus, delta: seen.append((nus, delta)))
+    assert model.training and model.bn1.training
+    model.eval()
+    assert_unchanged(model, before)
+    nus, delta = seen[0]
+    assert len(nus) == (3 if per_batch else 1)  # 40 images in batches of 16
+    weights = common.perturbable_params(model)
+    for nu in nus:
+        assert_layers_only(model, nu)
+        ratios = torch.stack([nu[k].norm() / (xi * w.detach().norm()) for k, w in weights.items()])
+        assert (ratios <= 1 + 1e-5).all() and (ratios > 0.99).all()
+    if per_batch:
+        assert not torch.equal(nus[0]["linear.weight"], nus[1]["linear.weight"])
+    assert delta.abs().max() <= EPS + 1e-6 and delta.abs().max() > EPS / 2
+    assert (x + delta).min() >= -1e-6 and (x + delta).max() <= 1 + 1e-6
+    assert torch.isfinite(losses).all()
+
+
+def test_landscape_and_hessian_leave_the_model_untouched(trained):
+    model, x, y = trained
+    before = snapshot(model)
+    args = flatness.parse_args(["unused.pt", "--mode", "landscape", "--directions", "1", "--points", "3",
+                                "--landscape-steps", "1", "--adversarial-passes", "1"])
+    s, curves = flatness.landscape(model, x[:10], y[:10], args)
+    assert s == [-1.0, 0.0, 1.0]
+    assert all(len(curves[k]["robust"]) == 1 and len(curves[k]["robust"][0]) == 3 for k in curves)
+    flatness.hessian_top_eigenvalue(model, x[:10], y[:10], iters=2)
+    flatness.rescale(model, 2.0)
+    assert_unchanged(model, before)
+
+
+def test_direction_normalisations():
+    w = {"a": torch.randn(4, 3, 3, 3), "b": torch.randn(10)}
+    d = {"a": torch.randn(4, 3, 3, 3), "b": torch.randn(10)}
+    l2 = flatness.normalise_direction(d, w, "l2", 1.0)  # Eq. 2: ‖d_l‖ = ‖w_l‖
+    mx = flatness.normalise_direction(d, w, "max-abs", 0.01)  # released code: max|d_l| = 0.01·max|w_l|
+    for k in w:
+        torch.testing.assert_close(l2[k].norm(), w[k].norm())
+        torch.testing.assert_close(mx[k].abs().max(), 0.01 * w[k].abs().max())
+        assert torch.allclose(l2[k] / l2[k].norm(), d[k] / d[k].norm(), atol=1e-6)  # direction kept
+
+
+# ---------------------------------------------------------------------------------------------
+# Limits and orderings
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ref(trained):
+    """The reference RLoss, PGD-10 × 4 restarts (cut down from 20 × 10 for speed)."""
+    model, x, y = trained
+    return flatness.reference(model, x, y, steps=10, restarts=4)[0]
+
+
+def last_iterate_pgd(model, x, y, steps, seed):
+    """A plain PGD returning the last iterate's CE (what the joint attack does at ξ = 0)."""
+    torch.manual_seed(seed)
+    delta = torch.empty_like(x).uniform_(-EPS, EPS)
+    delta = (x + delta).clamp(0, 1) - x
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        (grad,) = torch.autograd.grad(F.cross_entropy(model(x + delta), y, reduction="sum"), delta)
+        delta = (delta.detach() + ALPHA * grad.sign()).clamp(-EPS, EPS)
+        delta = (x + delta).clamp(0, 1) - x
+    with torch.no_grad():
+        return F.cross_entropy(model(x + delta), y)
+
+
+def test_xi_zero(trained, ref):
+    """ξ = 0: ν = 0, so the average case is a 1-restart PGD (≤ the 4-restart reference up to noise)
+    and the worst case is a plain last-iterate PGD on the inputs (same start: equal)."""
+    model, x, y = trained
+    losses, _ = flatness.average_case(model, x, y, xi=0.0, samples=2, steps=10)
+    assert losses.mean() - ref <= 0.02 * ref
+    worst, _ = flatness.worst_case(model, x, y, xi=0.0, restarts=1, passes=10, seed=3)
+    torch.testing.assert_close(worst[0], last_iterate_pgd(model, x, y, 10, seed=3), rtol=1e-4, atol=1e-5)
+    assert abs(worst[0] - ref) <= 0.1 * ref  # the final iterate of one restart is close to the best of 4
+
+
+def test_flatness_grows_with_xi_and_worst_exceeds_average(trained, ref):
+    """Same seed, so ν(ξ) = ξ·(the same directions): the RLoss grows along each ray. The joint
+    attack (at the paper's 20 passes) beats both random draws and the unperturbed reference."""
+    model, x, y = trained
+    avg = {xi: flatness.average_case(model, x, y, xi=xi, samples=2, steps=10)[0].mean().item() - ref
+           for xi in (0.1, 0.5, 1.0)}
+    assert avg[0.1] < avg[0.5] < avg[1.0], avg
+    xi = 0.02
+    average = flatness.average_case(model, x, y, xi=xi, samples=2, steps=10)[0].mean().item() - ref
+    worst = flatness.worst_case(model, x, y, xi=xi, restarts=1, passes=20)[0].max().item() - ref
+    assert worst > average + 0.1, (worst, average)
+    worst_paper = flatness.worst_case(model, x, y, xi=0.00075, restarts=1, passes=20)[0].max().item() - ref
+    assert worst_paper > 0, "the joint attack's RLoss must exceed the reference RLoss"
+
+
+def independent_average_case(model, x, y, xi, samples, steps, seed):
+    """Eq. 3 written out plainly: per draw, a deep copy of the model with ν added in place, then a
+    hand-written PGD (best iterate per example). Random draws in flatness.py's order: ν from its
+    own generator (seed + NU_SEED_OFFSET), layer by layer in module order; PGD starts from the
+    global generator (seed), one uniform_ per batch."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed + flatness.NU_SEED_OFFSET)
+    out = []
+    for _ in range(samples):
+        net = copy.deepcopy(model).eval()
+        with torch.no_grad():
+            for module in net.modules():
+                if isinstance(module, (nn.Conv2d, nn.Linear)):
+                    for p in module.parameters(recurse=False):  # weight, then bias
+                        g = torch.randn(p.shape, generator=generator)
+                        p.add_(g * (xi * p.norm() / g.norm()))
+        delta = torch.empty_like(x).uniform_(-EPS, EPS)
+        delta = (x + delta).clamp(0, 1) - x
+        best = torch.full((len(y),), -float("inf"))
+        for t in range(steps + 1):
+            delta.requires_grad_(True)
+            loss = F.cross_entropy(net(x + delta), y, reduction="none")
+            best = torch.maximum(best, loss.detach())
+            if t == steps:
+                break
+            (grad,) = torch.autograd.grad(loss.sum(), delta)
+            delta = (delta.detach() + ALPHA * grad.sign()).clamp(-EPS, EPS)
+            delta = (x + delta).clamp(0, 1) - x
+        out.append(best.mean())
+    return torch.stack(out)
+
+
+def test_average_case_matches_an_independent_implementation(trained):
+    model, x, y = trained
+    mine, _ = flatness.average_case(model, x, y, xi=0.5, samples=3, steps=5, seed=7)
+    plain = independent_average_case(model, x, y, xi=0.5, samples=3, steps=5, seed=7)
+    assert mine.std() > 0.01, "the draws should differ"
+    torch.testing.assert_close(mine, plain, rtol=1e-3, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scale invariance (§3.2)
+# ---------------------------------------------------------------------------------------------
+def test_rescale_pairs_every_resnet_conv_with_its_bn(trained):
+    model, _, _ = trained
+    pairs = flatness.conv_bn_pairs(model)
+    assert len(pairs) == 20  # stem + 16 block convs + 3 projection shortcuts
+    assert ("layer2.0.shortcut.0", "layer2.0.shortcut.1") in pairs and ("conv1", "bn1") in pairs
+
+
+@pytest.mark.parametrize("alpha", [2.0, 0.5])
+def test_rescaling_keeps_logits_and_flatness(trained, alpha):
+    """The rescaled copy has different weights but the same logits (exactly once the BN eps is
+    rescaled too); flatness with the same seed agrees, since ξ is relative to ‖w_l‖."""
+    model, x, y = trained
+    scaled, _ = flatness.rescale(model, alpha)
+    assert not torch.equal(scaled.conv1.weight, model.conv1.weight)
+    assert torch.equal(scaled.linear.weight, model.linear.weight)  # the head is left alone
+    diff, top = flatness.logit_change(model, scaled, x)
+    assert diff <= 1e-3 * top  # approximate: BN eps is not rescaled (the paper's operation)
+    exact, _ = flatness.rescale(model, alpha, bn_eps=True)
+    assert flatness.logit_change(model, exact, x)[0] <= 1e-4
+    a0, _ = flatness.average_case(model, x, y, xi=0.5, samples=2, steps=3)
+    a1, _ = flatness.average_case(scaled, x, y, xi=0.5, samples=2, steps=3)
+    torch.testing.assert_close(a1, a0, rtol=1e-2, atol=0)
+    w0, _ = flatness.worst_case(model, x, y, xi=0.005, restarts=1, passes=3)
+    w1, _ = flatness.worst_case(scaled, x, y, xi=0.005, restarts=1, passes=3)
+    torch.testing.assert_close(w1, w0, rtol=1e-2, atol=0)
+
+
+def test_hessian_eigenvalue_scales_with_one_over_alpha_squared(trained):
+    """Conv weights feeding a BN scale by α, so their curvature scales by 1/α². The head is not
+    rescaled, so the joint top eigenvalue follows only approximately (conv block dominates here)."""
+    model, x, y = trained
+    lam = {a: flatness.hessian_top_eigenvalue(flatness.rescale(model, a)[0] if a != 1 else model, x, y,
+                                              iters=30, tol=1e-4)[0] for a in (1.0, 2.0, 0.5)}
+    assert lam[1.0] > 0
+    for a in (2.0, 0.5):
+        assert lam[a] / lam[1.0] == pytest.approx(1 / a ** 2, rel=0.1), lam
+
+
+# ---------------------------------------------------------------------------------------------
+# Power iteration against the exact Hessian
+# ---------------------------------------------------------------------------------------------
+class SmallNet(nn.Module):
+    """conv (with bias) → BN → ReLU → linear on 4×4 images: 108 + 160 weights of dim > 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.pool = nn.AvgPool2d(2)
+        self.linear = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.linear(self.pool(F.relu(self.bn(self.conv(x)))).flatten(1))
+
+
+def test_power_iteration_matches_exact_hessian():
+    torch.manual_seed(0)
+    net = SmallNet()
+    x = torch.rand(64, 3, 4, 4)
+    y = torch.arange(64) % 10
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(100):
+        loss = F.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    weights = {k: p.detach() for k, p in common.perturbable_params(net, weights_only=True).items()}
+    assert set(weights) == {"conv.weight", "linear.weight"}  # biases and BN excluded
+    shapes = [w.shape for w in weights.values()]
+    sizes = [w.numel() for w in weights.values()]
+
+    def mean_ce(flat):
+        params = {k: t.view(s) for k, t, s in zip(weights, flat.split(sizes), shapes)}
+        return F.cross_entropy(torch.func.functional_call(net, params, (x,)), y)
+
+    exact = torch.linalg.eigvalsh(torch.autograd.functional.hessian(mean_ce, torch.cat([w.flatten() for w in weights.values()])))
+    assert exact[-1] > exact[0].abs(), "power iteration finds the largest |λ|: needs λ_max to dominate"
+    lam, iters, converged, _ = flatness.hessian_top_eigenvalue(net, x, y, iters=500, tol=1e-7, batch_size=32)
+    assert converged and iters > 2
+    assert lam == pytest.approx(exact[-1].item(), rel=0.01)
+    # the released code's reduction: the sum of batch means = 2 × the mean over 2 equal batches
+    v = {k: torch.randn_like(w) for k, w in weights.items()}
+    mean = flatness.hessian_vector_product(net, weights, x, y, v, batch_size=32)
+    summed = flatness.hessian_vector_product(net, weights, x, y, v, batch_size=32, reduction="batch-sum")
+    for k in v:
+        torch.testing.assert_close(summed[k], 2 * mean[k], rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # on a loaded shared CPU, 2 threads can be 10× slower
+FAST = ["--device", "cpu", "--steps", "2", "--ref-restarts", "2", "--samples", "2", "--restarts", "1",
+        "--passes", "2"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, trained):
+    """A run folder with ckpt_last.pt and two snapshots, in the format Run.end_epoch writes."""
+    import train_at
+    model, _, _ = trained
+    args = vars(train_at.parse_args(["--width", "8", "--device", "cpu"]))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    folder = tmp_path_factory.mktemp("run")
+    for name, epoch in (("ckpt_last.pt", 10), ("ckpt_epoch005.pt", 5), ("ckpt_epoch010.pt", 10)):
+        common.save_checkpoint(folder / name, model=model.state_dict(), optimizer=opt.state_dict(), scheduler={},
+                               epoch=epoch, args=args, rng=common.rng_state(), es_best=None, metrics={})
+    return folder
+
+
+def test_cli_both_modes_write_their_json(run_dir, tiny_data):
+    run_script("flatness.py", run_dir / "ckpt_last.pt", "--mode", "both", "--n-eval", "20", "--data-dir", tiny_data,
+               *FAST, env=ONE_THREAD)
+    keys = {"mode", "loss", "subset", "n", "xi", "reference", "values", "value", "eps", "alpha", "steps",
+            "per_batch", "seed", "epoch", "checkpoint", "scale", "versions"}
+    for mode, xi, count in (("average", 0.5, "samples"), ("worst", 0.00075, "restarts")):
+        r = json.loads((run_dir / f"flatness_{mode}.json").read_text())
+        assert keys | {count} <= set(r)
+        assert (r["mode"], r["loss"], r["subset"], r["n"], r["xi"], r["epoch"]) == (mode, "robust", "eval", 20, xi, 10)
+        assert len(r["values"]) == r[count] and r["scale"] == 1.0
+        agg = sum(r["values"]) / len(r["values"]) if mode == "average" else max(r["values"])
+        assert r["value"] == pytest.approx(agg - r["reference"])
+
+
+def test_cli_epochs_measures_snapshots_and_skips_done_ones(run_dir, tiny_data):
+    flags = ["--epochs", run_dir, "--mode", "average", "--loss", "clean", "--n-eval", "20", "--data-dir", tiny_data,
+             *FAST]
+    run_script("flatness.py", *flags, env=ONE_THREAD)
+    files = [run_dir / f"flatness_average_epoch{e:03d}_clean.json" for e in (5, 10)]
+    stamps = [f.stat().st_mtime_ns for f in files]
+    assert [json.loads(f.read_text())["epoch"] for f in files] == [5, 10]
+    assert json.loads(files[0].read_text())["loss"] == "clean"
+    proc = run_script("flatness.py", *flags, env=ONE_THREAD)
+    assert proc.stdout.count("skip") == 2
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+
+
+def test_cli_landscape_and_scaled_hessian(run_dir, tiny_data):
+    ckpt = run_dir / "ckpt_last.pt"
+    run_script("flatness.py", ckpt, "--mode", "landscape", "--directions", "2", "--points", "3", "--n-landscape", "10",
+               "--landscape-steps", "1", "--adversarial-passes", "1", "--direction-norm", "max-abs",
+               "--data-dir", tiny_data, "--device", "cpu", env=ONE_THREAD)
+    r = json.loads((run_dir / "flatness_landscape.json").read_text())
+    assert r["mode"] == "landscape" and r["s"] == [-1.0, 0.0, 1.0] and r["direction_norm"] == "max-abs"
+    assert (r["random_scale"], r["adversarial_scale"]) == (0.5, 0.01)
+    model, _ = common.model_from_checkpoint(ckpt, "cpu")
+    x, y = common.eval_split(tiny_data, "early-stop", 10, "cpu")
+    clean = common.clean_metrics(model, x, y)[0].mean().item()
+    for kind in ("random", "adversarial"):
+        assert len(r[kind]["robust"]) == 2 and len(r[kind]["clean"][0]) == 3
+        for curve in r[kind]["clean"]:  # s = 0 is the unperturbed model
+            assert curve[1] == pytest.approx(clean, rel=1e-5)
+    proc = run_script("flatness.py", ckpt, "--mode", "hessian", "--scale", "2", "--n-hessian", "20",
+                      "--hessian-iters", "3", "--data-dir", tiny_data, "--device", "cpu", env=ONE_THREAD)
+    r = json.loads((run_dir / "flatness_hessian_scale2.json").read_text())
+    assert r["mode"] == "hessian" and r["iterations"] <= 3 and r["n"] == 20 and r["scale"] == 2.0
+    assert r["scale_pairs"] == 20 and r["scale_logit_max_diff"] <= 1e-3 * r["scale_logit_max"]
+    assert r["eigenvalue"] == pytest.approx(r["history"][-1]) and "max |Δlogit|" in proc.stdout
+
+
+def test_result_file_names():
+    def path(*flags):
+        args = flatness.parse_args(["runs/x/ckpt_epoch005.pt", *flags])
+        return flatness.output_path(args, args.checkpoint, flatness.selected_modes(args)[0]).name
+    assert path("--mode", "average") == "flatness_average_epoch005.json"
+    assert path("--mode", "average", "--xi", "0.5") == "flatness_average_epoch005.json"  # the paper's ξ
+    assert path("--mode", "worst", "--xi", "0.003", "--loss", "clean") == "flatness_worst_epoch005_clean_xi0.003.json"
+    assert path("--mode", "average", "--subset", "train-eval", "--tag", "t") == "flatness_average_epoch005_train_t.json"
+    assert path("--mode", "hessian", "--scale", "0.5", "--use-ema") == "flatness_hessian_epoch005_scale0.5_ema.json"
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["missing.pt"], "does not exist"),
+    (["{ckpt}", "--mode", "average", "--xi", "-1"], "--xi must be >= 0"),
+    (["{ckpt}", "--xi", "0.1"], "--xi needs --mode average or --mode worst"),
+    (["--epochs", "{run}/nowhere"], "is not a folder"),
+    ([], "give a checkpoint"),
+])
+def test_bad_input_is_one_error_line(run_dir, tiny_data, capsys, flags, message):
+    flags = [f.format(ckpt=run_dir / "ckpt_last.pt", run=run_dir) for f in flags]
+    with pytest.raises(SystemExit) as e:
+        common.run_cli(lambda: flatness.main(flags + ["--data-dir", str(tiny_data), "--device", "cpu"]))
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
