@@ -788,7 +788,7 @@ class Run:
         saved = ckpt.get("args", {})
         differ = sorted(k for k, v in vars(self.args).items()
                         if k not in self.NOT_COMPARED and k in saved and saved[k] != v)
-        check(not differ, f"--resume with flags that differ from the saved run: "
+        check(not differ, "--resume with flags that differ from the saved run: "
               + ", ".join(f"--{k.replace('_', '-')} {saved[k]} (now {vars(self.args)[k]})" for k in differ))
         load_weights(model, ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])

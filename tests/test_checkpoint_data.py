@@ -17,14 +17,6 @@ NO_NETWORK = {"HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0
               "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
@@ -87,7 +79,7 @@ def test_bad_checkpoint_files_give_usage_errors(tmp_path):
 
 def test_load_weights_mismatch_names_keys():
     wide, narrow = common.ResNet18(width=8), common.ResNet18(width=4)
-    with pytest.raises(common.UsageError, match=r"shape mismatch bn1\.bias, .* \(\+\d+ more\); try --width"):
+    with pytest.raises(common.UsageError, match=r"shape mismatch bn1\.bias, .* \(\+\d+ more\); try the width of the checkpoint \(--width"):
         common.load_weights(narrow, wide.state_dict())
     state = {k: v for k, v in narrow.state_dict().items() if k != "linear.bias"}
     state["head.weight"] = torch.zeros(1)

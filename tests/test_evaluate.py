@@ -27,16 +27,6 @@ SCHEMA = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """AutoAttack on a tiny network is thousands of small ops: a second thread gains nothing and,
-    on a busy machine, makes each op wait for it (measured 30x slower with 2 threads under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(seed=0):
     """An untrained width-8 ResNet-18: a few test images are classified correctly and APGD-CE
     breaks all of them, so AutoAttack finishes in seconds on a CPU."""

@@ -22,14 +22,6 @@ EPS, ALPHA = 8 / 255, 0.007
 SIZE = 8  # 8×8 images: a width-8 ResNet-18 (global pooling) runs them 16× cheaper than 32×32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def separable_data(n, seed):
     """One random colour per class plus noise: a tiny network separates it in a few dozen steps."""
     y = torch.arange(n) % 10

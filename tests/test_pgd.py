@@ -7,15 +7,6 @@ import torch.nn.functional as F
 
 import common
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds contention on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 EPS, ALPHA, STEPS = 8 / 255, 4 / 255, 10
 SIZE = 8  # 8×8 images keep the attack cheap; nothing in pgd depends on the image size
 

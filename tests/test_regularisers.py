@@ -13,14 +13,6 @@ import common
 import train_at
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def train_args(**overrides):
     """train_at.py's defaults, as its parser gives them."""
     args = train_at.parse_args([])

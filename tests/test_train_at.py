@@ -21,14 +21,6 @@ METRIC_KEYS = {"epoch", "lr", "train_loss", "train_err", "test_clean_loss", "tes
                "test_rerr", "test_rloss_correct", "test_rloss_incorrect", "es_rerr", "es_rloss", "time_s"}
 CKPT_KEYS = {"model", "optimizer", "scheduler", "epoch", "args", "rng", "es_best", "metrics"}
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # Each combination covers several flags; 1 epoch = 4 steps of 50 images. `lr` is the logged lr after
 # the last step, i.e. at the end of each schedule (4 of 4 steps).
 COMBOS = {

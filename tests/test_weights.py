@@ -7,14 +7,6 @@ import torch.nn as nn
 import common
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def model():
     torch.manual_seed(0)
