@@ -1,0 +1,569 @@
+"""The Table 1 AT variants that change the data, the optimiser or the attack rather than the loss
+(Stutz, Hein & Schiele, ICCV 2021, §4, Table 1; SPEC §8), one clearly separated section each:
+
+  --method rotation     AT + rotation self-supervision (Hendrycks et al. 2019)    Table 1 "Self-supervision"
+  --method unlabeled    AT on batches mixed with pseudo-labelled images (Carmon et al. 2019)    "+Unlabeled"
+  --method entropy-sgd  Entropy-SGD (Chaudhari et al. 2017) on the adversarial loss             "Entropy-SGD"
+  --method pgd-tau      AT with early-stopped PGD-τ (Zhang et al. 2020, "FAT")
+
+Everything else — data, ResNet-18, optimiser, schedule, the PGD-7 training attack, the Table 1
+regulariser flags, logging, snapshots, early stopping, resume, DDP — is train_at.py's, in the same
+block order, so `diff train_at.py train_misc.py` shows the four methods and little else.
+
+Usage:   python train_misc.py --method rotation --rot-weight 4                       # runs/rotation
+         python train_misc.py --method unlabeled --unlabeled-data ti_500K_pseudo_labeled.pickle
+         python train_misc.py --method entropy-sgd --L 2 --epochs 75                  # paper: epochs 150/L
+         python train_misc.py --method pgd-tau --tau 2
+CPU:     python train_misc.py --method rotation --data-dir ../shared/data/cifar10-jpeg --width 16 --train-subset 2000 --epochs 2
+Resume:  python train_misc.py --method rotation --out runs/rotation --resume
+
+Cost per epoch relative to train_at.py: rotation ≈ 2× (B labelled + B rotated images per step),
+unlabeled 1×, entropy-sgd L× (an epoch is len(loader) outer steps of L batches each), pgd-tau ≤ 1×
+(examples stop early); measured on 1 CPU thread (width 16, 2,000 images): 2.0×, 1.0×, 1.9× (L = 2),
+0.8× (τ = 2: 2.2 of 7 steps on average). Not yet measured on a GPU. Paper (SPEC §12), AutoAttack RErr at epoch 150:
++Unlabeled 48.9 %, Self-supervision 57.1 %, Entropy-SGD 58.6 % (AT baseline 62.8 %).
+"""
+import argparse
+import itertools
+import math
+import pickle
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
+from tqdm import tqdm
+
+import common
+from common import NUM_CLASSES, UsageError, check, fraction
+
+METHODS = ("rotation", "unlabeled", "entropy-sgd", "pgd-tau")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common.add_runtime_args(p)
+    g = p.add_argument_group("data")
+    g.add_argument("--train-subset", type=int, default=0, help="class-balanced subset of N training images (0 = all)")
+    g.add_argument("--autoaugment", action="store_true", help="AutoAugment + Cutout on top of crop/flip "
+                   "(entropy-sgd and pgd-tau only)")
+    g.add_argument("--workers", type=int, default=2, help="DataLoader workers (--autoaugment only)")
+    common.add_model_args(p)
+    common.add_optim_args(p)
+    g = p.add_argument_group("training attack")
+    g.add_argument("--epsilon", type=fraction, default=8 / 255, help="L∞ radius during training (Table 1 'larger ε': 9/255)")
+    g.add_argument("--attack-step", type=fraction, default=0.007, help="PGD step size (paper: 0.007)")
+    g.add_argument("--attack-steps", type=int, default=7, help="PGD iterations (paper: 7; 0 = standard training)")
+    g.add_argument("--attack-bn", default="eval", choices=("eval", "train"),
+                   help="BN mode during the attack (paper code: eval; Rice et al./AWP code: train)")
+    g = p.add_argument_group("regularisers (Table 1 rows)")
+    g.add_argument("--label-smoothing", type=fraction, default=0.0, help="τ: target (1−τ)·onehot + τ/K (best 0.3)")
+    g.add_argument("--label-noise", type=fraction, default=0.0, help="p: labels resampled uniformly w.p. p per step (best 0.4)")
+    g.add_argument("--clip", type=fraction, default=0.0, help="w: clamp weights to [−w, w] after each step (best 0.005)")
+    g.add_argument("--ema", type=fraction, default=0.0, help="τ: EMA of the weights per step, saved as 'ema' (paper 0.9975)")
+    g = p.add_argument_group("method (SPEC §8)")
+    g.add_argument("--method", required=True, choices=METHODS, help="which variant; recorded in args.json for plots.py")
+    g = p.add_argument_group("--method rotation (Hendrycks et al.; Table 1 'Self-supervision')")
+    g.add_argument("--rot-weight", type=fraction, default=4.0,
+                   help="λ in CE_class + λ·CE_rot (paper sweep 0.5, 1, 2, 4, 8; best 4)")
+    g.add_argument("--adv-fraction", type=fraction, default=1.0,
+                   help="fraction f of each set (labelled, rotated) that is attacked; the first 1−f stay clean "
+                   "(the released code effectively used 0.5)")
+    g = p.add_argument_group("--method unlabeled (Carmon et al.; Table 1 '+Unlabeled')")
+    g.add_argument("--unlabeled-data", metavar="FILE", help="pickle or .npz with 'data' (uint8 N×32×32×3) and "
+                   "'extrapolated_targets' (int N): the format of ti_500K_pseudo_labeled.pickle")
+    g.add_argument("--unlabeled-fraction", type=fraction, default=0.7,
+                   help="share of pseudo-labelled images per batch (paper code 0.7 = 89 of 128; Carmon et al. 0.5)")
+    g = p.add_argument_group("--method entropy-sgd (Chaudhari et al.; Table 1 'Entropy-SGD')")
+    g.add_argument("--L", type=int, default=1, help="inner Langevin steps per outer step (paper sweep 1, 2, 3, 5 "
+                   "with --epochs 150, 75, 50, 30)")
+    g.add_argument("--esgd-gamma", type=fraction, default=1e-4, help="coupling γ (paper code: 1e-4)")
+    g.add_argument("--esgd-scoping", type=fraction, default=1e-3, help="γ_t = γ(1 + scoping)^t, t = outer step, capped at "
+                   "1/η' (paper code: 1e-3, but never applied; 0 reproduces that)")
+    g.add_argument("--esgd-noise", type=fraction, default=1e-4, help="Langevin noise ε (paper code: 1e-4)")
+    g.add_argument("--esgd-inner-lr", type=fraction, default=0.1, help="inner (Langevin) lr η' (paper code: 0.1)")
+    g = p.add_argument_group("--method pgd-tau (Zhang et al. 2020, FAT)")
+    g.add_argument("--tau", type=int, default=2, help="an example stops τ steps after it is first misclassified "
+                   "(paper sweep 0-4, best not recorded; FAT's final τ: 2; τ >= --attack-steps is plain PGD)")
+    g = p.add_argument_group("logging, evaluation, checkpoints")
+    g.add_argument("--out", default=None, help="run folder (default runs/<method>)")
+    g.add_argument("--resume", action="store_true", help="continue from <out>/ckpt_last.pt")
+    g.add_argument("--eval-every", type=int, default=1, help="log test clean/PGD-7 metrics every N epochs")
+    g.add_argument("--n-log", type=int, default=1280, help="test images for per-epoch logging (paper: first 10 batches)")
+    g.add_argument("--es-every", type=int, default=5, help="early-stopping check (and snapshot) every N epochs")
+    g.add_argument("--n-early-stop", type=int, default=500, help="last N test images for early stopping (paper: 500)")
+    g.add_argument("--es-restarts", type=int, default=5, help="PGD-7 restarts of the early-stopping check (paper: 5)")
+    g = p.add_argument_group("speed (GPU)")
+    g.add_argument("--amp", action="store_true", help="bf16 autocast for the training attack and forward (δ stays fp32; "
+                   "every logged/reported number is fp32)")
+    g.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (saved weights come from the plain module)")
+    args = p.parse_args(argv)
+    check(args.epsilon >= 0, f"--epsilon must be >= 0, got {args.epsilon}")
+    check(args.attack_steps >= 0 and args.attack_step > 0, "--attack-steps must be >= 0 and --attack-step > 0")
+    check(args.epochs >= 1 and args.batch_size >= 1, "--epochs and --batch-size must be >= 1")
+    check(args.lr > 0 and args.wd >= 0, "--lr must be > 0 and --wd >= 0")
+    check(0 <= args.label_smoothing < 1 and 0 <= args.label_noise <= 1, "--label-smoothing in [0, 1), --label-noise in [0, 1]")
+    check(args.clip >= 0 and 0 <= args.ema < 1, "--clip must be >= 0 and --ema in [0, 1)")
+    check(args.eval_every >= 1 and args.es_every >= 1, "--eval-every and --es-every must be >= 1")
+    check(args.rot_weight >= 0 and 0 <= args.adv_fraction <= 1, "--rot-weight must be >= 0 and --adv-fraction in [0, 1]")
+    check(0 <= args.unlabeled_fraction < 1, f"--unlabeled-fraction must be in [0, 1), got {args.unlabeled_fraction}")
+    check(args.method != "unlabeled" or args.unlabeled_data, "--method unlabeled needs --unlabeled-data FILE (a pickle "
+          "or .npz with 'data' and 'extrapolated_targets', e.g. ti_500K_pseudo_labeled.pickle)")
+    check(args.L >= 1 and args.esgd_inner_lr > 0, "--L must be >= 1 and --esgd-inner-lr > 0")
+    check(min(args.esgd_gamma, args.esgd_scoping, args.esgd_noise) >= 0, "--esgd-gamma/-scoping/-noise must be >= 0")
+    check(args.tau >= 0, f"--tau must be >= 0, got {args.tau}")
+    check(not (args.autoaugment and args.method in ("rotation", "unlabeled")),
+          f"--autoaugment is not supported with --method {args.method} (its second image set is augmented on the "
+          "device with crop/flip only)")
+    args.out = args.out or f"runs/{args.method}"
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# The AT step of train_at.py: PGD on the current weights, then CE on the adversarial batch
+# (train-mode BN). unlabeled, entropy-sgd (each inner step) and pgd-tau (with its own attack) use it.
+# ----------------------------------------------------------------------------------------------
+def adversarial_batch(model, x, y, args):
+    """x + δ with δ from PGD-`attack_steps` on true-label CE (eval-mode BN by default)."""
+    if args.attack_steps == 0:
+        return x
+    delta, _ = common.pgd(model, x, y, args.epsilon, args.attack_step, args.attack_steps,
+                          bn=args.attack_bn, autocast=args.amp)
+    return x + delta
+
+
+def training_loss(logits, y, args):
+    """CE on the adversarial batch; label noise and smoothing change the training target only."""
+    if args.label_noise > 0:
+        y = common.noisy_labels(y, args.label_noise)
+    return F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
+
+
+def at_loss(model, attack_model, x, y, args, labelled=None):
+    """(loss, sums for the log) of one AT step; the attack is PGD-τ for --method pgd-tau.
+    `labelled` (unlabeled method) marks the real CIFAR images, logged separately."""
+    stats = {}
+    if args.method == "pgd-tau" and args.attack_steps > 0:
+        delta, steps = pgd_tau(attack_model, x, y, args.epsilon, args.attack_step, args.attack_steps, args.tau,
+                               bn=args.attack_bn, autocast=args.amp)
+        x_adv = x + delta
+        stats["attack_steps"] = steps.sum().float()
+    else:
+        x_adv = adversarial_batch(attack_model, x, y, args)
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=args.amp):
+        logits = model(x_adv)
+    loss = training_loss(logits, y, args)
+    with torch.no_grad():
+        ce = F.cross_entropy(logits.float(), y, reduction="none")
+        wrong = (logits.argmax(1) != y).float()
+        stats.update(loss=ce.sum(), err=wrong.sum(), n=torch.tensor(float(len(y)), device=x.device))
+        if labelled is not None:
+            stats.update(loss_labelled=(ce * labelled).sum(), err_labelled=(wrong * labelled).sum(),
+                         n_labelled=labelled.sum().float())
+    return loss, stats
+
+
+# ==============================================================================================
+# --method rotation: AT with rotation self-supervision (Hendrycks et al. 2019; SPEC §8)
+#   loss = CE_class(f(x'), y) + λ · CE_rot(h(x'_rot), k),   x'_rot = adversarial rot90^k(augmented image)
+# ==============================================================================================
+class RotationHead(nn.Module):
+    """Linear d→d/2, BN, ReLU, Linear d/2→4 on the pooled features (d = 512 at width 64: 512→256→4).
+    `auxiliary = True` keeps it out of common.perturbable_params (it is never perturbed or measured)."""
+    auxiliary = True
+
+    def __init__(self, features):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(features, features // 2), nn.BatchNorm1d(features // 2), nn.ReLU(),
+                                    nn.Linear(features // 2, 4))
+
+    def forward(self, features):
+        return self.layers(features)
+
+
+class WithRotationHead(nn.Module):
+    """The classifier `net` (a common.ResNet18, saved as the checkpoint's 'model', so evaluate.py and
+    flatness.py load it unchanged) and `rotation_head` (saved under 'aux').
+    forward(x): [10 class logits | 4 rotation logits] of every image (what the attack maximises over);
+    forward(x, n_labelled): class logits of the first n_labelled images, rotation logits of the rest
+    (the training forward: one pass, BN statistics over the whole mixed batch as in the paper's code)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.rotation_head = RotationHead(net.linear.in_features)
+
+    def forward(self, x, n_labelled=None):
+        features = self.net.features(x)
+        if n_labelled is None:
+            return torch.cat([self.net.linear(features), self.rotation_head(features)], 1)
+        return self.net.linear(features[:n_labelled]), self.rotation_head(features[n_labelled:])
+
+
+def rotate(x, k):
+    """Image i rotated by k_i·90° (torch.rot90 over H, W), batched per k (no per-image loop)."""
+    out = x.clone()
+    for quarter in (1, 2, 3):
+        sel = k == quarter
+        out[sel] = torch.rot90(x[sel], quarter, dims=(2, 3))
+    return out
+
+
+def rotation_batch(x_uint8, n, generator):
+    """The second set of n images: drawn with replacement from the training set (as the paper's
+    code), crop+flip augmented, THEN each rotated by k·90°, k ~ U{0, 1, 2, 3}; returns (images, k).
+    Rotating after the flip keeps k unambiguous (the released code flipped after rotating, which
+    makes a flipped 90° image look like a 270° one)."""
+    idx = torch.randint(len(x_uint8), (n,), device=x_uint8.device, generator=generator)
+    k = torch.randint(4, (n,), device=x_uint8.device, generator=generator)
+    return rotate(common.augment_crop_flip(x_uint8[idx], generator), k), k
+
+
+def rotation_attack_loss(logits, target):
+    """Per-example attack objective on [class | rotation] logits: class CE where target < 10, rotation
+    CE on target − 10 elsewhere. Examples are independent in eval mode, so maximising the sum is
+    attacking each set with its own loss, as the paper's code does."""
+    is_rotated = target >= NUM_CLASSES
+    class_ce = F.cross_entropy(logits[:, :NUM_CLASSES], target.clamp(max=NUM_CLASSES - 1), reduction="none")
+    rot_ce = F.cross_entropy(logits[:, NUM_CLASSES:], (target - NUM_CLASSES).clamp(min=0), reduction="none")
+    return torch.where(is_rotated, rot_ce, class_ce)
+
+
+def rotation_loss(model, attack_model, x, y, x_rot, k, args):
+    """(loss, sums for the log) of one self-supervised AT step on B labelled images x and B rotated
+    images x_rot. Of each set the first (1 − --adv-fraction)·B images stay clean, the rest are
+    attacked (PGD-7, class CE / rotation CE); loss = CE_class + λ·CE_rot, both means over B."""
+    n = len(y)
+    x_all = torch.cat([x, x_rot])
+    if args.attack_steps > 0:
+        n_clean = round((1 - args.adv_fraction) * n)
+        attacked = (torch.arange(n, device=x.device) >= n_clean).repeat(2)
+        target = torch.cat([y, k + NUM_CLASSES])
+        delta, _ = common.pgd(attack_model, x_all[attacked], target[attacked], args.epsilon, args.attack_step,
+                              args.attack_steps, loss_fn=rotation_attack_loss, bn=args.attack_bn, autocast=args.amp)
+        x_all[attacked] = x_all[attacked] + delta
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=args.amp):
+        class_logits, rot_logits = model(x_all, n_labelled=n)
+    class_loss = training_loss(class_logits, y, args)
+    rot_loss = F.cross_entropy(rot_logits.float(), k)
+    loss = class_loss + args.rot_weight * rot_loss
+    with torch.no_grad():
+        stats = dict(loss=F.cross_entropy(class_logits.float(), y, reduction="sum"),
+                     err=(class_logits.argmax(1) != y).sum().float(), n=torch.tensor(float(n), device=x.device),
+                     rot_loss=rot_loss.detach() * n, rot_err=(rot_logits.argmax(1) != k).sum().float())
+    return loss, stats
+
+
+# ==============================================================================================
+# --method unlabeled: AT on batches mixing CIFAR-10 and pseudo-labelled images (Carmon et al. 2019)
+# ==============================================================================================
+def load_unlabeled(path):
+    """(uint8 N×3×32×32, int64 N) from a pickle or .npz holding 'data' (uint8 N×32×32×3, HWC) and
+    'extrapolated_targets' (the pseudo-labels, int N): the format of ti_500K_pseudo_labeled.pickle."""
+    path = Path(path)
+    check(path.is_file(), f"--unlabeled-data {path} does not exist")
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                content = {k: z[k] for k in z.files}
+        else:
+            with open(path, "rb") as f:
+                content = pickle.load(f)
+    except Exception as e:
+        raise UsageError(f"--unlabeled-data {path} is not a readable pickle or .npz ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200] if str(e) else ''})")
+    check(isinstance(content, dict), f"--unlabeled-data {path} holds a {type(content).__name__}, not a dict "
+          "with 'data' and 'extrapolated_targets'")
+    missing = [k for k in ("data", "extrapolated_targets") if k not in content]
+    check(not missing, f"--unlabeled-data {path} has no {' and no '.join(repr(k) for k in missing)} "
+          f"(keys: {', '.join(map(str, content)) or 'none'}); it needs 'data' (uint8 N×32×32×3) and "
+          "'extrapolated_targets' (int N pseudo-labels), as ti_500K_pseudo_labeled.pickle")
+    x, y = np.asarray(content["data"]), np.asarray(content["extrapolated_targets"])
+    check(x.dtype == np.uint8 and x.ndim == 4 and x.shape[1:] == (32, 32, 3) and len(x) > 0,
+          f"--unlabeled-data {path}: 'data' must be uint8 N×32×32×3, got {x.dtype} {'×'.join(map(str, x.shape))}")
+    y = y.reshape(-1) if y.ndim == 2 and y.shape[1] == 1 else y
+    check(np.issubdtype(y.dtype, np.integer) and y.shape == (len(x),),
+          f"--unlabeled-data {path}: 'extrapolated_targets' must be {len(x)} integers, got {y.dtype} "
+          f"{'×'.join(map(str, y.shape))}")
+    check(y.min() >= 0 and y.max() < NUM_CLASSES, f"--unlabeled-data {path}: pseudo-labels must be in "
+          f"0..{NUM_CLASSES - 1}, got {y.min()}..{y.max()}")
+    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y.astype(np.int64))
+
+
+def mix_batch(x_lab, y_lab, lab_idx, x_unl, y_unl, n_unlabeled, generator):
+    """One mixed batch: the labelled images `lab_idx` plus n_unlabeled pseudo-labelled images drawn with
+    replacement (as the paper's and Carmon et al.'s samplers), crop+flip augmented alike, shuffled
+    together (so no DDP rank or BN batch sees a block of one kind). Returns (x, y, is_unlabeled)."""
+    unl_idx = torch.randint(len(y_unl), (n_unlabeled,), device=x_unl.device, generator=generator)
+    x = torch.cat([x_lab[lab_idx], x_unl[unl_idx]])
+    y = torch.cat([y_lab[lab_idx], y_unl[unl_idx]])
+    is_unlabeled = torch.arange(len(y), device=y.device) >= len(lab_idx)
+    perm = torch.randperm(len(y), device=y.device, generator=generator)
+    return common.augment_crop_flip(x[perm], generator), y[perm], is_unlabeled[perm]
+
+
+class MixedLoader:
+    """Batches of B = --batch-size images, floor(f·B) of them pseudo-labelled (f = --unlabeled-fraction;
+    89 of 128 at f = 0.7, the paper's code). An epoch is ceil(N/B) batches for N labelled images:
+    50,000 labelled-equivalent examples = 391 batches on full CIFAR-10, the paper's epoch; with
+    --train-subset N it is N examples. Labelled images come from a fresh permutation per epoch (each
+    seen at most once per epoch, (1 − f)·N of them). Everything stays on the device, like
+    common.DeviceLoader; under DDP each rank takes every world-th image of each batch."""
+
+    def __init__(self, x, y, x_unl, y_unl, batch_size, unlabeled_fraction, device, seed, rank=0, world=1):
+        self.x, self.y = x.to(device), y.to(device)
+        self.x_unl, self.y_unl = x_unl.to(device), y_unl.to(device)
+        self.batch_size, self.device, self.rank, self.world = batch_size, device, rank, world
+        self.n_unlabeled = math.floor(unlabeled_fraction * batch_size + 1e-9)
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+    def __len__(self):
+        n = len(self.y)
+        return n // self.batch_size if self.world > 1 else math.ceil(n / self.batch_size)
+
+    def __iter__(self):
+        g, n_lab = self.generator, self.batch_size - self.n_unlabeled
+        order = torch.randperm(len(self.y), device=self.device, generator=g)
+        for i in range(len(self)):
+            lab_idx = order[i * n_lab:(i + 1) * n_lab]
+            x, y, is_unlabeled = mix_batch(self.x, self.y, lab_idx, self.x_unl, self.y_unl, self.n_unlabeled, g)
+            yield x[self.rank::self.world], y[self.rank::self.world], is_unlabeled[self.rank::self.world]
+
+
+# ==============================================================================================
+# --method entropy-sgd: Entropy-SGD on the adversarial loss (Chaudhari et al. 2017, Alg. 1, with
+# the update of the authors' PyTorch port that the paper's code copied; SPEC §8)
+# ==============================================================================================
+def outer_steps(loader, L):
+    """An epoch of Entropy-SGD = len(loader) outer steps (the paper's count: 391 on CIFAR-10), each on
+    L fresh batches, so an epoch makes L passes over the training set."""
+    stream = itertools.chain.from_iterable(iter(loader) for _ in range(L))
+    for _ in range(len(loader)):
+        yield [next(stream) for _ in range(L)]
+
+
+def scoped_gamma(gamma, scoping, t, inner_lr):
+    """γ_t = γ·(1 + scoping)^t ("scoping", Chaudhari et al. §4.3), t = outer steps taken so far.
+    Capped at 1/η': with η'·γ_t > 2 the inner recursion w' − w_c ← (1 − η'γ_t)(w' − w_c) − η'∇ diverges,
+    which the paper's constants reach after ≈12k outer steps (epoch ≈ 31 of 391 steps). At the cap,
+    each inner step restarts from w_c, so Entropy-SGD tends to SGD as scoping intends."""
+    growth = math.exp(min(t * math.log1p(scoping), 700.0))  # (1 + scoping)^t without float overflow
+    return min(gamma * growth, 1.0 / inner_lr)
+
+
+def entropy_sgd_step(params, opt, inner_loss, L, gamma, noise, inner_lr, wd, mu_decay=0.75):
+    """One outer step. `inner_loss(i)` returns (loss, sums for the log) on the i-th fresh batch at the
+    current weights. With w_c the current weights, w' ← w_c, μ ← w_c, for i = 1..L:
+        g  = ∇CE(w') + wd·w' − γ·(w_c − w') + noise·N(0, I)/√(0.5·η')
+        w' ← w' − η'·g,      μ ← 0.75·μ + 0.25·w'
+    then w ← w_c and `opt` steps with the outer gradient (w_c − μ); its weight decay adds wd·w_c, and
+    its momentum and lr schedule apply (the released code ran with momentum 0 and a constant lr, by
+    accident). Returns the log sums over the L inner batches."""
+    with torch.no_grad():
+        w_c = [p.detach().clone() for p in params]
+        mu = [w.clone() for w in w_c]
+    sums = {}
+    for i in range(L):
+        loss, stats = inner_loss(i)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()  # (not autograd.grad: DDP averages gradients in backward hooks)
+        with torch.no_grad():
+            for p, w, m in zip(params, w_c, mu):
+                g = (p.grad if p.grad is not None else torch.zeros_like(p)) + wd * p - gamma * (w - p)
+                if noise > 0:
+                    g = g + (noise / math.sqrt(0.5 * inner_lr)) * torch.randn_like(p)
+                p.sub_(inner_lr * g)
+                m.mul_(mu_decay).add_(p, alpha=1 - mu_decay)
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0) + v
+    with torch.no_grad():
+        for p, w, m in zip(params, w_c, mu):
+            p.copy_(w)     # w ← w_c: the Langevin iterate only served to estimate μ
+            p.grad = w - m  # outer gradient of the local entropy (up to the factor γ)
+    opt.step()
+    return sums
+
+
+# ==============================================================================================
+# --method pgd-tau: early-stopped PGD (Zhang et al. 2020, "FAT"; SPEC §8)
+# ==============================================================================================
+def pgd_tau(model, x, y, eps, alpha, steps, tau, start="uniform", bn="eval", autocast=False):
+    """PGD-`steps` in which example i stops at its (τ+1)-th misclassified iterate — τ steps after it is
+    first misclassified when it stays misclassified — and keeps that iterate (FAT's counter, which the
+    paper's code shares). Examples never stopped return the LAST iterate, as FAT does (the paper's
+    released code returned δ = 0 for them, i.e. trained them clean). τ >= steps is plain PGD's last
+    iterate. Eval-mode BN, input gradients by autograd.grad, per-example masks (no Python loop over
+    examples). FAT also adds 0.001·N(0, I) to each step; the paper's code does not, nor do we.
+    Returns (δ, number of steps each example took)."""
+    if start == "uniform":
+        delta = torch.empty_like(x).uniform_(-eps, eps)
+    else:
+        delta = torch.zeros_like(x)
+    delta = (x + delta).clamp(0, 1) - x
+    counter = torch.full_like(y, tau)                   # misclassified iterates still allowed
+    active = torch.ones_like(y, dtype=torch.bool)
+    steps_taken = torch.zeros_like(y)
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    with common.bn_mode(model, bn):
+        for _ in range(steps):
+            delta.requires_grad_(True)
+            with torch.autocast(x.device.type, torch.bfloat16, enabled=autocast):
+                logits = model(x + delta)
+            wrong = logits.argmax(1) != y
+            stop = active & wrong & (counter == 0)
+            counter = counter - (active & wrong & ~stop).long()
+            active = active & ~stop
+            if not active.any():  # one host sync per step buys skipping the rest (the paper's code stops too)
+                break
+            (grad,) = torch.autograd.grad(F.cross_entropy(logits.float(), y, reduction="sum"), delta)
+            with torch.no_grad():
+                stepped = (delta + alpha * grad.sign()).clamp_(-eps, eps)
+                stepped = (x + stepped).clamp_(0, 1) - x
+                delta = torch.where(active.view(shape), stepped, delta.detach())
+            steps_taken += active
+    return delta.detach(), steps_taken
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation during training: fp32, eval-mode BN, sharded over ranks with summed counts
+# ----------------------------------------------------------------------------------------------
+def test_metrics(model, x, y, args, restarts, prefix, rank, world):
+    """Clean and PGD-7 metrics; the robust loss is also split by clean correctness (Fig. 2)."""
+    x, y = x[rank::world], y[rank::world]
+    clean_loss, clean_ok = common.clean_metrics(model, x, y)
+    rloss, robust_ok = common.robust_metrics(model, x, y, 8 / 255, args.attack_step, 7, restarts)
+    sums = torch.stack([torch.tensor(float(len(y)), device=x.device), clean_loss.sum(), (~clean_ok).sum(),
+                        rloss.sum(), (~robust_ok).sum(), clean_ok.sum(), (rloss * clean_ok).sum()])
+    if world > 1:
+        dist.all_reduce(sums)
+    n, cl, ce, rl, re, n_ok, rl_ok = sums.tolist()
+    return {f"{prefix}clean_loss": cl / n, f"{prefix}clean_err": ce / n, f"{prefix}rloss": rl / n,
+            f"{prefix}rerr": re / n, f"{prefix}rloss_correct": rl_ok / max(n_ok, 1),
+            f"{prefix}rloss_incorrect": (rl - rl_ok) / max(n - n_ok, 1), f"{prefix}n": int(n)}
+
+
+def train_means(sums, world):
+    """Epoch means of the summed training statistics: train_<key> = sum / n (/ n_labelled for *_labelled)."""
+    keys = sorted(sums)
+    totals = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32) for k in keys])
+    if world > 1:
+        dist.all_reduce(totals)
+    t = dict(zip(keys, totals.tolist()))
+    return {f"train_{k}": v / max(t["n_labelled" if k.endswith("_labelled") else "n"], 1)
+            for k, v in t.items() if not k.startswith("n")}
+
+
+def main():
+    args = parse_args()
+    rank, world, device = common.setup_distributed(args.device)
+    check(args.batch_size % world == 0, f"--batch-size {args.batch_size} must divide over {world} processes")
+    common.seed_everything(args.seed)
+    if args.method == "unlabeled":  # read and check the file before a run folder exists
+        x_unl, y_unl = load_unlabeled(args.unlabeled_data)
+    run = common.Run(args, rank, device)  # run folder, args.json, metrics.jsonl; checks --resume
+
+    # ---- data: training set on the device; fixed logging / early-stopping subsets (SPEC §2)
+    x_train, y_train = common.load_cifar10(args.data_dir, train=True)
+    if args.train_subset:
+        idx = common.balanced_subset(y_train, args.train_subset)
+        x_train, y_train = x_train[idx], y_train[idx]
+    check(len(y_train) >= args.batch_size, f"{len(y_train)} training images < --batch-size {args.batch_size}")
+    if args.method == "unlabeled":
+        loader = MixedLoader(x_train, y_train, x_unl, y_unl, args.batch_size, args.unlabeled_fraction, device,
+                             args.seed, rank=rank, world=world)
+    else:
+        loader_cls = common.AutoAugmentLoader if args.autoaugment else common.DeviceLoader
+        loader = loader_cls(x_train, y_train, args.batch_size, device, args.seed, rank=rank, world=world)
+    passes = args.L if args.method == "entropy-sgd" else 1  # passes over the training set per epoch
+    x_log, y_log = common.eval_split(args.data_dir, "log", args.n_log, device)
+    x_es, y_es = common.eval_split(args.data_dir, "early-stop", args.n_early_stop, device)
+
+    # ---- model (+ rotation head), optimiser, schedule (stepped per batch / outer step), EMA
+    net = common.build_model(vars(args)).to(device)
+    if args.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    if args.clip:
+        common.clip_weights(net, args.clip)
+    trained = WithRotationHead(net).to(device) if args.method == "rotation" else net  # what the optimiser trains
+    opt, sched = common.make_optimizer(trained, args, len(loader))
+    ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
+    start_epoch, es_best = run.resume(net, opt, sched, ema, loader)
+    if start_epoch and args.method == "rotation":
+        trained.rotation_head.load_state_dict(common.load_checkpoint(run.last, device)["aux"])
+    attack_model = torch.compile(trained) if args.compile else trained  # attacks run on the unwrapped module
+    model = DistributedDataParallel(trained) if world > 1 else trained  # only training forwards go through DDP
+    if args.compile:
+        model = torch.compile(model)
+
+    for epoch in range(start_epoch + 1, args.epochs + 1):
+        t0 = time.time()
+        loader.epoch = (epoch - 1) * passes  # AutoAugmentLoader seeds its workers by (seed, epoch)
+        trained.train()
+        sums = {}
+        batches = outer_steps(loader, args.L) if args.method == "entropy-sgd" else loader
+        for i, batch in enumerate(tqdm(batches, total=len(loader), desc=f"epoch {epoch}",
+                                       disable=None if rank == 0 else True, leave=False)):
+            if args.method == "entropy-sgd":
+                gamma = scoped_gamma(args.esgd_gamma, args.esgd_scoping, (epoch - 1) * len(loader) + i, args.esgd_inner_lr)
+                stats = entropy_sgd_step([p for p in trained.parameters() if p.requires_grad], opt,
+                                         lambda j: at_loss(model, attack_model, *batch[j], args), args.L, gamma,
+                                         args.esgd_noise, args.esgd_inner_lr, args.wd)
+            else:
+                if args.method == "rotation":  # a second set of as many images, rotated (drawn globally, split by rank)
+                    x, y = batch
+                    x_rot, k = rotation_batch(loader.x, len(y) * world, loader.generator)
+                    loss, stats = rotation_loss(model, attack_model, x, y, x_rot[rank::world], k[rank::world], args)
+                elif args.method == "unlabeled":
+                    x, y, is_unlabeled = batch
+                    loss, stats = at_loss(model, attack_model, x, y, args, labelled=(~is_unlabeled).float())
+                else:  # pgd-tau
+                    loss, stats = at_loss(model, attack_model, *batch, args)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            sched.step()
+            if args.clip:
+                common.clip_weights(net, args.clip)
+            if ema is not None:
+                ema.update_parameters(net)
+            for key, v in stats.items():
+                sums[key] = sums.get(key, 0) + v
+
+        # ---- end of epoch: metrics (fp32), early stopping, checkpoints
+        if world > 1:  # BN statistics differ across ranks after local updates: take rank 0's
+            for b in trained.buffers():
+                dist.broadcast(b, 0)
+        metrics = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], **train_means(sums, world),
+                   "train_time_s": time.time() - t0}
+        if args.method == "entropy-sgd":
+            metrics["esgd_gamma"] = gamma
+        if epoch % args.eval_every == 0 or epoch == args.epochs:
+            metrics.update(test_metrics(net, x_log, y_log, args, 1, "test_", rank, world))
+        last = epoch == args.epochs
+        if last and ema is not None:  # re-estimate the averaged model's BN statistics (clean pass)
+            update_bn(loader, ema, device=device)
+            if world > 1:
+                for b in ema.buffers():
+                    dist.broadcast(b, 0)
+        snapshot = epoch % args.es_every == 0 or last
+        if snapshot:
+            es = test_metrics(net, x_es, y_es, args, args.es_restarts, "es_", rank, world)
+            metrics.update(es_rerr=es["es_rerr"], es_rloss=es["es_rloss"])
+            if es_best is None or es["es_rerr"] < es_best["es_rerr"]:
+                es_best = {"epoch": epoch, "es_rerr": es["es_rerr"]}
+        metrics["time_s"] = time.time() - t0
+        aux = {"aux": trained.rotation_head.state_dict()} if args.method == "rotation" else None
+        run.end_epoch(metrics, epoch, net, opt, sched, ema, loader, es_best,
+                      snapshot=snapshot, best=snapshot and es_best["epoch"] == epoch, extra=aux)
+    run.finish()
+
+
+if __name__ == "__main__":
+    common.run_cli(main)
