@@ -15,6 +15,7 @@ import platform
 import random
 import subprocess
 import sys
+import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -757,18 +758,49 @@ def unwrap(model):
     return getattr(model, "_orig_mod", model)
 
 
+def batch_stats(logits, y):
+    """Sums for the training log of one batch, as device tensors (no host sync): the adversarial CE
+    with the true labels (train RLoss, whatever the method's objective), the error count and n."""
+    logits = logits.detach().float()
+    return {"loss": F.cross_entropy(logits, y, reduction="sum"), "err": (logits.argmax(1) != y).sum().float(),
+            "n": torch.tensor(float(len(y)), device=y.device)}
+
+
+def add_stats(sums, stats):
+    for k, v in stats.items():
+        sums[k] = sums.get(k, 0) + v
+    return sums
+
+
+def epoch_metrics(model, x, y, alpha, restarts, prefix, rank=0, world=1):
+    """Clean and PGD-7 (ε = 8/255) metrics of a fixed test slice, sharded over ranks with summed
+    counts; the robust loss is also split by clean correctness (Fig. 2)."""
+    x, y = x[rank::world], y[rank::world]
+    clean_loss, clean_ok = clean_metrics(model, x, y)
+    rloss, robust_ok = robust_metrics(model, x, y, 8 / 255, alpha, 7, restarts)
+    sums = torch.stack([torch.tensor(float(len(y)), device=x.device), clean_loss.sum(), (~clean_ok).sum(),
+                        rloss.sum(), (~robust_ok).sum(), clean_ok.sum(), (rloss * clean_ok).sum()])
+    if world > 1:
+        dist.all_reduce(sums)
+    n, cl, ce, rl, re, n_ok, rl_ok = sums.tolist()
+    return {f"{prefix}clean_loss": cl / n, f"{prefix}clean_err": ce / n, f"{prefix}rloss": rl / n,
+            f"{prefix}rerr": re / n, f"{prefix}rloss_correct": rl_ok / max(n_ok, 1),
+            f"{prefix}rloss_incorrect": (rl - rl_ok) / max(n - n_ok, 1), f"{prefix}n": int(n)}
+
+
 class Run:
-    """One run folder (SPEC §1.8): args.json with versions, metrics.jsonl, atomic checkpoints
-    (`ckpt_last.pt` every epoch, `ckpt_epoch{E:03d}.pt` snapshots, `ckpt_best.pt`), exact resume.
-    Only rank 0 writes."""
+    """One training run (SPEC §1.8, §5.1-5.4): the run folder (args.json with versions,
+    metrics.jsonl, atomic checkpoints `ckpt_last.pt` every epoch, `ckpt_epoch{E:03d}.pt` snapshots,
+    `ckpt_best.pt`), exact resume, and the end-of-epoch evaluation. Only rank 0 writes."""
 
     NOT_COMPARED = {"resume", "device", "out", "workers"}
 
-    def __init__(self, args, rank, device):
-        self.args, self.rank, self.device = args, rank, device
+    def __init__(self, args, rank, world, device):
+        self.args, self.rank, self.world, self.device = args, rank, world, device
         self.dir = Path(args.out)
         self.last = self.dir / "ckpt_last.pt"
         self.metrics = self.dir / "metrics.jsonl"
+        self.es_best = None
         # an empty metrics.jsonl is a start that failed before its first epoch (e.g. a wrong
         # --data-dir), or rank 0 of this very run having just created it: not a run to protect
         has_run = self.last.exists() or (self.metrics.exists() and self.metrics.stat().st_size > 0)
@@ -780,41 +812,90 @@ class Run:
                 write_json(self.dir / "args.json", {**vars(args), "versions": versions(device)})
                 self.metrics.write_text("")
 
-    def resume(self, model, opt, sched, ema, loader):
-        """Load ckpt_last.pt if --resume finds one: returns (epoch done, early-stopping best)."""
+    def track(self, model, opt, sched, ema, loader, log_set, es_set, trained=None):
+        """What the run saves, resumes and evaluates: the classifier `model` (saved as 'model'),
+        optimiser, schedule, EMA (or None), the loader (its RNG), the logging and early-stopping
+        slices; `trained` is the module whose BN buffers are synchronised (default: model)."""
+        self.model, self.opt, self.sched, self.ema, self.loader = model, opt, sched, ema, loader
+        self.log_set, self.es_set, self.trained = log_set, es_set, trained if trained is not None else model
+
+    def resume(self):
+        """Load ckpt_last.pt if --resume finds one; returns the number of epochs already done."""
         if not (self.args.resume and self.last.exists()):
-            return 0, None
+            return 0
         ckpt = load_checkpoint(self.last, self.device)
         saved = ckpt.get("args", {})
         differ = sorted(k for k, v in vars(self.args).items()
                         if k not in self.NOT_COMPARED and k in saved and saved[k] != v)
         check(not differ, "--resume with flags that differ from the saved run: "
               + ", ".join(f"--{k.replace('_', '-')} {saved[k]} (now {vars(self.args)[k]})" for k in differ))
-        load_weights(model, ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        if ema is not None:
-            load_weights(ema.module, ckpt["ema"])
-            ema.n_averaged.fill_(max(int(ckpt["epoch"]), 1))
-        set_rng_state(ckpt["rng"], loader)
+        load_weights(self.model, ckpt["model"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.sched.load_state_dict(ckpt["scheduler"])
+        if self.ema is not None:
+            load_weights(self.ema.module, ckpt["ema"])
+            self.ema.n_averaged.fill_(max(int(ckpt["epoch"]), 1))
+        set_rng_state(ckpt["rng"], self.loader)
+        self.es_best = ckpt.get("es_best")
         if self.rank == 0:  # drop metric lines of epochs after the checkpoint (they are recomputed)
             lines = [l for l in self.metrics.read_text().splitlines() if l.strip()]
             kept = [l for l in lines if json.loads(l)["epoch"] <= ckpt["epoch"]]
             self.metrics.write_text("".join(l + "\n" for l in kept))
             print(f"resumed {self.dir} at epoch {ckpt['epoch']}")
-        return int(ckpt["epoch"]), ckpt.get("es_best")
+        return int(ckpt["epoch"])
 
-    def end_epoch(self, metrics, epoch, model, opt, sched, ema, loader, es_best, snapshot, best, extra=None):
+    def train_means(self, sums):
+        """Epoch means of the summed training statistics: train_<key> = sum / n (sum / n_labelled
+        for *_labelled keys), all-reduced over ranks."""
+        keys = sorted(sums)
+        totals = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32, device=self.device) for k in keys])
+        if self.world > 1:
+            dist.all_reduce(totals)
+        t = dict(zip(keys, totals.tolist()))
+        return {f"train_{k}": v / max(t["n_labelled" if k.endswith("_labelled") else "n"], 1)
+                for k, v in t.items() if not k.startswith("n")}
+
+    def end_epoch(self, epoch, sums, t0, logged=None, extra=None):
+        """The end of an epoch, in order: BN buffers from rank 0 (they drift apart under DDP); the
+        epoch's training means; test metrics on the logging slice (every --eval-every epochs); after
+        the last epoch, the EMA model's BN statistics re-estimated by a clean pass over the training
+        set; at snapshot epochs (every --es-every and the last) PGD-7 on the early-stopping slice;
+        then the metrics line and the checkpoints. `logged`: more metric entries; `extra`: more
+        checkpoint entries (e.g. train_misc.py's rotation head under 'aux', outside 'model')."""
+        from torch.optim.swa_utils import update_bn
+        args, world = self.args, self.world
+        if world > 1:
+            for b in self.trained.buffers():
+                dist.broadcast(b, 0)
+        metrics = {"epoch": epoch, "lr": self.opt.param_groups[0]["lr"], **self.train_means(sums),
+                   "train_time_s": time.time() - t0, **(logged or {})}
+        last = epoch == args.epochs
+        if epoch % args.eval_every == 0 or last:
+            metrics.update(epoch_metrics(self.model, *self.log_set, args.attack_step, 1, "test_", self.rank, world))
+        if last and self.ema is not None:
+            update_bn(self.loader, self.ema, device=self.device)
+            if world > 1:
+                for b in self.ema.buffers():
+                    dist.broadcast(b, 0)
+        snapshot = epoch % args.es_every == 0 or last
+        if snapshot:
+            es = epoch_metrics(self.model, *self.es_set, args.attack_step, args.es_restarts, "es_", self.rank, world)
+            metrics.update(es_rerr=es["es_rerr"], es_rloss=es["es_rloss"])
+            if self.es_best is None or es["es_rerr"] < self.es_best["es_rerr"]:  # the first minimum
+                self.es_best = {"epoch": epoch, "es_rerr": es["es_rerr"]}
+        metrics["time_s"] = time.time() - t0
+        self.save(metrics, epoch, snapshot, best=snapshot and self.es_best["epoch"] == epoch, extra=extra)
+
+    def save(self, metrics, epoch, snapshot, best, extra=None):
         """Append the metrics line, then write the checkpoints (so a crash in between only loses
-        a line that resume recomputes). `extra`: more checkpoint entries (e.g. train_misc.py's
-        rotation head under 'aux', kept out of 'model' so evaluate.py loads 'model' unchanged)."""
+        a line that resume recomputes)."""
         if self.rank == 0:
             append_jsonl(self.metrics, metrics)
-            state = dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                         epoch=epoch, args=vars(self.args), rng=rng_state(loader), es_best=es_best,
-                         metrics=metrics)
-            if ema is not None:
-                state["ema"] = ema.module.state_dict()
+            state = dict(model=self.model.state_dict(), optimizer=self.opt.state_dict(),
+                         scheduler=self.sched.state_dict(), epoch=epoch, args=vars(self.args),
+                         rng=rng_state(self.loader), es_best=self.es_best, metrics=metrics)
+            if self.ema is not None:
+                state["ema"] = self.ema.module.state_dict()
             state.update(extra or {})
             save_checkpoint(self.last, **state)
             if snapshot:

@@ -32,11 +32,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 import common
@@ -254,9 +253,8 @@ def rotation_loss(model, attack_model, x, y, x_rot, k, args):
     rot_loss = F.cross_entropy(rot_logits.float(), k)
     loss = class_loss + args.rot_weight * rot_loss
     with torch.no_grad():
-        stats = dict(loss=F.cross_entropy(class_logits.float(), y, reduction="sum"),
-                     err=(class_logits.argmax(1) != y).sum().float(), n=torch.tensor(float(n), device=x.device),
-                     rot_loss=rot_loss.detach() * n, rot_err=(rot_logits.argmax(1) != k).sum().float())
+        stats = dict(common.batch_stats(class_logits, y), rot_loss=rot_loss.detach() * n,
+                     rot_err=(rot_logits.argmax(1) != k).sum().float())
     return loss, stats
 
 
@@ -381,8 +379,7 @@ def entropy_sgd_step(params, opt, inner_loss, L, gamma, noise, inner_lr, wd, mu_
                     g = g + (noise / math.sqrt(0.5 * inner_lr)) * torch.randn_like(p)
                 p.sub_(inner_lr * g)
                 m.mul_(mu_decay).add_(p, alpha=1 - mu_decay)
-        for k, v in stats.items():
-            sums[k] = sums.get(k, 0) + v
+        common.add_stats(sums, stats)
     with torch.no_grad():
         for p, w, m in zip(params, w_c, mu):
             p.copy_(w)     # w ← w_c: the Langevin iterate only served to estimate μ
@@ -431,35 +428,6 @@ def pgd_tau(model, x, y, eps, alpha, steps, tau, start="uniform", bn="eval", aut
     return delta.detach(), steps_taken
 
 
-# ----------------------------------------------------------------------------------------------
-# Evaluation during training: fp32, eval-mode BN, sharded over ranks with summed counts
-# ----------------------------------------------------------------------------------------------
-def test_metrics(model, x, y, args, restarts, prefix, rank, world):
-    """Clean and PGD-7 metrics; the robust loss is also split by clean correctness (Fig. 2)."""
-    x, y = x[rank::world], y[rank::world]
-    clean_loss, clean_ok = common.clean_metrics(model, x, y)
-    rloss, robust_ok = common.robust_metrics(model, x, y, 8 / 255, args.attack_step, 7, restarts)
-    sums = torch.stack([torch.tensor(float(len(y)), device=x.device), clean_loss.sum(), (~clean_ok).sum(),
-                        rloss.sum(), (~robust_ok).sum(), clean_ok.sum(), (rloss * clean_ok).sum()])
-    if world > 1:
-        dist.all_reduce(sums)
-    n, cl, ce, rl, re, n_ok, rl_ok = sums.tolist()
-    return {f"{prefix}clean_loss": cl / n, f"{prefix}clean_err": ce / n, f"{prefix}rloss": rl / n,
-            f"{prefix}rerr": re / n, f"{prefix}rloss_correct": rl_ok / max(n_ok, 1),
-            f"{prefix}rloss_incorrect": (rl - rl_ok) / max(n - n_ok, 1), f"{prefix}n": int(n)}
-
-
-def train_means(sums, world):
-    """Epoch means of the summed training statistics: train_<key> = sum / n (/ n_labelled for *_labelled)."""
-    keys = sorted(sums)
-    totals = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32) for k in keys])
-    if world > 1:
-        dist.all_reduce(totals)
-    t = dict(zip(keys, totals.tolist()))
-    return {f"train_{k}": v / max(t["n_labelled" if k.endswith("_labelled") else "n"], 1)
-            for k, v in t.items() if not k.startswith("n")}
-
-
 def main():
     args = parse_args()
     rank, world, device = common.setup_distributed(args.device)
@@ -467,7 +435,7 @@ def main():
     common.seed_everything(args.seed)
     if args.method == "unlabeled":  # read and check the file before a run folder exists
         x_unl, y_unl = load_unlabeled(args.unlabeled_data)
-    run = common.Run(args, rank, device)  # run folder, args.json, metrics.jsonl; checks --resume
+    run = common.Run(args, rank, world, device)  # run folder, args.json, metrics.jsonl; checks --resume
 
     # ---- data: training set on the device; fixed logging / early-stopping subsets (SPEC §2)
     x_train, y_train = common.load_cifar10(args.data_dir, train=True)
@@ -494,7 +462,8 @@ def main():
     trained = WithRotationHead(net).to(device) if args.method == "rotation" else net  # what the optimiser trains
     opt, sched = common.make_optimizer(trained, args, len(loader))
     ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
-    start_epoch, es_best = run.resume(net, opt, sched, ema, loader)
+    run.track(net, opt, sched, ema, loader, log_set=(x_log, y_log), es_set=(x_es, y_es), trained=trained)
+    start_epoch = run.resume()
     if start_epoch and args.method == "rotation":
         trained.rotation_head.load_state_dict(common.load_checkpoint(run.last, device)["aux"])
     attack_model = torch.compile(trained) if args.compile else trained  # attacks run on the unwrapped module
@@ -533,35 +502,11 @@ def main():
                 common.clip_weights(net, args.clip)
             if ema is not None:
                 ema.update_parameters(net)
-            for key, v in stats.items():
-                sums[key] = sums.get(key, 0) + v
+            common.add_stats(sums, stats)
 
-        # ---- end of epoch: metrics (fp32), early stopping, checkpoints
-        if world > 1:  # BN statistics differ across ranks after local updates: take rank 0's
-            for b in trained.buffers():
-                dist.broadcast(b, 0)
-        metrics = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], **train_means(sums, world),
-                   "train_time_s": time.time() - t0}
-        if args.method == "entropy-sgd":
-            metrics["esgd_gamma"] = gamma
-        if epoch % args.eval_every == 0 or epoch == args.epochs:
-            metrics.update(test_metrics(net, x_log, y_log, args, 1, "test_", rank, world))
-        last = epoch == args.epochs
-        if last and ema is not None:  # re-estimate the averaged model's BN statistics (clean pass)
-            update_bn(loader, ema, device=device)
-            if world > 1:
-                for b in ema.buffers():
-                    dist.broadcast(b, 0)
-        snapshot = epoch % args.es_every == 0 or last
-        if snapshot:
-            es = test_metrics(net, x_es, y_es, args, args.es_restarts, "es_", rank, world)
-            metrics.update(es_rerr=es["es_rerr"], es_rloss=es["es_rloss"])
-            if es_best is None or es["es_rerr"] < es_best["es_rerr"]:
-                es_best = {"epoch": epoch, "es_rerr": es["es_rerr"]}
-        metrics["time_s"] = time.time() - t0
+        logged = {"esgd_gamma": gamma} if args.method == "entropy-sgd" else None
         aux = {"aux": trained.rotation_head.state_dict()} if args.method == "rotation" else None
-        run.end_epoch(metrics, epoch, net, opt, sched, ema, loader, es_best,
-                      snapshot=snapshot, best=snapshot and es_best["epoch"] == epoch, extra=aux)
+        run.end_epoch(epoch, sums, t0, logged=logged, extra=aux)  # test metrics, EMA BN, early stopping, checkpoints
     run.finish()
 
 

@@ -20,10 +20,9 @@ import argparse
 import time
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 import common
@@ -123,30 +122,12 @@ def training_loss(logits_clean, logits, y, args):
     return trades_loss(logits_clean, logits, y, args.beta, args.label_smoothing)
 
 
-# ----------------------------------------------------------------------------------------------
-# Evaluation during training: fp32, eval-mode BN, sharded over ranks with summed counts
-# ----------------------------------------------------------------------------------------------
-def test_metrics(model, x, y, args, restarts, prefix, rank, world):
-    """Clean and PGD-7 metrics; the robust loss is also split by clean correctness (Fig. 2)."""
-    x, y = x[rank::world], y[rank::world]
-    clean_loss, clean_ok = common.clean_metrics(model, x, y)
-    rloss, robust_ok = common.robust_metrics(model, x, y, 8 / 255, args.attack_step, 7, restarts)
-    sums = torch.stack([torch.tensor(float(len(y)), device=x.device), clean_loss.sum(), (~clean_ok).sum(),
-                        rloss.sum(), (~robust_ok).sum(), clean_ok.sum(), (rloss * clean_ok).sum()])
-    if world > 1:
-        dist.all_reduce(sums)
-    n, cl, ce, rl, re, n_ok, rl_ok = sums.tolist()
-    return {f"{prefix}clean_loss": cl / n, f"{prefix}clean_err": ce / n, f"{prefix}rloss": rl / n,
-            f"{prefix}rerr": re / n, f"{prefix}rloss_correct": rl_ok / max(n_ok, 1),
-            f"{prefix}rloss_incorrect": (rl - rl_ok) / max(n - n_ok, 1), f"{prefix}n": int(n)}
-
-
 def main():
     args = parse_args()
     rank, world, device = common.setup_distributed(args.device)
     check(args.batch_size % world == 0, f"--batch-size {args.batch_size} must divide over {world} processes")
     common.seed_everything(args.seed)
-    run = common.Run(args, rank, device)  # run folder, args.json, metrics.jsonl; checks --resume
+    run = common.Run(args, rank, world, device)  # run folder, args.json, metrics.jsonl; checks --resume
 
     # ---- data: training set on the device; fixed logging / early-stopping subsets (SPEC §2)
     x_train, y_train = common.load_cifar10(args.data_dir, train=True)
@@ -167,7 +148,8 @@ def main():
         common.clip_weights(net, args.clip)
     opt, sched = common.make_optimizer(net, args, len(loader))
     ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
-    start_epoch, es_best = run.resume(net, opt, sched, ema, loader)
+    run.track(net, opt, sched, ema, loader, log_set=(x_log, y_log), es_set=(x_es, y_es))
+    start_epoch = run.resume()
     attack_model = torch.compile(net) if args.compile else net  # attacks run on the unwrapped module
     model = DistributedDataParallel(net) if world > 1 else net  # only the training forward goes through DDP
     if args.compile:
@@ -177,9 +159,7 @@ def main():
         t0 = time.time()
         loader.epoch = epoch - 1  # AutoAugmentLoader seeds its workers by (seed, epoch)
         net.train()
-        loss_sum = torch.zeros((), device=device)
-        err_sum = torch.zeros((), device=device)
-        n_seen = 0
+        sums = {}
         for x, y in tqdm(loader, desc=f"epoch {epoch}", disable=None if rank == 0 else True, leave=False):
             x_adv = adversarial_batch(attack_model, x, y, args)
             with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
@@ -194,36 +174,8 @@ def main():
                 common.clip_weights(net, args.clip)
             if ema is not None:
                 ema.update_parameters(net)
-            loss_sum += loss.detach() * len(y)
-            err_sum += (logits.detach().argmax(1) != y).sum()
-            n_seen += len(y)
-
-        # ---- end of epoch: metrics (fp32), early stopping, checkpoints
-        if world > 1:  # BN statistics differ across ranks after local updates: take rank 0's
-            for b in net.buffers():
-                dist.broadcast(b, 0)
-        totals = torch.stack([loss_sum, err_sum.float(), torch.tensor(float(n_seen), device=device)])
-        if world > 1:
-            dist.all_reduce(totals)
-        metrics = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "train_loss": (totals[0] / totals[2]).item(),
-                   "train_err": (totals[1] / totals[2]).item(), "train_time_s": time.time() - t0}
-        if epoch % args.eval_every == 0 or epoch == args.epochs:
-            metrics.update(test_metrics(net, x_log, y_log, args, 1, "test_", rank, world))
-        last = epoch == args.epochs
-        if last and ema is not None:  # re-estimate the averaged model's BN statistics (clean pass)
-            update_bn(loader, ema, device=device)
-            if world > 1:
-                for b in ema.buffers():
-                    dist.broadcast(b, 0)
-        snapshot = epoch % args.es_every == 0 or last
-        if snapshot:
-            es = test_metrics(net, x_es, y_es, args, args.es_restarts, "es_", rank, world)
-            metrics.update(es_rerr=es["es_rerr"], es_rloss=es["es_rloss"])
-            if es_best is None or es["es_rerr"] < es_best["es_rerr"]:
-                es_best = {"epoch": epoch, "es_rerr": es["es_rerr"]}
-        metrics["time_s"] = time.time() - t0
-        run.end_epoch(metrics, epoch, net, opt, sched, ema, loader, es_best,
-                      snapshot=snapshot, best=snapshot and es_best["epoch"] == epoch)
+            common.add_stats(sums, common.batch_stats(logits, y))
+        run.end_epoch(epoch, sums, t0)  # fp32 test metrics, EMA BN statistics, early stopping, checkpoints
     run.finish()
 
 

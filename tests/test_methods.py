@@ -310,12 +310,12 @@ import torch
 import common, train_awp
 
 # record what rank 1 ends with (the script itself writes files on rank 0 only)
-end_epoch = common.Run.end_epoch
-def record(self, metrics, epoch, model, *args, **kwargs):
-    end_epoch(self, metrics, epoch, model, *args, **kwargs)
+save = common.Run.save
+def record(self, *args, **kwargs):
+    save(self, *args, **kwargs)
     if self.rank == 1:
-        torch.save(model.state_dict(), os.environ["RANK1_STATE"])
-common.Run.end_epoch = record
+        torch.save(self.model.state_dict(), os.environ["RANK1_STATE"])
+common.Run.save = record
 common.run_cli(train_awp.main)
 """
 

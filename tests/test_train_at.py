@@ -98,8 +98,8 @@ def test_run_folder(tiny_data, tmp_path, name):
         assert "ema" not in ckpt
 
 
-def test_test_metrics_against_hand_computation():
-    """train_at.test_metrics: means of common.clean_metrics / robust_metrics (same seed), with RLoss
+def test_epoch_metrics_against_hand_computation():
+    """common.epoch_metrics: means of common.clean_metrics / robust_metrics (same seed), with RLoss
     split by clean correctness (Fig. 2) computed by hand."""
     torch.manual_seed(0)
     model = common.ResNet18(width=4).eval()
@@ -109,7 +109,7 @@ def test_test_metrics_against_hand_computation():
     y = torch.where(torch.arange(24) % 2 == 0, pred, (pred + 1) % 10)  # half clean-correct, half not
     args = train_at.parse_args(["--attack-step", "2/255"])
     torch.manual_seed(1)
-    got = train_at.test_metrics(model, x, y, args, 2, "t_", 0, 1)
+    got = common.epoch_metrics(model, x, y, args.attack_step, 2, "t_")
     torch.manual_seed(1)
     closs, cok = common.clean_metrics(model, x, y)
     rloss, rok = common.robust_metrics(model, x, y, 8 / 255, 2 / 255, 7, 2)
@@ -161,12 +161,12 @@ def test_failed_start_does_not_block_the_run_folder(tmp_path):
     """A start that fails before epoch 1 (e.g. a wrong --data-dir) leaves an empty metrics.jsonl;
     rerunning with the same --out must work without --resume. A folder with a metrics line must not."""
     args = train_at.parse_args(["--out", str(tmp_path / "run")])
-    common.Run(args, 0, torch.device("cpu"))
+    common.Run(args, 0, 1, torch.device("cpu"))
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == ""
-    common.Run(args, 0, torch.device("cpu"))
+    common.Run(args, 0, 1, torch.device("cpu"))
     common.append_jsonl(tmp_path / "run" / "metrics.jsonl", {"epoch": 1})
     with pytest.raises(common.UsageError, match="already holds a run"):
-        common.Run(args, 0, torch.device("cpu"))
+        common.Run(args, 0, 1, torch.device("cpu"))
 
 
 DDP_WRAPPER = """
@@ -176,12 +176,12 @@ import torch
 import common, train_at
 
 # record what rank 1 ends with (train_at.py itself writes files on rank 0 only)
-end_epoch = common.Run.end_epoch
-def record(self, metrics, epoch, model, *args, **kwargs):
-    end_epoch(self, metrics, epoch, model, *args, **kwargs)
+save = common.Run.save
+def record(self, *args, **kwargs):
+    save(self, *args, **kwargs)
     if self.rank == 1:
-        torch.save(model.state_dict(), os.environ["RANK1_STATE"])
-common.Run.end_epoch = record
+        torch.save(self.model.state_dict(), os.environ["RANK1_STATE"])
+common.Run.save = record
 common.run_cli(train_at.main)
 """
 
