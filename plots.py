@@ -1,0 +1,969 @@
+"""Figures, Table 1 and the correlations of Stutz, Hein & Schiele, "Relating Adversarially Robust
+Generalization to Flat Minima" (ICCV 2021), redrawn from run folders (SPEC §11).
+
+Usage:   python plots.py runs/ --out figures/ [--baseline NAME]
+
+Reads every run folder under the given path (any folder with an args.json): `args.json`,
+`metrics.jsonl`, and every `eval*.json` / `flatness*.json` beside the checkpoints. Each result file
+says what it measured (its "checkpoint" names last / best / epochNNN, flatness files carry "mode",
+"loss", "subset", "xi"); file names are only a fallback. Writes, as PNG and PDF:
+
+  fig1_rloss_vs_flatness     Fig. 1: test RLoss vs average-case flatness, one labelled point per run
+  fig2_robust_overfitting    Fig. 2: train/test RLoss and RErr over training (baseline run), ES epoch
+  fig4_landscape             Fig. 4: RLoss along random and adversarial weight directions
+  fig5_training_curves       Fig. 5: training curves per method (test solid, train dotted)
+  fig6_flatness_over_training_<run>  Fig. 6: flatness and RLoss per snapshot; RLoss vs flatness
+  fig7_hyperparameters       Fig. 7: RLoss vs average flatness across hyper-parameters, fit per method
+  fig8_rloss_flatness        Fig. 8: RErr vs RLoss (two fits split at RLoss 2.3); RLoss and RErr vs
+                             average flatness; RLoss vs worst-case flatness
+  fig9_generalisation        Fig. 9: flatness on train examples; test−train RLoss; last−ES RLoss;
+                             early-stopped vs last models
+and table1.md / table1.csv / table1.json (Table 1 with the Good/Average/Poor group means),
+correlations.json (Pearson and Spearman with p-values and n) and summary.json (every number read).
+A figure whose inputs are missing is skipped with one line that says what is missing.
+
+Conventions (research/paper-code.md §7): RLoss = PGD-20×10 robust cross-entropy on test images
+0…999 (eval.json "pgd"); RErr = AutoAttack where the run folder has it, else PGD (marked);
+average-case flatness at ξ = 0.5 and worst-case at ξ = 0.00075 where several ξ were measured.
+"""
+import argparse
+import csv
+import json
+import math
+import re
+from collections import Counter
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display; no LaTeX needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import scipy.stats  # noqa: E402
+import torch  # noqa: E402
+
+import common  # noqa: E402
+from common import check  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------
+# Run labels: method name + the flags that differ from the paper's AT baseline (SPEC §5-§8)
+# ---------------------------------------------------------------------------------------------
+METHOD_NAMES = {"at": "AT", "trades": "TRADES", "mart": "MART", "awp": "AWP", "rotation": "AT+rotation",
+                "unlabeled": "AT+unlabeled", "entropy-sgd": "Entropy-SGD", "pgd-tau": "PGD-τ"}
+# The method's own hyper-parameter, always part of the label ("TRADES β=9").
+METHOD_FLAGS = {"trades": ["beta"], "mart": ["beta"], "awp": ["xi"], "rotation": ["rot_weight"],
+                "unlabeled": ["unlabeled_fraction"], "entropy-sgd": ["L"], "pgd-tau": ["tau"]}
+# Flags Table 1 varies, with the baseline's value: a run whose value differs gets "flag=value".
+BASELINE = {"wd": 5e-4, "label_smoothing": 0.0, "label_noise": 0.0, "clip": 0.0, "ema": 0.0, "act": "relu",
+            "autoaugment": False, "lr_schedule": "multistep", "optimizer": "sgd", "epsilon": 8 / 255,
+            "attack_steps": 7, "momentum": 0.9, "nesterov": False, "awp_warmup": 0, "grad_clip": 0.0,
+            "adv_fraction": 1.0}
+# Flags whose reference is the value most runs share (a CPU reproduction shrinks them all alike).
+RUN_SCALE = ("epochs", "batch_size", "lr")
+SYMBOLS = {"beta": "β", "xi": "ξ", "rot_weight": "λ", "tau": "τ", "L": "L", "unlabeled_fraction": "fraction",
+           "wd": "wd", "label_smoothing": "label-smoothing", "label_noise": "label-noise", "clip": "clip",
+           "ema": "EMA", "act": "act", "lr_schedule": "schedule", "optimizer": "optimizer", "epsilon": "ε",
+           "attack_steps": "PGD-steps", "momentum": "momentum", "nesterov": "nesterov", "awp_warmup": "warm-up",
+           "grad_clip": "grad-clip", "adv_fraction": "adv-fraction", "epochs": "epochs", "batch_size": "batch",
+           "lr": "lr"}
+FLATNESS_METHODS = ("awp", "entropy-sgd")  # "◆" in Fig. 1 (with weight averaging); AT variants "●"
+PAPER_XI = {"average": 0.5, "worst": 0.00075}  # SPEC §10 defaults, preferred when several ξ exist
+METHOD_ORDER = list(METHOD_NAMES)
+
+
+def is_off(v):
+    return v is None or v is False or (isinstance(v, (int, float)) and v == 0)
+
+
+def differs(value, reference):
+    if is_off(value) and is_off(reference):
+        return False
+    if isinstance(value, (int, float)) and isinstance(reference, (int, float)) and not isinstance(value, bool):
+        return not math.isclose(value, reference, rel_tol=1e-6, abs_tol=1e-12)
+    return value != reference
+
+
+def format_value(flag, v):
+    if flag == "epsilon" and isinstance(v, (int, float)) and abs(v * 255 - round(v * 255)) < 1e-3:
+        return f"{round(v * 255)}/255"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def differing_flags(args, scale_reference):
+    """[(flag, value)] of the AT hyper-parameters that differ from the baseline."""
+    out = []
+    for flag, ref in list(BASELINE.items()) + [(f, scale_reference.get(f)) for f in RUN_SCALE]:
+        if flag in args and ref is not None and differs(args[flag], ref):
+            out.append((flag, args[flag]))
+    return out
+
+
+def flag_text(flag, v):
+    if v is True:
+        return SYMBOLS.get(flag, flag)
+    return f"{SYMBOLS.get(flag, flag)}={format_value(flag, v)}"
+
+
+def describe(args, scale_reference):
+    """(label, family, sweep value): label "TRADES β=9" / "AT wd=0.05"; family groups a sweep of
+    one method (Fig. 7): the method plus the flags that differ, numeric ones by name only
+    ("AT label-noise"), others with their value ("AT act=silu")."""
+    method = args.get("method", "at")
+    name = METHOD_NAMES.get(method, method)
+    own = [(f, args[f]) for f in METHOD_FLAGS.get(method, []) if f in args]
+    other = differing_flags(args, scale_reference)
+    label = " ".join([name] + [flag_text(f, v) for f, v in own + other])
+    numeric = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    family = " ".join([name] + [SYMBOLS.get(f, f) if numeric(v) else flag_text(f, v) for f, v in other])
+    varied = own + other
+    sweep = varied[0][1] if varied and isinstance(varied[0][1], (int, float)) else 0.0
+    return label, family, float(sweep)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading run folders: each result file identifies itself by its fields
+# ---------------------------------------------------------------------------------------------
+class Log:
+    """Collects the one-line messages (skipped files, skipped figures) and prints them."""
+
+    def __init__(self):
+        self.lines = []
+
+    def __call__(self, text):
+        self.lines.append(text)
+        print(text, flush=True)
+
+
+def read_json(path, log):
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        log(f"skip {path}: not readable JSON ({type(e).__name__})")
+        return None
+    if not isinstance(obj, dict):
+        log(f"skip {path}: not a JSON object")
+        return None
+    return obj
+
+
+def checkpoint_kind(obj, path, stem):
+    """'last', 'best', 'epoch045', ... from the result's "checkpoint" path, else from the file name
+    (eval.json = ckpt_last.pt, eval_best.json = ckpt_best.pt, flatness_average_epoch045.json)."""
+    ckpt = obj.get("checkpoint")
+    if isinstance(ckpt, str) and ckpt:
+        name = Path(ckpt).stem
+        return name[len("ckpt_"):] if name.startswith("ckpt_") else name
+    tokens = path.stem[len(stem):].strip("_").split("_")
+    for t in tokens:
+        if t == "best" or re.fullmatch(r"epoch\d+", t):
+            return t
+    return "last"
+
+
+def entry_epoch(obj, kind):
+    if isinstance(obj.get("epoch"), int):
+        return obj["epoch"]
+    m = re.fullmatch(r"epoch(\d+)", kind)
+    return int(m.group(1)) if m else None
+
+
+def uses_ema(obj, path):
+    if isinstance(obj.get("use_ema"), bool):
+        return obj["use_ema"]
+    return "ema" in path.stem.split("_")
+
+
+def is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def load_run(folder, log):
+    """One run: args, metrics (one dict per epoch), evaluation and flatness entries."""
+    args = read_json(folder / "args.json", log)
+    if args is None:
+        return None
+    metrics = []
+    if (folder / "metrics.jsonl").exists():
+        bad = 0
+        for line in (folder / "metrics.jsonl").read_text().splitlines():
+            try:
+                m = json.loads(line) if line.strip() else None
+            except ValueError:
+                m, bad = None, bad + 1
+            if isinstance(m, dict) and "epoch" in m:
+                metrics.append(m)
+        if bad:
+            log(f"skip {bad} unparsable line(s) of {folder / 'metrics.jsonl'}")
+    evals, flats = [], []
+    for path in sorted(folder.glob("eval*.json")):
+        obj = read_json(path, log)
+        if obj is None:
+            continue
+        if not isinstance(obj.get("pgd"), dict) or not is_number(obj["pgd"].get("rloss")):
+            log(f"skip {path}: no 'pgd' section with an 'rloss'")
+            continue
+        kind = checkpoint_kind(obj, path, "eval")
+        evals.append({"kind": kind, "epoch": entry_epoch(obj, kind), "ema": uses_ema(obj, path), "data": obj,
+                      "file": path})
+    for path in sorted(folder.glob("flatness*.json")):
+        obj = read_json(path, log)
+        if obj is None:
+            continue
+        mode = obj.get("mode")
+        if mode in ("average", "worst") and not is_number(obj.get("value")):
+            log(f"skip {path}: {mode} flatness without a numeric 'value'")
+            continue
+        if mode == "hessian" and not is_number(obj.get("eigenvalue")):
+            log(f"skip {path}: hessian without a numeric 'eigenvalue'")
+            continue
+        if mode == "landscape" and not isinstance(obj.get("s"), list):
+            log(f"skip {path}: landscape without the step list 's'")
+            continue
+        if mode not in ("average", "worst", "hessian", "landscape"):
+            log(f"skip {path}: unknown flatness mode {mode!r}")
+            continue
+        kind = checkpoint_kind(obj, path, "flatness")
+        flats.append({"kind": kind, "epoch": entry_epoch(obj, kind), "ema": uses_ema(obj, path), "data": obj,
+                      "file": path, "mode": mode, "loss": obj.get("loss", "robust"),
+                      "subset": obj.get("subset", "eval"), "xi": obj.get("xi"),
+                      # a rescaled model (--scale α, §3.2) is a check of scale invariance, not a run's value
+                      "scaled": is_number(obj.get("scale")) and obj["scale"] != 1})
+    return {"name": str(folder), "dir": folder, "args": args, "metrics": metrics, "evals": evals, "flats": flats}
+
+
+def find_runs(root, log):
+    root = Path(root)
+    check(root.exists(), f"{root} does not exist; give the folder that holds the run folders (e.g. runs/)")
+    folders = [root] if (root / "args.json").exists() else sorted(p.parent for p in root.rglob("args.json"))
+    check(folders, f"no run folder (a folder with args.json) under {root}")
+    runs = [r for r in (load_run(f, log) for f in folders) if r is not None]
+    check(runs, f"no readable run folder under {root}")
+    names = [r["dir"].relative_to(root).as_posix() if r["dir"] != root else r["dir"].name for r in runs]
+    for r, n in zip(runs, names):
+        r["name"] = n
+    scale_reference = {f: Counter(r["args"].get(f) for r in runs if f in r["args"]).most_common(1)[0][0]
+                       for f in RUN_SCALE if any(f in r["args"] for r in runs)}
+    for r in runs:
+        r["label"], r["family"], r["sweep"] = describe(r["args"], scale_reference)
+    counts = Counter(r["label"] for r in runs)
+    for r in runs:  # two runs with the same flags (e.g. seeds): the folder name tells them apart
+        if counts[r["label"]] > 1:
+            r["label"] = f"{r['label']} [{r['name']}]"
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------
+# What each checkpoint measured: one flat dict of numbers per (run, checkpoint)
+# ---------------------------------------------------------------------------------------------
+def pick(entries, prefer_ema, **want):
+    """The entry matching `want`; EMA results for EMA runs (weight averaging is evaluated with
+    --use-ema) and plain ones otherwise, falling back to the other kind; newest file on ties."""
+    found = [e for e in entries if all(e.get(k) == v for k, v in want.items())]
+    if not found:
+        return None
+    preferred = [e for e in found if e["ema"] == prefer_ema] or found
+    return max(preferred, key=lambda e: (e["file"].stat().st_mtime, e["file"].name))
+
+
+def pick_flatness(run, kind, mode, loss="robust", subset="eval"):
+    """The flatness entry of one checkpoint, at the paper's ξ when several ξ were measured."""
+    prefer_ema = bool(run["args"].get("ema"))
+    found = [e for e in run["flats"] if e["kind"] == kind and e["mode"] == mode and e["loss"] == loss
+             and e["subset"] == subset and not e["scaled"]]
+    at_paper_xi = [e for e in found if is_number(e["xi"]) and math.isclose(e["xi"], PAPER_XI.get(mode, -1))]
+    return pick(at_paper_xi or found, prefer_ema)
+
+
+def pgd_name(pgd):
+    return f"PGD-{pgd.get('steps', '?')}×{pgd.get('restarts', '?')}"
+
+
+def rerr_of(section):
+    """(RErr, source, attack, n): AutoAttack when present, else PGD."""
+    aa = section.get("autoattack")
+    if isinstance(aa, dict) and is_number(aa.get("rerr")):
+        return aa["rerr"], "AutoAttack", f"AutoAttack-{aa.get('version', '?')}", aa.get("n")
+    pgd = section.get("pgd") or {}
+    return pgd.get("rerr"), "PGD", pgd_name(pgd), pgd.get("n")
+
+
+def measures(run, kind):
+    """RLoss, RErr (test and train), flatness and Hessian of one checkpoint of a run."""
+    prefer_ema = bool(run["args"].get("ema"))
+    ev = pick(run["evals"], prefer_ema, kind=kind)
+    out = {"kind": kind}
+    if ev is not None:
+        d = ev["data"]
+        out.update(epoch=ev["epoch"], eval_file=str(ev["file"]), ema=ev["ema"], rloss=d["pgd"]["rloss"],
+                   rloss_correct=d["pgd"].get("rloss_correct"), rloss_incorrect=d["pgd"].get("rloss_incorrect"),
+                   clean_err=(d.get("clean") or {}).get("err"))
+        out["rloss_attack"] = pgd_name(d["pgd"])
+        out["rerr"], out["rerr_source"], out["rerr_attack"], out["rerr_n"] = rerr_of(d)
+        train = d.get("train")
+        if isinstance(train, dict) and isinstance(train.get("pgd"), dict):
+            out["rloss_train"] = train["pgd"].get("rloss")
+            out["rerr_train"], out["rerr_train_source"], _, out["rerr_train_n"] = rerr_of(train)
+    for key, mode, loss, subset in (("flat_avg", "average", "robust", "eval"), ("flat_worst", "worst", "robust", "eval"),
+                                    ("flat_avg_train", "average", "robust", "train-eval"),
+                                    ("flat_worst_train", "worst", "robust", "train-eval"),
+                                    ("flat_avg_clean", "average", "clean", "eval"),
+                                    ("flat_worst_clean", "worst", "clean", "eval")):
+        e = pick_flatness(run, kind, mode, loss, subset)
+        if e is not None:
+            out[key] = e["data"]["value"]
+            out[key + "_xi"] = e["xi"]
+            if key in ("flat_avg", "flat_worst") and is_number(e["data"].get("reference")):
+                out.setdefault("rloss_reference", e["data"]["reference"])
+            out.setdefault("epoch", e["epoch"])
+    hess = pick([e for e in run["flats"] if e["mode"] == "hessian" and not e["scaled"]], prefer_ema, kind=kind)
+    if hess is not None:
+        out["hessian"] = hess["data"]["eigenvalue"]
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def es_epoch(run):
+    """The early-stopping epoch: first minimum of the per-snapshot es_rerr (SPEC §5.2), else the
+    epoch recorded in the best checkpoint's evaluation."""
+    es = [(m["es_rerr"], m["epoch"]) for m in run["metrics"] if is_number(m.get("es_rerr"))]
+    if es:
+        return min(es, key=lambda t: (t[0], t[1]))[1]
+    best = run["best"].get("epoch")
+    return best if isinstance(best, int) else None
+
+
+def total_epochs(run):
+    e = run["args"].get("epochs")
+    if isinstance(e, int) and e > 0:
+        return e
+    return max([m["epoch"] for m in run["metrics"]] or [1])
+
+
+def over_epochs(run):
+    """Per snapshot epoch: test RLoss, average / worst flatness, Hessian (Fig. 6), from the
+    `flatness.py --epochs` files (their reference is the PGD-20×10 RLoss of that snapshot)."""
+    kinds = {e["kind"] for e in run["flats"] + run["evals"] if re.fullmatch(r"epoch\d+", e["kind"])}
+    if not kinds:
+        return []
+    rows = {}
+    for kind in sorted(kinds) + ["last"]:
+        m = measures(run, kind)
+        epoch = m.get("epoch")
+        if not isinstance(epoch, int) or (kind == "last" and epoch in rows):
+            continue
+        rloss = m.get("rloss", m.get("rloss_reference"))
+        row = {"epoch": epoch, "rloss": rloss, "flat_avg": m.get("flat_avg"), "flat_worst": m.get("flat_worst"),
+               "hessian": m.get("hessian")}
+        if any(row[k] is not None for k in ("flat_avg", "flat_worst", "hessian")):
+            rows[epoch] = row
+    return [rows[e] for e in sorted(rows)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Drawing helpers
+# ---------------------------------------------------------------------------------------------
+plt.rcParams.update({"text.usetex": False, "axes.grid": True, "grid.alpha": 0.3, "axes.titlesize": 11,
+                     "axes.labelsize": 10, "legend.fontsize": 7, "lines.linewidth": 1.8, "figure.dpi": 100})
+PALETTE = plt.get_cmap("tab10").colors + plt.get_cmap("Dark2").colors + plt.get_cmap("Set1").colors
+GREY = (0.6, 0.6, 0.6)
+
+
+def family_colours(runs):
+    """One colour per method family, stable across figures; the AT baseline is grey (as the paper)."""
+    families = sorted({r["family"] for r in runs}, key=lambda f: (f != "AT", f))
+    colours, i = {}, 0
+    for f in families:
+        if f == "AT":
+            colours[f] = GREY
+        else:
+            colours[f] = PALETTE[i % len(PALETTE)]
+            i += 1
+    return colours
+
+
+def shade(colour, factor):
+    """Darken (< 1) or lighten (> 1) a colour: hyper-parameter sweeps in shades of the family's colour."""
+    c = np.array(colour[:3])
+    return tuple(np.clip(c * factor, 0, 1)) if factor <= 1 else tuple(1 - (1 - c) / factor)
+
+
+def marker_of(run):
+    method = run["args"].get("method", "at")
+    return "D" if method in FLATNESS_METHODS or run["args"].get("ema") else "o"
+
+
+SAVE = {"formats": ("png", "pdf"), "dpi": 150}  # set from --formats / --dpi in main()
+
+
+def save(fig, out, name, written, rect=None):
+    fig.tight_layout(rect=rect)
+    for ext in SAVE["formats"]:
+        path = out / f"{name}.{ext}"
+        fig.savefig(path, dpi=SAVE["dpi"] if ext == "png" else None)
+        written.append(str(path))
+    plt.close(fig)
+    print(f"wrote {out / name}.{'/.'.join(SAVE['formats'])}")
+
+
+def no_data(ax, text):
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=8, wrap=True)
+
+
+def fit_line(ax, x, y, **style):
+    """Least-squares line (scipy.stats.linregress) drawn between the smallest and largest x."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if len(x) < 2 or np.ptp(x) == 0:
+        return None
+    fit = scipy.stats.linregress(x, y)
+    xs = np.array([x.min(), x.max()])
+    ax.plot(xs, fit.intercept + fit.slope * xs, **style)
+    return fit
+
+
+def points_with(points, *keys):
+    return [p for p in points if all(is_number(p.get(k)) for k in keys)]
+
+
+def scatter(ax, points, xkey, ykey, colours, yscale=1.0, annotate=False):
+    """One point per run, coloured by family; returns the number drawn."""
+    ps = points_with(points, xkey, ykey)
+    for p in ps:
+        ax.scatter(p[xkey], p[ykey] * yscale, color=colours[p["family"]], marker=p["marker"], s=36,
+                   edgecolor="k", linewidth=0.4, zorder=3)
+        if annotate:
+            ax.annotate(p["label"], (p[xkey], p[ykey] * yscale), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
+    return len(ps)
+
+
+def family_legend(fig_or_ax, points, colours, **kw):
+    from matplotlib.lines import Line2D
+    fams = sorted({p["family"] for p in points}, key=lambda f: (f != "AT", f))
+    handles = [Line2D([], [], marker="o", ls="", color=colours[f], markeredgecolor="k", label=f) for f in fams]
+    if handles:
+        fig_or_ax.legend(handles=handles, **kw)
+
+
+LABELS = {"rloss": "test RLoss (cross-entropy under PGD)", "rerr": "test RErr (%)",
+          "flat_avg": "average-case flatness (ΔRLoss, ξ=0.5)", "flat_worst": "worst-case flatness (ΔRLoss, ξ=0.00075)",
+          "flat_avg_train": "average-case flatness on train examples (ΔRLoss)",
+          "epochs": "epoch / total epochs"}
+
+
+def flat_label(points, key):
+    """Axis label of a flatness measure with the ξ actually measured."""
+    xis = sorted({p.get(key + "_xi") for p in points if is_number(p.get(key + "_xi"))})
+    kind = "average-case" if key.startswith("flat_avg") else "worst-case"
+    where = " on train examples" if key.endswith("_train") else ""
+    xi = f", ξ={'/'.join(f'{x:g}' for x in xis)}" if xis else ""
+    return f"{kind} flatness{where} (ΔRLoss{xi})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+# ---------------------------------------------------------------------------------------------
+def fig1(points, colours, out, log, written):
+    """Fig. 1: RLoss vs average-case flatness, every run labelled; "◆" flatness-oriented methods
+    (AWP, Entropy-SGD, weight averaging), "●" other AT variants."""
+    ps = points_with(points, "flat_avg", "rloss")
+    if not ps:
+        log("skip fig1: needs runs with eval.json (RLoss) and flatness_average.json of ckpt_last.pt")
+        return
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    scatter(ax, ps, "flat_avg", "rloss", colours, annotate=True)
+    fit_line(ax, [p["flat_avg"] for p in ps], [p["rloss"] for p in ps], color="k", ls=":", lw=1)
+    ax.set(xlabel=flat_label(ps, "flat_avg"), ylabel=LABELS["rloss"],
+           title="Fig. 1 — robust loss vs. flatness (● AT variants, ◆ flatness-oriented)")
+    save(fig, out, "fig1_rloss_vs_flatness", written)
+
+
+def fig2(run, out, log, written):
+    """Fig. 2: robust overfitting of one run: train/test RLoss (test split into clean-correct and
+    clean-incorrect examples) and RErr over normalised epochs; the early-stopping epoch."""
+    ms = [m for m in run["metrics"] if is_number(m.get("test_rloss"))]
+    if len(ms) < 2:
+        log(f"skip fig2: {run['name']}/metrics.jsonl has fewer than 2 epochs with test_rloss")
+        return
+    T = total_epochs(run)
+    x = np.array([m["epoch"] for m in ms]) / T
+    col = lambda k: np.array([m.get(k) if is_number(m.get(k)) else np.nan for m in ms], float)  # noqa: E731
+    es = es_epoch(run)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    a.plot(x, col("train_loss"), ":", color="C0", label="train (adversarial training loss)")
+    a.plot(x, col("test_rloss"), "-", color="C3", label="test")
+    a.plot(x, col("test_rloss_correct"), "--", color="C2", label="test, clean-correct examples")
+    a.plot(x, col("test_rloss_incorrect"), "-.", color="C1", label="test, clean-incorrect examples")
+    a.set(xlabel=LABELS["epochs"], ylabel="RLoss (PGD-7 cross-entropy)", title=f"Fig. 2 — RLoss, {run['label']}")
+    b.plot(x, 100 * col("train_err"), ":", color="C0", label="train")
+    b.plot(x, 100 * col("test_rerr"), "-", color="C3", label="test")
+    b.set(xlabel=LABELS["epochs"], ylabel="RErr (%, PGD-7)", title=f"Fig. 2 — RErr, {run['label']}")
+    if es is not None:
+        for ax in (a, b):
+            ax.axvline(es / T, color="k", ls=":", lw=1, label=f"early stopping (epoch {es})")
+        at_es = [m["test_rerr"] for m in ms if m["epoch"] == es]
+        if at_es:
+            b.axhline(100 * at_es[0], color="k", ls="--", lw=0.8, label=f"test RErr at ES ({100 * at_es[0]:.1f} %)")
+    a.legend()
+    b.legend()
+    save(fig, out, "fig2_robust_overfitting", written)
+
+
+def mean_curve(curves):
+    c = np.asarray(curves, float)
+    return (c, c, c) if c.ndim == 1 else (c.mean(0), c.min(0), c.max(0))
+
+
+def fig4(runs, out, log, written):
+    """Fig. 4: mean RLoss over 10 directions along random (s ∈ [−1, 1]) and adversarial
+    (s ∈ [0, 1]) weight directions, RLoss recomputed by PGD at every step; clean loss dashed."""
+    ls = [(r, pick([e for e in r["flats"] if e["mode"] == "landscape" and not e["scaled"]], bool(r["args"].get("ema")),
+                   kind="last"))
+          for r in runs]
+    ls = [(r, e) for r, e in ls if e is not None]
+    if not ls:
+        log("skip fig4: no flatness_landscape.json (flatness.py CKPT --mode landscape) of a ckpt_last.pt")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, (r, e) in enumerate(ls):
+        d, s = e["data"], np.asarray(e["data"]["s"], float)
+        for ax, direction in zip(axes, ("random", "adversarial")):
+            part = d.get(direction) or {}
+            keep = s >= 0 if direction == "adversarial" else np.ones_like(s, bool)
+            if part.get("robust") is not None:
+                mean, lo, hi = mean_curve(part["robust"])
+                ax.plot(s[keep], mean[keep], color=f"C{i}", label=f"{r['label']} RLoss")
+                ax.fill_between(s[keep], lo[keep], hi[keep], color=f"C{i}", alpha=0.15)
+            if part.get("clean") is not None:
+                mean, _, _ = mean_curve(part["clean"])
+                ax.plot(s[keep], mean[keep], "--", color=f"C{i}", lw=1, label=f"{r['label']} clean loss")
+    for ax, direction in zip(axes, ("random", "adversarial")):
+        ax.set(xlabel="step s along the normalised direction (w + s·d)",
+               ylabel="loss (mean over directions; band: min–max)",
+               title=f"Fig. 4 — {direction} weight directions")
+        if ax.lines:
+            ax.legend()
+        else:
+            no_data(ax, f"no {direction} curves")
+    save(fig, out, "fig4_landscape", written)
+
+
+def fig5(runs, out, log, written):
+    """Fig. 5: training curves, one column per method: RLoss and RErr (test solid, train dotted)
+    and test RLoss on clean-correct (solid) / clean-incorrect (dashed) examples."""
+    rs = [r for r in runs if sum(is_number(m.get("test_rloss")) for m in r["metrics"]) >= 2]
+    if not rs:
+        log("skip fig5: no run has metrics.jsonl with at least 2 epochs of test_rloss")
+        return
+    methods = sorted({r["args"].get("method", "at") for r in rs},
+                     key=lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER))
+    fig, axes = plt.subplots(3, len(methods), figsize=(4.2 * len(methods), 10), squeeze=False)
+    for j, method in enumerate(methods):
+        col = [r for r in rs if r["args"].get("method", "at") == method]
+        for i, r in enumerate(col):
+            ms = [m for m in r["metrics"] if is_number(m.get("test_rloss"))]
+            x = np.array([m["epoch"] for m in ms]) / total_epochs(r)
+            get = lambda k: np.array([m.get(k) if is_number(m.get(k)) else np.nan for m in ms], float)  # noqa: E731
+            c = PALETTE[i % len(PALETTE)]
+            axes[0, j].plot(x, get("test_rloss"), "-", color=c, label=r["label"])
+            axes[0, j].plot(x, get("train_loss"), ":", color=c)
+            axes[1, j].plot(x, 100 * get("test_rerr"), "-", color=c, label=r["label"])
+            axes[1, j].plot(x, 100 * get("train_err"), ":", color=c)
+            axes[2, j].plot(x, get("test_rloss_correct"), "-", color=c, label=r["label"])
+            axes[2, j].plot(x, get("test_rloss_incorrect"), "--", color=c)
+        name = METHOD_NAMES.get(method, method)
+        axes[0, j].set(title=f"Fig. 5 — {name}: RLoss (test —, train ···)", ylabel="RLoss (PGD-7 CE; train: training loss)")
+        axes[1, j].set(title=f"{name}: RErr (test —, train ···)", ylabel="RErr (%, PGD-7)")
+        axes[2, j].set(title=f"{name}: test RLoss, clean-correct — / incorrect - -", ylabel="RLoss (PGD-7 CE)",
+                       xlabel=LABELS["epochs"])
+        for i in range(3):
+            axes[i, j].legend()
+    save(fig, out, "fig5_training_curves", written)
+
+
+def fig6(run, out, log, written):
+    """Fig. 6: test RLoss, average- and worst-case flatness (and the Hessian's largest eigenvalue)
+    per snapshot; RLoss vs flatness per snapshot coloured early (blue) → late (red)."""
+    rows = over_epochs(run)
+    if len(rows) < 2:
+        return False
+    T = total_epochs(run)
+    x = np.array([r["epoch"] for r in rows]) / T
+    get = lambda k: np.array([r[k] if is_number(r[k]) else np.nan for r in rows], float)  # noqa: E731
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    a = axes[0]
+    a.plot(x, get("rloss"), "-o", ms=3, color="C3", label="test RLoss (PGD, flatness reference)")
+    a.plot(x, get("flat_avg"), "-o", ms=3, color="C0", label="average-case flatness")
+    a.plot(x, get("flat_worst"), "-o", ms=3, color="C2", label="worst-case flatness")
+    es = es_epoch(run)
+    if es is not None:
+        a.axvline(es / T, color="k", ls=":", lw=1, label=f"early stopping (epoch {es})")
+    if np.isfinite(get("hessian")).any():
+        h = a.twinx()
+        h.plot(x, get("hessian"), "--s", ms=3, color="C4", label="Hessian λ_max (right axis)")
+        h.set_ylabel("largest Hessian eigenvalue (clean CE)")
+        h.grid(False)
+        h.legend(loc="upper right")
+    a.set(xlabel=LABELS["epochs"], ylabel="RLoss / ΔRLoss", title=f"Fig. 6 — over training, {run['label']}")
+    a.legend(loc="upper left")
+    cmap = plt.get_cmap("seismic")  # the paper's colours: early = dark blue, late = dark red
+    norm = plt.Normalize(rows[0]["epoch"], rows[-1]["epoch"])
+    colours = cmap(norm(np.array([r["epoch"] for r in rows])))
+    for ax, key, name in ((axes[1], "flat_avg", "average-case"), (axes[2], "flat_worst", "worst-case")):
+        v, y = get(key), get("rloss")
+        ok = np.isfinite(v) & np.isfinite(y)
+        if not ok.any():
+            no_data(ax, f"no {name} flatness per snapshot")
+        else:
+            ax.scatter(v[ok], y[ok], c=colours[ok], s=40, edgecolor="k", linewidth=0.4, zorder=3)
+            sm = plt.cm.ScalarMappable(cmap=cmap, norm=norm)
+            fig.colorbar(sm, ax=ax, label="epoch (early → late)")
+        ax.set(xlabel=f"{name} flatness (ΔRLoss)", ylabel=LABELS["rloss"], title=f"RLoss vs {name} flatness per epoch")
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", run["name"])
+    save(fig, out, f"fig6_flatness_over_training_{safe}", written)
+    return True
+
+
+def fig7(points, colours, out, log, written):
+    """Fig. 7: RLoss vs average-case flatness across the hyper-parameters of each method, in shades
+    of the family's colour (darker = larger value), a dotted least-squares line per family."""
+    ps = points_with(points, "flat_avg", "rloss")
+    by_family = {}
+    for p in ps:
+        by_family.setdefault(p["family"], []).append(p)
+    sweeps = {f: sorted(v, key=lambda p: p["sweep"]) for f, v in by_family.items() if len(v) >= 2}
+    if not sweeps:
+        log("skip fig7: needs a hyper-parameter sweep (at least 2 runs of one method with RLoss and "
+            "flatness_average.json)")
+        return
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for f, v in by_family.items():
+        base = colours[f]
+        factors = np.linspace(1.3, 0.7, len(v)) if len(v) > 1 else [1.0]
+        for p, k in zip(sorted(v, key=lambda p: p["sweep"]), factors):
+            ax.scatter(p["flat_avg"], p["rloss"], color=shade(base, k), marker=p["marker"], s=40, edgecolor="k",
+                       linewidth=0.4, zorder=3)
+            ax.annotate(p["label"].replace(f + " ", "") if len(v) > 1 else "", (p["flat_avg"], p["rloss"]),
+                        fontsize=6, xytext=(3, 3), textcoords="offset points")
+        if f in sweeps:
+            fit_line(ax, [p["flat_avg"] for p in v], [p["rloss"] for p in v], color=base, ls=":", lw=1.5)
+    family_legend(ax, ps, colours, loc="best")
+    ax.set(xlabel=flat_label(ps, "flat_avg"), ylabel=LABELS["rloss"],
+           title="Fig. 7 — flatness across hyper-parameters (dotted: fit per method)")
+    save(fig, out, "fig7_hyperparameters", written)
+
+
+def fig8(points, colours, out, log, written, split=2.3):
+    """Fig. 8: RErr vs RLoss with two least-squares lines (RLoss < split and ≥ split); RLoss and
+    RErr vs average-case flatness; RLoss vs worst-case flatness."""
+    if not points_with(points, "rloss", "rerr"):
+        log("skip fig8: needs runs with eval.json of ckpt_last.pt")
+        return
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.5))
+    a = axes[0]
+    scatter(a, points, "rloss", "rerr", colours, yscale=100)
+    ps = points_with(points, "rloss", "rerr")
+    for side in ([p for p in ps if p["rloss"] < split], [p for p in ps if p["rloss"] >= split]):
+        fit_line(a, [p["rloss"] for p in side], [100 * p["rerr"] for p in side], color="r", ls=":", lw=1.5)
+    a.axvline(split, color="k", lw=0.5, alpha=0.5)
+    srcs = sorted({p["rerr_source"] for p in ps})
+    a.set(xlabel=LABELS["rloss"], ylabel=f"test RErr (%, {'/'.join(srcs)})",
+          title=f"Fig. 8 — RErr vs RLoss (fits split at RLoss {split:g})")
+    for ax, (xk, yk, ys, yl) in zip(axes[1:], (("flat_avg", "rloss", 1, LABELS["rloss"]),
+                                              ("flat_avg", "rerr", 100, f"test RErr (%, {'/'.join(srcs)})"),
+                                              ("flat_worst", "rloss", 1, LABELS["rloss"]))):
+        n = scatter(ax, points, xk, yk, colours, yscale=ys)
+        if n == 0:
+            no_data(ax, f"no run has flatness_{'average' if xk == 'flat_avg' else 'worst'}.json")
+            log(f"fig8: panel {yk} vs {xk} empty (no flatness_{'average' if xk == 'flat_avg' else 'worst'}.json)")
+        ax.set(xlabel=flat_label(points_with(points, xk), xk), ylabel=yl,
+               title=f"{'RLoss' if yk == 'rloss' else 'RErr'} vs {'average' if xk == 'flat_avg' else 'worst'}-case flatness")
+    family_legend(fig, ps, colours, loc="lower center", ncol=min(8, len(colours)), bbox_to_anchor=(0.5, -0.02))
+    save(fig, out, "fig8_rloss_flatness", written, rect=(0, 0.08, 1, 1))
+
+
+def fig9(points, es_points, colours, out, log, written):
+    """Fig. 9: test RLoss vs flatness on train examples; test−train RLoss vs flatness; RLoss(last)
+    − RLoss(ES) vs flatness; early-stopped vs last models (a line from last to ES)."""
+    for p in points:
+        if is_number(p.get("rloss")) and is_number(p.get("rloss_train")):
+            p["gap"] = p["rloss"] - p["rloss_train"]
+    es_by_run = {q["run"]: q for q in es_points}
+    for p in points:
+        q = es_by_run.get(p["run"])
+        if q is not None and is_number(q.get("rloss")) and is_number(p.get("rloss")):
+            p["last_minus_es"] = p["rloss"] - q["rloss"]
+    panels = (("flat_avg_train", "rloss", LABELS["rloss"], "RLoss vs flatness on train examples",
+               "flatness_average on --subset train-eval"),
+              ("flat_avg", "gap", "test RLoss − train RLoss", "generalisation gap vs flatness",
+               "eval.json with --train (train RLoss)"),
+              ("flat_avg", "last_minus_es", "RLoss(last) − RLoss(early-stopped)", "overfitting vs flatness",
+               "eval_best.json (ckpt_best.pt)"))
+    pairs = [(p, es_by_run[p["run"]]) for p in points if p["run"] in es_by_run
+             and all(is_number(v.get(k)) for v in (p, es_by_run[p["run"]]) for k in ("flat_avg", "rloss"))]
+    if not pairs and not any(points_with(points, x, y) for x, y, *_ in panels):
+        log("skip fig9: needs train-example flatness, eval.json with --train, or eval_best.json + "
+            "flatness of ckpt_best.pt")
+        return
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.5))
+    for ax, (xk, yk, yl, title, missing) in zip(axes, panels):
+        if scatter(ax, points, xk, yk, colours) == 0:
+            no_data(ax, f"missing: {missing}")
+            log(f"fig9: panel '{title}' empty (missing {missing})")
+        ax.set(xlabel=flat_label(points_with(points, xk), xk), ylabel=yl, title=f"Fig. 9 — {title}")
+    ax = axes[3]
+    for p, q in pairs:
+        c = colours[p["family"]]
+        ax.annotate("", xy=(q["flat_avg"], q["rloss"]), xytext=(p["flat_avg"], p["rloss"]),
+                    arrowprops=dict(arrowstyle="->", color=c, lw=1))
+        ax.scatter(p["flat_avg"], p["rloss"], color=c, marker="o", s=36, edgecolor="k", linewidth=0.4, zorder=3)
+        ax.scatter(q["flat_avg"], q["rloss"], color=c, marker="s", s=36, edgecolor="k", linewidth=0.4, zorder=3)
+    if not pairs:
+        no_data(ax, "missing: eval_best.json and flatness_average_best.json (ckpt_best.pt)")
+        log("fig9: panel 'ES vs last' empty (missing eval_best.json / flatness_average_best.json)")
+    ax.set(xlabel="average-case flatness (ΔRLoss)", ylabel=LABELS["rloss"],
+           title="early stopping: last ● → ES ■")
+    drawn = [p for p in points if any(is_number(p.get(k)) for k in ("flat_avg", "flat_avg_train"))]
+    family_legend(fig, drawn, colours, loc="lower center", ncol=min(8, len(colours)), bbox_to_anchor=(0.5, -0.02))
+    save(fig, out, "fig9_generalisation", written, rect=(0, 0.08, 1, 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Table 1 and the correlations
+# ---------------------------------------------------------------------------------------------
+TABLE_COLUMNS = ("rerr_test", "rerr_train", "train_minus_test", "flat_avg", "flat_worst", "rerr_es", "es_minus_test")
+
+
+def table1(points, es_points, exact_thresholds=False):
+    """Rows sorted by test RErr (%); groups Good / Average / Poor split at the 30th / 70th percentile
+    of test RErr (numpy linear interpolation, rounded to whole percent as the paper's 57 % / 60 %)."""
+    es_by_run = {q["run"]: q for q in es_points}
+    rows = []
+    for p in points:
+        if not is_number(p.get("rerr")):
+            continue
+        q = es_by_run.get(p["run"], {})
+        row = {"label": p["label"], "run": p["run"], "rerr_test": 100 * p["rerr"], "rerr_test_source": p["rerr_source"],
+               "rerr_test_n": p.get("rerr_n"), "rerr_test_attack": p.get("rerr_attack"), "rloss_test": p.get("rloss"),
+               "rerr_train": 100 * p["rerr_train"] if is_number(p.get("rerr_train")) else None,
+               "rerr_train_source": p.get("rerr_train_source"),
+               "flat_avg": p.get("flat_avg"), "flat_worst": p.get("flat_worst"),
+               "rerr_es": 100 * q["rerr"] if is_number(q.get("rerr")) else None, "rerr_es_source": q.get("rerr_source"),
+               "es_epoch": q.get("epoch")}
+        row["train_minus_test"] = row["rerr_train"] - row["rerr_test"] if row["rerr_train"] is not None else None
+        row["es_minus_test"] = row["rerr_es"] - row["rerr_test"] if row["rerr_es"] is not None else None
+        rows.append(row)
+    rows.sort(key=lambda r: (r["rerr_test"], r["label"]))
+    if not rows:
+        return None
+    test = np.array([r["rerr_test"] for r in rows])
+    pct = np.percentile(test, [30, 70])
+    lo, hi = (float(pct[0]), float(pct[1])) if exact_thresholds else (float(np.round(pct[0])), float(np.round(pct[1])))
+    for r in rows:
+        r["group"] = "Good" if r["rerr_test"] < lo else ("Average" if r["rerr_test"] < hi else "Poor")
+    groups = []
+    for g in ("Good", "Average", "Poor"):
+        members = [r for r in rows if r["group"] == g]
+        mean = {}
+        for c in TABLE_COLUMNS:
+            vals = [r[c] for r in members if r[c] is not None]
+            mean[c] = float(np.mean(vals)) if vals else None
+        groups.append({"group": g, "n": len(members), **mean})
+    return {"rows": rows, "groups": groups, "percentiles": [float(pct[0]), float(pct[1])],
+            "thresholds": [lo, hi], "rounded": not exact_thresholds}
+
+
+def fmt(v, digits=1, signed=False):
+    if v is None:
+        return "–"
+    s = f"{v:+.{digits}f}" if signed else f"{v:.{digits}f}"
+    return s.replace("-", "−")
+
+
+def table1_markdown(t):
+    def rerr(v, source):
+        return fmt(v) + ("†" if source == "PGD" and v is not None else "")
+
+    lo, hi = t["thresholds"]
+    lines = ["| # | model | RErr test (%) | RErr train (%) (train−test) | avg flatness | worst flatness | "
+             "RErr ES (%) (ES−test) | group |", "|---|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(t["rows"], 1):
+        train = f"{rerr(r['rerr_train'], r['rerr_train_source'])} ({fmt(r['train_minus_test'], signed=True)})" \
+            if r["rerr_train"] is not None else "–"
+        es = f"{rerr(r['rerr_es'], r['rerr_es_source'])} ({fmt(r['es_minus_test'], signed=True)})" \
+            if r["rerr_es"] is not None else "–"
+        lines.append(f"| {i} | {r['label']} | {rerr(r['rerr_test'], r['rerr_test_source'])} | {train} | "
+                     f"{fmt(r['flat_avg'], 2)} | {fmt(r['flat_worst'], 2)} | {es} | {r['group']} |")
+    bounds = {"Good": f"RErr < {lo:g} %", "Average": f"{lo:g} % ≤ RErr < {hi:g} %", "Poor": f"RErr ≥ {hi:g} %"}
+    for g in t["groups"]:
+        train = f"{fmt(g['rerr_train'])} ({fmt(g['train_minus_test'], signed=True)})" if g["rerr_train"] is not None else "–"
+        es = f"{fmt(g['rerr_es'])} ({fmt(g['es_minus_test'], signed=True)})" if g["rerr_es"] is not None else "–"
+        lines.append(f"| | **{g['group']}** (mean of {g['n']}; {bounds[g['group']]}) | {fmt(g['rerr_test'])} | {train} | "
+                     f"{fmt(g['flat_avg'], 2)} | {fmt(g['flat_worst'], 2)} | {es} | |")
+    p30, p70 = t["percentiles"]
+    how = "rounded to whole percent" if t["rounded"] else "exact"
+    attacks = Counter(r["rerr_test_attack"] for r in t["rows"])
+    ns = sorted({r["rerr_test_n"] for r in t["rows"] if r["rerr_test_n"]})
+    lines += ["", f"Groups: Good RErr < {lo:g} %, Average {lo:g}–{hi:g} %, Poor ≥ {hi:g} % — the 30th / 70th "
+              f"percentiles of test RErr are {p30:.2f} % / {p70:.2f} % ({how}).",
+              "RErr: AutoAttack where available; † = PGD (no AutoAttack result). Test RErr from "
+              + ", ".join(f"{k} for {v} run(s)" for k, v in attacks.items())
+              + (f", on n = {'/'.join(map(str, ns))} test images." if ns else "."),
+              "Flatness: ΔRLoss at ξ = 0.5 (average-case) and ξ = 0.00075 (worst-case) unless the files say "
+              "otherwise (see summary.json); ES = the early-stopped checkpoint ckpt_best.pt."]
+    return "\n".join(lines) + "\n"
+
+
+def write_table1_csv(t, path):
+    keys = ["rank", "label", "run", "group", "rerr_test", "rerr_test_source", "rerr_test_attack", "rerr_test_n", "rerr_train",
+            "rerr_train_source", "train_minus_test", "flat_avg", "flat_worst", "rerr_es", "rerr_es_source",
+            "es_minus_test", "es_epoch", "rloss_test"]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        for i, r in enumerate(t["rows"], 1):
+            w.writerow({**r, "rank": i})
+        for g in t["groups"]:
+            w.writerow({"label": f"{g['group']} (mean of {g['n']})", "group": g["group"], **{c: g[c] for c in TABLE_COLUMNS}})
+
+
+def correlation(xs, ys):
+    """Pearson and Spearman coefficients with two-sided p-values (scipy.stats) and n."""
+    x, y = np.asarray(xs, float), np.asarray(ys, float)
+    out = {"n": len(x)}
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        out["note"] = "needs at least 3 points with non-constant values"
+        return out
+    pr, sr = scipy.stats.pearsonr(x, y), scipy.stats.spearmanr(x, y)
+    out.update(pearson_r=float(pr.statistic), pearson_p=float(pr.pvalue),
+               spearman_rho=float(sr.statistic), spearman_p=float(sr.pvalue))
+    return out
+
+
+CORRELATIONS = (("rloss", "flat_avg"), ("rloss", "flat_worst"), ("rerr", "flat_avg"), ("rerr", "flat_worst"))
+
+
+def correlations(points, es_points):
+    """Over the last checkpoints of all runs, and again with the early-stopped checkpoints added."""
+    result = {}
+    for name, ps in (("last", points), ("last_and_es", points + es_points)):
+        block = {}
+        for yk, xk in CORRELATIONS:
+            use = points_with(ps, yk, xk)
+            c = correlation([p[xk] for p in use], [p[yk] for p in use])
+            c["models"] = [f"{p['run']}:{p['kind']}" for p in use]
+            block[f"{yk}_vs_{xk}"] = c
+        result[name] = block
+    return result
+
+
+def print_correlations(result):
+    for name, block in result.items():
+        print(f"correlations ({'last checkpoints' if name == 'last' else 'last + early-stopped checkpoints'}):")
+        for key, c in block.items():
+            if "pearson_r" in c:
+                print(f"  {key:22s} n={c['n']:3d}  Pearson r={c['pearson_r']:+.3f} (p={c['pearson_p']:.2g})  "
+                      f"Spearman ρ={c['spearman_rho']:+.3f} (p={c['spearman_p']:.2g})")
+            else:
+                print(f"  {key:22s} n={c['n']:3d}  – ({c['note']})")
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("runs", help="folder holding run folders (each with args.json), or one run folder")
+    p.add_argument("--out", default="figures", help="output folder for figures, tables and JSON")
+    p.add_argument("--baseline", default=None, help="run folder (relative to RUNS) for Fig. 2; default: the "
+                   "AT run without regularisers")
+    p.add_argument("--split", type=float, default=2.3, help="RLoss at which Fig. 8's two linear fits split (paper: 2.3)")
+    p.add_argument("--exact-thresholds", action="store_true",
+                   help="Table 1 groups at the exact 30th/70th percentiles (default: rounded to whole percent, "
+                        "which gives the paper's 57 %% / 60 %%)")
+    p.add_argument("--formats", default="png,pdf", help="comma-separated figure formats")
+    p.add_argument("--dpi", type=int, default=150, help="resolution of the PNG figures")
+    args = p.parse_args(argv)
+    args.formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
+    check(args.formats and all(f in ("png", "pdf", "svg") for f in args.formats),
+          f"--formats takes png, pdf and/or svg, got {','.join(args.formats) or 'nothing'}")
+    check(args.dpi > 0, f"--dpi must be positive, got {args.dpi}")
+    return args
+
+
+def choose_baseline(runs, name, log):
+    if name:
+        found = [r for r in runs if r["name"] == name or r["dir"].name == name]
+        check(found, f"--baseline {name}: no such run folder (have: {', '.join(r['name'] for r in runs)})")
+        return found[0]
+    found = [r for r in runs if r["family"] == "AT" and r["args"].get("method", "at") == "at"]
+    if not found:
+        log("skip fig2: no AT baseline run (method at without regularisers); pass --baseline NAME")
+        return None
+    return found[0]
+
+
+def run_meta(r):
+    return {"run": r["name"], "label": r["label"], "family": r["family"], "sweep": r["sweep"],
+            "marker": marker_of(r), "method": r["args"].get("method", "at")}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    log = Log()
+    runs = find_runs(args.runs, log)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    SAVE.update(formats=args.formats, dpi=args.dpi)
+    written = []
+
+    # ---- one point per run (last checkpoint) and per early-stopped checkpoint
+    for r in runs:
+        r["last"], r["best"] = measures(r, "last"), measures(r, "best")
+    colours = family_colours(runs)
+    points = [{**run_meta(r), **r["last"]} for r in runs]
+    es_points = [{**run_meta(r), **r["best"]} for r in runs if "rloss" in r["best"]]
+    for r in runs:
+        if "rloss" not in r["last"]:
+            log(f"note: {r['name']} has no eval.json of ckpt_last.pt (evaluate.py {r['name']}/ckpt_last.pt): "
+                "left out of Table 1 and the scatter plots")
+
+    # ---- figures
+    fig1(points, colours, out, log, written)
+    baseline = choose_baseline(runs, args.baseline, log)
+    if baseline is not None:
+        fig2(baseline, out, log, written)
+    fig4(runs, out, log, written)
+    fig5(runs, out, log, written)
+    if not [fig6(r, out, log, written) for r in runs].count(True):
+        log("skip fig6: no run has flatness of at least 2 snapshots (flatness.py --epochs runs/NAME)")
+    fig7(points, colours, out, log, written)
+    fig8(points, colours, out, log, written, split=args.split)
+    fig9(points, es_points, colours, out, log, written)
+
+    # ---- Table 1, correlations, everything read
+    vers = common.versions(torch.device("cpu"))
+    t = table1(points, es_points, args.exact_thresholds)
+    if t is None:
+        log("skip table1: no run has eval.json of ckpt_last.pt")
+    else:
+        md = table1_markdown(t)
+        (out / "table1.md").write_text(md)
+        write_table1_csv(t, out / "table1.csv")
+        common.write_json(out / "table1.json", {**t, "versions": vers})
+        written += [str(out / "table1.md"), str(out / "table1.csv"), str(out / "table1.json")]
+        print(md)
+    corr = correlations(points, es_points)
+    print_correlations(corr)
+    common.write_json(out / "correlations.json", {**corr, "runs_dir": str(args.runs), "versions": vers})
+    written += [str(out / "correlations.json"), str(out / "summary.json")]
+    summary = {"runs": [{**run_meta(r), "dir": str(r["dir"]), "args": r["args"], "last": r["last"], "best": r["best"],
+                         "es_epoch": es_epoch(r), "over_epochs": over_epochs(r)} for r in runs],
+               "skipped": log.lines, "written": written, "versions": vers}
+    common.write_json(out / "summary.json", summary)
+    print(f"wrote {len(written)} files to {out}")
+    return summary
+
+
+if __name__ == "__main__":
+    common.run_cli(main)

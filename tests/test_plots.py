@@ -1,0 +1,346 @@
+"""plots.py on generated run folders with known numbers: every figure is a valid PNG (and PDF),
+Table 1's order and group means equal hand computations, the correlations equal scipy's, result
+files identify themselves by their fields, and missing inputs skip a figure with one line."""
+import csv
+import json
+import math
+from collections import Counter
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import scipy.stats
+
+import plots
+from common import UsageError
+from conftest import run_script
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# (folder, args, test RErr %, train RErr %, ES RErr %, RLoss, avg flatness, worst flatness, AutoAttack?)
+# Test RErr / train / ES / flatness are rows of the paper's Table 1 (SPEC §12).
+RUNS = [
+    ("unlabeled", {"method": "unlabeled", "unlabeled_fraction": 0.7}, 48.9, 43.2, 48.9, 1.60, 0.32, 1.20, True),
+    ("cyclic", {"lr_schedule": "cyclic", "epochs": 30}, 53.6, 35.4, 53.6, 1.75, 0.35, 1.50, True),
+    ("awp", {"method": "awp", "xi": 0.005}, 54.3, 43.1, 53.6, 1.80, 0.35, 2.68, True),
+    ("trades", {"method": "trades", "beta": 9}, 56.7, 15.8, 53.4, 2.10, 0.57, 2.25, True),
+    ("wd", {"wd": 0.05}, 58.1, 32.8, 54.8, 2.40, 0.50, None, True),   # no worst-case flatness file
+    ("mart", {"method": "mart", "beta": 6}, 61.0, 20.8, 54.7, 3.10, 0.73, 3.17, False),  # PGD only
+    ("at", {}, 62.8, 10.7, 54.6, 3.90, 1.21, 6.48, True),
+]
+BASE_ARGS = {"method": "at", "epochs": 150, "lr": 0.05, "wd": 5e-4, "epsilon": 8 / 255, "lr_schedule": "multistep",
+             "label_smoothing": 0.0, "label_noise": 0.0, "clip": 0.0, "ema": 0.0, "act": "relu", "autoaugment": False,
+             "optimizer": "sgd", "batch_size": 128, "attack_steps": 7, "width": 16, "train_subset": 2000, "seed": 0,
+             "momentum": 0.9, "nesterov": False, "versions": {"torch": "x"}}
+
+
+def write(path, obj):
+    path.write_text(json.dumps(obj))
+
+
+def eval_json(folder, ckpt, rerr, rloss, train_rerr=None, autoattack=True, epoch=150):
+    pgd = {"rloss": rloss, "rerr": rerr - 0.02, "rloss_correct": rloss / 2, "rloss_incorrect": rloss * 2,
+           "n_correct": 800, "n_incorrect": 200, "n": 1000, "eps": 8 / 255, "alpha": 0.007, "steps": 20, "restarts": 10}
+    aa = {"rerr": rerr, "rerr_any": rerr, "n": 1000, "version": "standard", "attacks": [], "eps": 8 / 255,
+          "max_linf": 8 / 255}
+    if not autoattack:
+        pgd["rerr"] = rerr
+    out = {"checkpoint": str(folder / ckpt), "epoch": epoch, "use_ema": False, "seed": 0,
+           "clean": {"loss": 0.5, "err": 0.2, "n": 10000}, "pgd": pgd, "autoattack": aa if autoattack else None}
+    if train_rerr is not None:
+        out["train"] = {"pgd": {**pgd, "rloss": rloss / 3, "rerr": train_rerr}, "autoattack":
+                        {**aa, "rerr": train_rerr} if autoattack else None}
+    return out
+
+
+def flat_json(folder, ckpt, mode, value, reference, epoch=150, loss="robust", subset="eval"):
+    return {"mode": mode, "loss": loss, "subset": subset, "n": 1000, "xi": plots.PAPER_XI[mode],
+            "values": [reference + value] * 10, "reference": reference, "value": value, "seed": 0, "epoch": epoch,
+            "checkpoint": str(folder / ckpt)}
+
+
+def metrics_lines(epochs=30, best=12):
+    lines = []
+    for e in range(1, epochs + 1):
+        m = {"epoch": e, "lr": 0.05, "train_loss": 2.2 - 1.5 * e / epochs, "train_err": 0.8 - 0.6 * e / epochs,
+             "train_time_s": 1.0, "test_clean_loss": 1.0, "test_clean_err": 0.3,
+             "test_rloss": 2.0 + 0.05 * abs(e - best), "test_rerr": 0.55 + 0.005 * abs(e - best),
+             "test_rloss_correct": 1.5, "test_rloss_incorrect": 3.0 + 0.02 * e, "test_n": 1280, "time_s": 1.2}
+        if e % 3 == 0 or e == epochs:
+            m.update(es_rerr=0.56 + 0.004 * abs(e - best), es_rloss=2.0)
+        lines.append(json.dumps(m))
+    return "\n".join(lines) + "\n"
+
+
+def make_runs(root):
+    """Seven Table 1 rows with eval / flatness files; the AT baseline also has per-snapshot
+    flatness, a landscape and a Hessian; plus one unreadable file and one run without results."""
+    for name, extra, test, train, es, rloss, avg, worst, aa in RUNS:
+        d = root / name
+        d.mkdir(parents=True)
+        write(d / "args.json", {**BASE_ARGS, **extra})
+        (d / "metrics.jsonl").write_text(metrics_lines())
+        write(d / "eval.json", eval_json(d, "ckpt_last.pt", test / 100, rloss, train / 100, aa))
+        write(d / "eval_best.json", eval_json(d, "ckpt_best.pt", es / 100, rloss * 0.6, None, aa, epoch=60))
+        write(d / "flatness_average.json", flat_json(d, "ckpt_last.pt", "average", avg, rloss))
+        write(d / "flatness_average_best.json", flat_json(d, "ckpt_best.pt", "average", avg / 2, rloss * 0.6, 60))
+        # the train-example flatness is told apart by its "subset" field, whatever the file is called
+        write(d / "flatness_average_train.json", flat_json(d, "ckpt_last.pt", "average", avg * 0.8, rloss / 3,
+                                                           subset="train-eval"))
+        write(d / "flatness_average_clean.json", flat_json(d, "ckpt_last.pt", "average", 9.0, 0.5, loss="clean"))
+        if worst is not None:
+            write(d / "flatness_worst.json", flat_json(d, "ckpt_last.pt", "worst", worst, rloss))
+    at = root / "at"
+    for e in (5, 10, 15, 20, 25, 30):
+        ck = f"ckpt_epoch{e:03d}.pt"
+        write(at / f"flatness_average_epoch{e:03d}.json", flat_json(at, ck, "average", 0.1 * e, 1 + 0.05 * e, e))
+        write(at / f"flatness_worst_epoch{e:03d}.json", flat_json(at, ck, "worst", 0.2 * e, 1 + 0.05 * e, e))
+        write(at / f"flatness_hessian_epoch{e:03d}.json", {"mode": "hessian", "eigenvalue": 100.0 * e, "epoch": e,
+                                                          "checkpoint": str(at / ck)})
+    s = np.linspace(-1, 1, 51)
+    write(at / "flatness_landscape.json", {"mode": "landscape", "s": s.tolist(), "checkpoint": str(at / "ckpt_last.pt"),
+                                           "random": {"robust": [(3 + 2 * s**2 + 0.1 * k).tolist() for k in range(10)],
+                                                      "clean": [(0.5 + s**2).tolist() for _ in range(10)]},
+                                           "adversarial": {"robust": [(3 + 8 * s**2).tolist() for _ in range(10)]}})
+    # a rescaled copy (--scale 2, the §3.2 check) must not replace the run's own values
+    write(at / "flatness_average_scale2.json", {**flat_json(at, "ckpt_last.pt", "average", 99.0, 3.9), "scale": 2.0})
+    write(at / "flatness_hessian_scale2.json", {"mode": "hessian", "eigenvalue": 1.0, "scale": 2.0,
+                                                "checkpoint": str(at / "ckpt_last.pt")})
+    (at / "eval_broken.json").write_text("{not json")
+    empty = root / "no_results"
+    empty.mkdir()
+    write(empty / "args.json", {**BASE_ARGS, "label_noise": 0.4})
+    return root
+
+
+@pytest.fixture(scope="module")
+def drawn(tmp_path_factory):
+    root = make_runs(tmp_path_factory.mktemp("runs"))
+    out = tmp_path_factory.mktemp("figures")
+    summary = plots.main([str(root), "--out", str(out), "--formats", "png", "--dpi", "50"])  # PDF: below
+    return root, out, summary
+
+
+FIGURES = ["fig1_rloss_vs_flatness", "fig2_robust_overfitting", "fig4_landscape", "fig5_training_curves",
+           "fig6_flatness_over_training_at", "fig8_rloss_flatness", "fig9_generalisation"]
+
+
+def assert_png(path):
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    image = plt.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    assert image[..., :3].std() > 0.01  # something is drawn
+
+
+@pytest.mark.parametrize("name", FIGURES)
+def test_every_figure_is_a_valid_png(drawn, name):
+    _, out, summary = drawn
+    assert_png(out / f"{name}.png")
+    assert str(out / f"{name}.png") in summary["written"]
+
+
+def test_fig7_draws_one_trend_line_per_swept_method(tmp_path, monkeypatch):
+    """Fig. 7 needs sweeps: TRADES β ∈ {1, 3, 9} and label noise ∈ {0.2, 0.4} plus the baseline."""
+    points = [{"run": f"r{i}", "label": lab, "family": fam, "sweep": v, "marker": "o", "rloss": y, "flat_avg": x}
+              for i, (lab, fam, v, x, y) in enumerate([
+                  ("TRADES β=1", "TRADES", 1, 1.0, 3.0), ("TRADES β=3", "TRADES", 3, 0.8, 2.5),
+                  ("TRADES β=9", "TRADES", 9, 0.5, 2.0), ("AT label-noise=0.2", "AT label-noise", 0.2, 0.9, 3.2),
+                  ("AT label-noise=0.4", "AT label-noise", 0.4, 0.4, 2.2), ("AT", "AT", 0, 1.2, 3.9)])]
+    colours = plots.family_colours(points)
+    assert colours["AT"] == plots.GREY
+    written, log = [], plots.Log()
+    monkeypatch.setitem(plots.SAVE, "formats", ("png", "pdf"))
+    plots.fig7(points, colours, tmp_path, log, written)
+    assert_png(tmp_path / "fig7_hyperparameters.png")
+    assert (tmp_path / "fig7_hyperparameters.pdf").read_bytes()[:5] == b"%PDF-"
+    assert log.lines == []
+
+
+def test_labels_say_method_and_differing_flags(drawn):
+    _, _, summary = drawn
+    labels = {r["run"]: r["label"] for r in summary["runs"]}
+    assert labels == {"at": "AT", "awp": "AWP ξ=0.005", "cyclic": "AT schedule=cyclic epochs=30",
+                      "mart": "MART β=6", "trades": "TRADES β=9", "unlabeled": "AT+unlabeled fraction=0.7",
+                      "wd": "AT wd=0.05", "no_results": "AT label-noise=0.4"}
+
+
+def test_table1_order_sources_and_group_means(drawn):
+    _, out, _ = drawn
+    t = json.loads((out / "table1.json").read_text())
+    assert [r["run"] for r in t["rows"]] == ["unlabeled", "cyclic", "awp", "trades", "wd", "mart", "at"]
+    assert [r["rerr_test_source"] for r in t["rows"]] == ["AutoAttack"] * 5 + ["PGD", "AutoAttack"]
+    # np.percentile([48.9, 53.6, 54.3, 56.7, 58.1, 61.0, 62.8], 30) = 53.6 + 0.8·0.7 = 54.16 → 54;
+    # 70th: 58.1 + 0.2·2.9 = 58.68 → 59 (rounded to whole percent, as the paper's 57 / 60)
+    assert t["percentiles"] == pytest.approx([54.16, 58.68])
+    assert t["thresholds"] == [54.0, 59.0]
+    g = {x["group"]: x for x in t["groups"]}
+    assert [g[k]["n"] for k in ("Good", "Average", "Poor")] == [2, 3, 2]
+    assert g["Good"]["rerr_test"] == pytest.approx((48.9 + 53.6) / 2)
+    assert g["Good"]["rerr_train"] == pytest.approx((43.2 + 35.4) / 2)
+    assert g["Good"]["train_minus_test"] == pytest.approx(((43.2 - 48.9) + (35.4 - 53.6)) / 2)
+    assert g["Average"]["rerr_test"] == pytest.approx((54.3 + 56.7 + 58.1) / 3)
+    assert g["Average"]["flat_avg"] == pytest.approx((0.35 + 0.57 + 0.50) / 3)
+    assert g["Average"]["flat_worst"] == pytest.approx((2.68 + 2.25) / 2)  # wd has no worst-case file
+    assert g["Average"]["rerr_es"] == pytest.approx((53.6 + 53.4 + 54.8) / 3)
+    assert g["Poor"]["es_minus_test"] == pytest.approx(((54.7 - 61.0) + (54.6 - 62.8)) / 2)
+    md = (out / "table1.md").read_text()
+    assert "| 1 | AT+unlabeled fraction=0.7 | 48.9 | 43.2 (−5.7) | 0.32 | 1.20 | 48.9 (+0.0) | Good |" in md
+    assert "| 6 | MART β=6 | 61.0† |" in md  # PGD-only values are marked
+    assert "**Good** (mean of 2; RErr < 54 %) | 51.2 |" in md or "**Good** (mean of 2; RErr < 54 %) | 51.3 |" in md
+    assert "54.16 % / 58.68 %" in md
+    with open(out / "table1.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["run"] for r in rows[:7]] == ["unlabeled", "cyclic", "awp", "trades", "wd", "mart", "at"]
+    assert float(rows[6]["flat_worst"]) == pytest.approx(6.48)
+    assert rows[7]["label"] == "Good (mean of 2)" and float(rows[7]["rerr_test"]) == pytest.approx(51.25)
+
+
+def test_correlations_equal_scipy(drawn):
+    _, out, _ = drawn
+    c = json.loads((out / "correlations.json").read_text())
+    rloss = [r[5] for r in RUNS]
+    avg = [r[6] for r in RUNS]
+    pr, sr = scipy.stats.pearsonr(rloss, avg), scipy.stats.spearmanr(rloss, avg)
+    got = c["last"]["rloss_vs_flat_avg"]
+    assert got["n"] == 7
+    assert got["pearson_r"] == pytest.approx(pr.statistic) and got["pearson_p"] == pytest.approx(pr.pvalue)
+    assert got["spearman_rho"] == pytest.approx(sr.statistic) and got["spearman_p"] == pytest.approx(sr.pvalue)
+    worst = [(r[5], r[7]) for r in RUNS if r[7] is not None]
+    pr = scipy.stats.pearsonr([w[0] for w in worst], [w[1] for w in worst])
+    assert c["last"]["rloss_vs_flat_worst"]["n"] == 6
+    assert c["last"]["rloss_vs_flat_worst"]["pearson_r"] == pytest.approx(pr.statistic)
+    rerr = [r[2] / 100 for r in RUNS]
+    assert c["last"]["rerr_vs_flat_avg"]["pearson_r"] == pytest.approx(scipy.stats.pearsonr(rerr, avg).statistic)
+    # with the early-stopped checkpoints: 7 more points (RLoss × 0.6, flatness / 2)
+    both = c["last_and_es"]["rloss_vs_flat_avg"]
+    x = avg + [a / 2 for a in avg]
+    y = rloss + [r * 0.6 for r in rloss]
+    assert both["n"] == 14 and both["pearson_r"] == pytest.approx(scipy.stats.pearsonr(y, x).statistic)
+
+
+def test_result_files_identified_by_fields(drawn):
+    """Clean and train-example flatness are not mistaken for the robust test flatness; per-epoch
+    files give Fig. 6's series; the unreadable file is skipped with one line."""
+    _, _, summary = drawn
+    at = next(r for r in summary["runs"] if r["run"] == "at")
+    assert at["last"]["flat_avg"] == pytest.approx(1.21)
+    assert at["last"]["flat_avg_train"] == pytest.approx(1.21 * 0.8)
+    assert at["last"]["flat_avg_clean"] == pytest.approx(9.0)
+    assert "hessian" not in at["last"]  # only the rescaled Hessian exists for ckpt_last.pt
+    assert at["best"]["rerr"] == pytest.approx(0.546) and at["best"]["flat_avg"] == pytest.approx(0.605)
+    assert at["es_epoch"] == 12  # first minimum of es_rerr (epochs 12 has |e − best| = 0)
+    series = at["over_epochs"]
+    assert [r["epoch"] for r in series] == [5, 10, 15, 20, 25, 30, 150]
+    assert series[2]["flat_avg"] == pytest.approx(1.5) and series[2]["hessian"] == pytest.approx(1500)
+    assert series[2]["rloss"] == pytest.approx(1.75)  # the flatness file's reference RLoss
+    assert any("eval_broken.json: not readable JSON" in line for line in summary["skipped"])
+    assert any("no_results has no eval.json" in line for line in summary["skipped"])
+    assert any(line.startswith("skip fig7: needs a hyper-parameter sweep") for line in summary["skipped"])
+
+
+def test_ema_runs_use_the_ema_evaluation(tmp_path):
+    """Weight averaging is evaluated as the averaged model: eval_ema.json wins over eval.json."""
+    d = tmp_path / "ema"
+    d.mkdir()
+    write(d / "args.json", {**BASE_ARGS, "ema": 0.9975})
+    write(d / "eval.json", eval_json(d, "ckpt_last.pt", 0.70, 3.0))
+    write(d / "eval_ema.json", {**eval_json(d, "ckpt_last.pt", 0.60, 2.0), "use_ema": True})
+    write(d / "flatness_average.json", flat_json(d, "ckpt_last.pt", "average", 1.0, 3.0))
+    write(d / "flatness_average_ema.json", {**flat_json(d, "ckpt_last.pt", "average", 0.4, 2.0), "use_ema": True})
+    run = plots.load_run(d, plots.Log())
+    m = plots.measures(run, "last")
+    assert m["rerr"] == pytest.approx(0.60) and m["rloss"] == pytest.approx(2.0) and m["flat_avg"] == pytest.approx(0.4)
+    assert plots.describe(run["args"], {})[0] == "AT EMA=0.9975"
+
+
+def test_missing_inputs_skip_with_a_message(tmp_path, capsys):
+    """A run with only args.json and metrics.jsonl: the curves are drawn, the rest is skipped
+    with one line each that names the missing file."""
+    d = tmp_path / "runs" / "at"
+    d.mkdir(parents=True)
+    write(d / "args.json", BASE_ARGS)
+    (d / "metrics.jsonl").write_text(metrics_lines(10, 4) + "garbage\n")
+    out = tmp_path / "fig"
+    summary = plots.main([str(tmp_path / "runs"), "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert_png(out / "fig2_robust_overfitting.png")
+    assert (out / "fig2_robust_overfitting.pdf").read_bytes()[:5] == b"%PDF-"
+    assert (out / "fig5_training_curves.png").exists()
+    for expected in ("skip fig1: needs runs with eval.json (RLoss) and flatness_average.json",
+                     "skip fig4: no flatness_landscape.json", "skip fig6: no run has flatness of at least 2 snapshots",
+                     "skip fig7: needs a hyper-parameter sweep", "skip fig8: needs runs with eval.json",
+                     "skip fig9: needs", "skip table1: no run has eval.json", "unparsable line(s)"):
+        assert expected in printed, expected
+        assert any(expected in line for line in summary["skipped"])
+    for name in ("fig1_rloss_vs_flatness", "fig4_landscape", "fig7_hyperparameters", "fig8_rloss_flatness"):
+        assert not (out / f"{name}.png").exists()
+    c = json.loads((out / "correlations.json").read_text())
+    assert c["last"]["rloss_vs_flat_avg"]["n"] == 0 and "pearson_r" not in c["last"]["rloss_vs_flat_avg"]
+
+
+def test_one_run_folder_and_bad_input(tmp_path, drawn, capsys):
+    """A single run folder as input; svg output; bad input is one line and exit code 1."""
+    root, _, _ = drawn
+    plots.main([str(root / "wd"), "--out", str(tmp_path / "f"), "--formats", "svg", "--dpi", "40"])
+    printed = capsys.readouterr().out
+    assert "| 1 | AT wd=0.05 | 58.1 |" in printed and "skip fig2: no AT baseline run" in printed
+    assert (tmp_path / "f" / "fig8_rloss_flatness.svg").exists()
+    assert not list((tmp_path / "f").glob("*.png"))
+    bad = run_script("plots.py", tmp_path / "nowhere", check=False)
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines() == [f"error: {tmp_path / 'nowhere'} does not exist; give the folder "
+                                              "that holds the run folders (e.g. runs/)"]
+    with pytest.raises(UsageError, match="--formats takes png, pdf and/or svg"):
+        plots.main([str(root), "--formats", "gif"])
+
+
+def test_exact_thresholds(drawn):
+    _, _, summary = drawn
+    points = [{"run": r["run"], "label": r["label"], **r["last"]} for r in summary["runs"]]
+    es_points = [{"run": r["run"], "label": r["label"], **r["best"]} for r in summary["runs"] if r["best"]]
+    t = plots.table1(points, es_points, exact_thresholds=True)
+    assert t["thresholds"] == pytest.approx([54.16, 58.68]) and not t["rounded"]
+    assert [g["n"] for g in t["groups"]] == [2, 3, 2]
+    t = plots.table1(points[:1], [])
+    assert len(t["rows"]) == 1 and t["rows"][0]["rerr_es"] is None
+
+
+def test_split_fits_in_fig8_use_linregress_on_each_side():
+    """The two Fig. 8 lines are least-squares fits of the points left / right of RLoss 2.3."""
+    fig, ax = plt.subplots()
+    x, y = [1.0, 1.5, 2.0], [50.0, 52.0, 55.0]
+    fit = plots.fit_line(ax, x, y)
+    ref = scipy.stats.linregress(x, y)
+    assert fit.slope == pytest.approx(ref.slope) and fit.intercept == pytest.approx(ref.intercept)
+    line = ax.lines[0].get_xydata()
+    assert line[0, 0] == 1.0 and line[1, 0] == 2.0
+    assert line[1, 1] == pytest.approx(ref.intercept + 2 * ref.slope)
+    assert plots.fit_line(ax, [2.0, 2.0], [1.0, 2.0]) is None  # no x spread: no line
+    plt.close(fig)
+    assert math.isclose(plots.shade((0.5, 0.5, 0.5), 0.5)[0], 0.25)
+
+
+def test_paper_script_commands_parse(tmp_path):
+    """scripts/paper.sh (DRY_RUN=1 prints the commands): every training, evaluation and flatness
+    command it would run parses with that script's own argparse, flags and values included."""
+    import importlib
+    import shlex
+    import subprocess
+    from conftest import ROOT
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "paper.sh")], capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "DRY_RUN": "1", "SWEEPS": "1", "RUNS": str(tmp_path / "runs"),
+                               "PYTHON": "python"})
+    assert proc.returncode == 0, proc.stderr
+    commands = [shlex.split(line)[1:] for line in proc.stdout.splitlines() if line.startswith("python ")]
+    scripts = Counter(c[0] for c in commands)
+    assert scripts["plots.py"] == 1 and scripts["train_trades.py"] == 4 and scripts["train_awp.py"] == 4
+    assert sum(v for k, v in scripts.items() if k.startswith("train_")) == 18 + 17  # rows without +Unlabeled, sweeps
+    for script, *argv in commands:
+        if script == "plots.py":
+            continue
+        module = importlib.import_module(script[:-3])
+        args = module.parse_args(argv)
+        if script.startswith("train_"):
+            assert args.epochs in (150, 75, 30)
+    assert ["train_trades.py", "--beta", "9"] == commands[[c[0] for c in commands].index("train_trades.py")][:3]
+    assert subprocess.run(["bash", "-n", str(ROOT / "scripts" / "mini_paper.sh")]).returncode == 0
