@@ -449,12 +449,13 @@ def bn_mode(model, mode="eval"):
 
 
 def pgd(model, x, y, eps, alpha, steps, restarts=1, loss_fn=cross_entropy_each, start="uniform",
-        bn="eval", autocast=False):
+        bn="eval", autocast=False, with_pred=False):
     """L∞ PGD ascent on `loss_fn(model(x + δ), y)` (per-example losses).
     Returns (δ, loss): per example the iterate with the highest loss over all steps and restarts,
     the random start included, and that loss (computed in the attack's BN mode).
     Restarts are batched by repeating the input; gradients are taken w.r.t. δ only, with the
-    summed loss (the sign step is scale-free). No host synchronisation inside the loop."""
+    summed loss (the sign step is scale-free). No host synchronisation inside the loop.
+    `with_pred=True` also returns the predicted class at the returned iterate (saves a forward)."""
     b = x.shape[0]
     xr = x.repeat(restarts, *([1] * (x.dim() - 1)))
     yr = y.repeat(restarts, *([1] * (y.dim() - 1)))
@@ -467,13 +468,17 @@ def pgd(model, x, y, eps, alpha, steps, restarts=1, loss_fn=cross_entropy_each, 
     delta = ((xr + delta).clamp_(0, 1) - xr).requires_grad_(True)
     best_delta = delta.detach().clone()
     best_loss = torch.full((xr.shape[0],), -float("inf"), device=x.device)
+    best_pred = torch.zeros(xr.shape[0], dtype=torch.long, device=x.device)
     with bn_mode(model, bn):
         for t in range(steps + 1):
             with torch.set_grad_enabled(t < steps), torch.autocast(x.device.type, torch.bfloat16, enabled=autocast):
-                loss = loss_fn(model(xr + delta), yr).float()
+                logits = model(xr + delta)
+                loss = loss_fn(logits, yr).float()
             better = loss.detach() > best_loss
             best_loss = torch.where(better, loss.detach(), best_loss)
             best_delta = torch.where(better.view(-1, *([1] * (x.dim() - 1))), delta.detach(), best_delta)
+            if with_pred:
+                best_pred = torch.where(better, logits.detach().argmax(1), best_pred)
             if t == steps:
                 break
             (grad,) = torch.autograd.grad(loss.sum(), delta)
@@ -482,7 +487,10 @@ def pgd(model, x, y, eps, alpha, steps, restarts=1, loss_fn=cross_entropy_each, 
                 delta = (xr + delta).clamp_(0, 1) - xr
             delta.requires_grad_(True)
     best_loss, which = best_loss.view(restarts, b).max(0)
-    best_delta = best_delta.view(restarts, b, *x.shape[1:])[which, torch.arange(b, device=x.device)]
+    index = (which, torch.arange(b, device=x.device))
+    best_delta = best_delta.view(restarts, b, *x.shape[1:])[index]
+    if with_pred:
+        return best_delta, best_loss, best_pred.view(restarts, b)[index]
     return best_delta, best_loss
 
 
@@ -498,18 +506,22 @@ def clean_metrics(model, x, y, batch_size=500):
     return torch.cat(losses), torch.cat(correct)
 
 
-def robust_metrics(model, x, y, eps, alpha, steps, restarts=1, batch_size=128, progress=False):
-    """Per-example robust CE (max over iterates and restarts) and robust correctness
-    (correct clean and on the chosen adversarial example), in eval mode and fp32."""
+def robust_metrics(model, x, y, eps, alpha, steps, restarts=1, batch_size=128, progress=False, clean_ok=None):
+    """Per-example robust CE (max over iterates and restarts) and robust correctness (correct clean
+    and on the chosen adversarial example), in eval mode and fp32. Pass `clean_ok` when the clean
+    correctness is already known (saves a forward)."""
     from tqdm import tqdm
     losses, correct = [], []
     for i in tqdm(range(0, len(y), batch_size), desc="PGD", disable=not progress, leave=False):
         xb, yb = x[i:i + batch_size], y[i:i + batch_size]
-        delta, loss = pgd(model, xb, yb, eps, alpha, steps, restarts)
-        with torch.no_grad(), bn_mode(model, "eval"):
-            ok = (model(xb + delta).argmax(1) == yb) & (model(xb).argmax(1) == yb)
+        _, loss, pred = pgd(model, xb, yb, eps, alpha, steps, restarts, with_pred=True)
+        if clean_ok is None:
+            with torch.no_grad(), bn_mode(model, "eval"):
+                ok = model(xb).argmax(1) == yb
+        else:
+            ok = clean_ok[i:i + batch_size]
         losses.append(loss)
-        correct.append(ok)
+        correct.append(ok & (pred == yb))
     return torch.cat(losses), torch.cat(correct)
 
 
@@ -777,7 +789,7 @@ def epoch_metrics(model, x, y, alpha, restarts, prefix, rank=0, world=1):
     counts; the robust loss is also split by clean correctness (Fig. 2)."""
     x, y = x[rank::world], y[rank::world]
     clean_loss, clean_ok = clean_metrics(model, x, y)
-    rloss, robust_ok = robust_metrics(model, x, y, 8 / 255, alpha, 7, restarts)
+    rloss, robust_ok = robust_metrics(model, x, y, 8 / 255, alpha, 7, restarts, clean_ok=clean_ok)
     sums = torch.stack([torch.tensor(float(len(y)), device=x.device), clean_loss.sum(), (~clean_ok).sum(),
                         rloss.sum(), (~robust_ok).sum(), clean_ok.sum(), (rloss * clean_ok).sum()])
     if world > 1:

@@ -104,7 +104,7 @@ def pgd_metrics(model, x, y, args, progress=False):
     _, clean_ok = common.clean_metrics(model, x, y, args.batch_size)
     common.seed_everything(args.seed)  # the random starts are reproducible per subset
     rloss, robust_ok = common.robust_metrics(model, x, y, args.epsilon, args.attack_step, args.steps,
-                                             args.restarts, args.batch_size, progress=progress)
+                                             args.restarts, args.batch_size, progress=progress, clean_ok=clean_ok)
     section = {"rloss": mean(rloss), "rerr": error_rate(robust_ok),
                "rloss_correct": mean(rloss[clean_ok]), "rloss_incorrect": mean(rloss[~clean_ok]),
                "n_correct": int(clean_ok.sum()), "n_incorrect": int((~clean_ok).sum()), "n": len(y),
