@@ -39,7 +39,7 @@ ROWS = ("at_step", "floor", "avg_flatness", "worst_flatness", "data")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="speed ratios against reference-style code and the compute floor")
+    p = common.ArgumentParser(description="speed ratios against reference-style code and the compute floor")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--width", type=int, default=64, help="ResNet-18 width (paper: 64)")
     p.add_argument("--batch-size", type=int, default=0, help="0 = 16 on CPU, 128 on GPU")

@@ -46,6 +46,19 @@ def run_cli(main):
         sys.exit(1)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with this codebase's error contract: a bad flag is one `error:` line and exit code 1
+    (argparse's default is the whole usage text and exit code 2); --help shows every default."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(**kwargs)
+
+    def error(self, message):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(1)
+
+
 def fraction(text):
     """argparse type for values like `8/255`, `0.007` or `2e-4`."""
     try:
@@ -381,7 +394,7 @@ class ResNet18(nn.Module):
 def add_model_args(parser):
     g = parser.add_argument_group("model")
     g.add_argument("--width", type=int, default=64, help="channels of the first stage (paper: 64; 16 or 8 for CPU)")
-    g.add_argument("--act", default="relu", help="relu | silu | mish | gelu (Table 1 activation rows)")
+    g.add_argument("--act", default="relu", choices=tuple(ACTIVATIONS), help="every activation (Table 1 rows: silu, mish, gelu)")
     return g
 
 
@@ -730,7 +743,7 @@ def add_model_source_args(parser):
     g = parser.add_argument_group("model source")
     g.add_argument("--use-ema", action="store_true", help="evaluate the EMA weights saved with train_*.py --ema")
     g.add_argument("--arch-width", type=int, default=64, help="external state dicts: ResNet-18 width")
-    g.add_argument("--arch-act", default="relu", help="external state dicts: activation")
+    g.add_argument("--arch-act", default="relu", choices=tuple(ACTIVATIONS), help="external state dicts: activation")
     g.add_argument("--no-normalize", action="store_true",
                    help="external state dicts: the model has no input normaliser (auto-detected from the keys)")
     g.add_argument("--robustbench", metavar="NAME", help="a RobustBench CIFAR-10 Linf model instead of a checkpoint")

@@ -24,7 +24,6 @@ Cost (measured): CPU, 1 thread of a shared 2-core machine, width-16 ResNet-18 af
 AT, --n-eval 100, clean on all 10,000 test images: 57 s wall (PGD-20 x 10: 42 s; AutoAttack: 3 s, as
 APGD-CE broke every correct point); 2 min 49 s when the machine was busy. Not yet measured on a GPU.
 """
-import argparse
 import logging
 import sys
 import time
@@ -42,7 +41,7 @@ AA_ATTACKS = {"standard": ["apgd-ce", "apgd-t", "fab-t", "square"],
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = common.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_model_source_args(p)
     common.add_runtime_args(p)
     g = p.add_argument_group("evaluation subsets")

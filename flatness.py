@@ -36,7 +36,6 @@ Cost (measured): CPU, 1 thread, width-16 ResNet-18, 100 test images, the CPU lin
 (reference PGD-20 × 10: 47 s, 3 average-case draws: 7 s, 2 worst-case restarts: 7 s). GPU: not yet
 measured (estimate, research/style-and-speed.md B.4: 5-20 s per checkpoint for both measures on an H100).
 """
-import argparse
 import copy
 import sys
 import time
@@ -57,7 +56,7 @@ NU_SEED_OFFSET = 1_000_003  # ν draws use their own generator, seeded apart fro
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = common.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_model_source_args(p)
     common.add_runtime_args(p)
     p.add_argument("--epochs", metavar="RUN_DIR", default=None,

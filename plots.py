@@ -26,7 +26,6 @@ Conventions (research/paper-code.md §7): RLoss = PGD-20×10 robust cross-entrop
 0…999 (eval.json "pgd"); RErr = AutoAttack where the run folder has it, else PGD (marked);
 average-case flatness at ξ = 0.5 and worst-case at ξ = 0.00075 where several ξ were measured.
 """
-import argparse
 import csv
 import json
 import math
@@ -872,7 +871,7 @@ def print_correlations(result):
 # main
 # ---------------------------------------------------------------------------------------------
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = common.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("runs", help="folder holding run folders (each with args.json), or one run folder")
     p.add_argument("--out", default="figures", help="output folder for figures, tables and JSON")
     p.add_argument("--baseline", default=None, help="run folder (relative to RUNS) for Fig. 2; default: the "

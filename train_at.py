@@ -11,7 +11,6 @@ Multi-GPU: torchrun --nproc_per_node=4 train_at.py ...           # global batch 
 Cost (measured, see README "Speed"): not yet measured on a GPU. Paper: AutoAttack RErr 62.8 % at
 epoch 150, 54.6 % early-stopped (SPEC §12).
 """
-import argparse
 import time
 
 import torch
@@ -27,7 +26,7 @@ METHOD = "at"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = common.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_runtime_args(p)
     g = p.add_argument_group("data")
     g.add_argument("--train-subset", type=int, default=0, help="class-balanced subset of N training images (0 = all)")

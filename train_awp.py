@@ -19,7 +19,6 @@ Multi-GPU: torchrun --nproc_per_node=4 train_awp.py ...          # global batch 
 Cost (measured, see README "Speed"): not yet measured on a GPU; per batch one forward/backward more
 than AT (the direction g). Paper: AutoAttack RErr 54.3 % at epoch 150, 53.6 % early-stopped (SPEC §12).
 """
-import argparse
 import time
 
 import torch
@@ -36,7 +35,7 @@ METHOD = "awp"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = common.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_runtime_args(p)
     g = p.add_argument_group("data")
     g.add_argument("--train-subset", type=int, default=0, help="class-balanced subset of N training images (0 = all)")

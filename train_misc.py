@@ -23,7 +23,6 @@ unlabeled 1×, entropy-sgd L× (an epoch is len(loader) outer steps of L batches
 0.8× (τ = 2: 2.2 of 7 steps on average). Not yet measured on a GPU. Paper (SPEC §12), AutoAttack RErr at epoch 150:
 +Unlabeled 48.9 %, Self-supervision 57.1 %, Entropy-SGD 58.6 % (AT baseline 62.8 %).
 """
-import argparse
 import itertools
 import math
 import pickle
@@ -45,7 +44,7 @@ METHODS = ("rotation", "unlabeled", "entropy-sgd", "pgd-tau")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = common.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_runtime_args(p)
     g = p.add_argument_group("data")
     g.add_argument("--train-subset", type=int, default=0, help="class-balanced subset of N training images (0 = all)")

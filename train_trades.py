@@ -16,7 +16,6 @@ Cost (measured, see README "Speed"): not yet measured on a GPU; per batch one cl
 attack's target) and one clean training forward/backward more than AT. Paper (β = 9): AutoAttack RErr
 56.7 % at epoch 150, 53.4 % early-stopped (SPEC §12).
 """
-import argparse
 import time
 
 import torch
@@ -32,7 +31,7 @@ METHOD = "trades"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = common.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_runtime_args(p)
     g = p.add_argument_group("data")
     g.add_argument("--train-subset", type=int, default=0, help="class-balanced subset of N training images (0 = all)")

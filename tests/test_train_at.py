@@ -145,6 +145,10 @@ def test_errors(tiny_data, tmp_path):
     line = error_line(run_script("train_at.py", *base, "--act", "swish", "--out", tmp_path / "c", check=False, env=env))
     assert "swish" in line and "relu" in line
 
+    # argparse's own errors follow the same contract (one line, exit code 1), not usage + exit 2
+    line = error_line(run_script("train_at.py", *base, "--epsilon", "8/x", "--out", tmp_path / "d", check=False, env=env))
+    assert "--epsilon" in line and "8/x" in line
+
     # an existing run: a ckpt_last.pt saved with the flags of `base`
     out = tmp_path / "existing"
     out.mkdir()
