@@ -54,3 +54,34 @@ def run_script(script, *args, check=True, timeout=600, env=None):
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+DDP_WRAPPER = """
+import os, sys
+sys.path.insert(0, {root!r})
+import torch
+import common, {module}
+
+# record what rank 1 ends with (the scripts write files on rank 0 only)
+save = common.Run.save
+def record(self, *args, **kwargs):
+    save(self, *args, **kwargs)
+    if self.rank == 1:
+        torch.save(self.model.state_dict(), os.environ["RANK1_STATE"])
+common.Run.save = record
+common.run_cli({module}.main)
+"""
+
+
+def run_ddp(script, tmp_path, *args):
+    """`torchrun --standalone --nproc_per_node=2 script args...` on CPU (gloo). Returns the
+    CompletedProcess and the state dict rank 1 ended with (to compare with rank 0's checkpoint)."""
+    wrapper = tmp_path / f"ddp_{script}"
+    wrapper.write_text(DDP_WRAPPER.format(root=str(ROOT), module=Path(script).stem))
+    rank1 = tmp_path / "rank1.pt"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper),
+         *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "RANK1_STATE": str(rank1)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, torch.load(rank1, weights_only=True)

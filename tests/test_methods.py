@@ -3,10 +3,7 @@ hand computations, the AWP step against a manual update, and each script end to 
 and a 2-process DDP run on CPU)."""
 import copy
 import json
-import os
 import shutil
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -18,7 +15,7 @@ import common
 import train_awp
 import train_mart
 import train_trades
-from conftest import ROOT, TINY, run_script
+from conftest import TINY, run_script, run_ddp
 
 # A fixed tiny batch: B = 4 examples, K = 3 classes. Under the adversarial logits the true class is the
 # most probable one for examples 0, 2, 3 and not for 1 (both branches of MART's y').
@@ -303,41 +300,17 @@ def test_awp_resume_equals_uninterrupted(tiny_data, tmp_path):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-DDP_WRAPPER = """
-import os, sys
-sys.path.insert(0, {root!r})
-import torch
-import common, train_awp
-
-# record what rank 1 ends with (the script itself writes files on rank 0 only)
-save = common.Run.save
-def record(self, *args, **kwargs):
-    save(self, *args, **kwargs)
-    if self.rank == 1:
-        torch.save(self.model.state_dict(), os.environ["RANK1_STATE"])
-common.Run.save = record
-common.run_cli(train_awp.main)
-"""
-
-
 def test_awp_ddp_two_processes(tiny_data, tmp_path):
     """torchrun --nproc_per_node=2 on CPU (gloo), 1 epoch: one set of files, and rank 1 ends with
     weights bit-identical to rank 0's checkpoint. The ranks see different data, so a rank-local ν
     would make the replicas drift (DDP never re-broadcasts parameters); ν comes from the
     rank-averaged gradient."""
-    wrapper = tmp_path / "ddp_train_awp.py"
-    wrapper.write_text(DDP_WRAPPER.format(root=str(ROOT)))
-    out, rank1 = tmp_path / "ddp", tmp_path / "rank1.pt"
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper),
-         "--data-dir", str(tiny_data), *TINY, "--xi", "0.01", "--epochs", "1", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "RANK1_STATE": str(rank1)})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "ddp"
+    proc, other = run_ddp("train_awp.py", tmp_path, "--data-dir", tiny_data, *TINY, "--xi", 0.01, "--epochs", 1,
+                          "--out", out)
     assert {p.name for p in out.iterdir()} == RUN_FILES
     (m,) = read_metrics(out)
     assert METRIC_KEYS <= set(m) and m["test_n"] == 40  # the sharded evaluation counts every image once
     ckpt = torch.load(out / "ckpt_last.pt", weights_only=True)["model"]
-    other = torch.load(rank1, weights_only=True)
     differ = [k for k in ckpt if not torch.equal(ckpt[k], other[k])]
     assert not differ, f"ranks ended with different {differ[:5]}"

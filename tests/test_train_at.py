@@ -2,9 +2,6 @@
 under every Table 1 flag, the one-line errors, and DDP under torchrun on CPU (gloo)."""
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,7 +9,7 @@ import torch.nn as nn
 
 import common
 import train_at
-from conftest import ROOT, TINY, run_script
+from conftest import TINY, run_ddp, run_script
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the CPU is shared: one thread per process is fastest
 NO_NETWORK = {"HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
@@ -173,41 +170,17 @@ def test_failed_start_does_not_block_the_run_folder(tmp_path):
         common.Run(args, 0, 1, torch.device("cpu"))
 
 
-DDP_WRAPPER = """
-import os, sys
-sys.path.insert(0, {root!r})
-import torch
-import common, train_at
-
-# record what rank 1 ends with (train_at.py itself writes files on rank 0 only)
-save = common.Run.save
-def record(self, *args, **kwargs):
-    save(self, *args, **kwargs)
-    if self.rank == 1:
-        torch.save(self.model.state_dict(), os.environ["RANK1_STATE"])
-common.Run.save = record
-common.run_cli(train_at.main)
-"""
-
-
 def test_ddp_two_cpu_ranks(tiny_data, tmp_path):
     """torchrun --nproc_per_node=2 on gloo: one set of files, and rank 1's final weights and BN
     statistics are bit-identical to rank 0's checkpoint (synchronised gradients, broadcast buffers)."""
-    wrapper = tmp_path / "ddp_train_at.py"
-    wrapper.write_text(DDP_WRAPPER.format(root=str(ROOT)))
-    out, rank1 = tmp_path / "run", tmp_path / "rank1.pt"
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper),
-         *map(str, TINY), "--data-dir", str(tiny_data), "--epochs", "1", "--ema", "0.9", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env={**os.environ, **ONE_THREAD, "RANK1_STATE": str(rank1), "PYTHONUNBUFFERED": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "run"
+    proc, other = run_ddp("train_at.py", tmp_path, *TINY, "--data-dir", tiny_data, "--epochs", 1, "--ema", 0.9,
+                          "--out", out)
     assert proc.stdout.count("epoch   1 ") == 1, proc.stdout  # only rank 0 prints
     assert sorted(p.name for p in out.iterdir()) == [
         "args.json", "ckpt_best.pt", "ckpt_epoch001.pt", "ckpt_last.pt", "metrics.jsonl"]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
     ckpt = common.load_checkpoint(out / "ckpt_last.pt")
-    other = torch.load(rank1, weights_only=True)
     assert set(other) == set(ckpt["model"])
     differ = [k for k in other if not torch.equal(other[k], ckpt["model"][k])]
     assert not differ, f"ranks ended with different {differ[:5]}"
