@@ -229,6 +229,53 @@ def test_average_case_matches_an_independent_implementation(trained):
     torch.testing.assert_close(mine, plain, rtol=1e-3, atol=1e-4)
 
 
+def independent_worst_case(model, x, y, xi, restarts, passes, batch_size, seed, weight_step=0.01):
+    """Eq. 5 written plainly on a deep copy whose weights are overwritten in place: per restart,
+    ν_l = U(0,1)·ξ‖w_l‖·g/‖g‖ (same draws as flatness.py: its ν generator, layer by layer, randn then
+    rand), δ uniform in the ε-ball (global generator); per mini-batch one backward, then
+    ν_l ← Π(ν_l + 0.01‖w_l‖·∇_l/‖∇_l‖) onto ‖ν_l‖ ≤ ξ‖w_l‖ and δ ← Π(δ + α·sign ∇_δ); the score is
+    the mean CE at the final ν and δ; the value is the max over restarts."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed + flatness.NU_SEED_OFFSET)
+    net = copy.deepcopy(model).eval()
+    layers = [p for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) for p in m.parameters(recurse=False)]
+    centre = [p.detach().clone() for p in layers]
+    scores = []
+    for _ in range(restarts):
+        nu = []
+        for w in centre:
+            g = torch.randn(w.shape, generator=generator)
+            nu.append(g * (xi * w.norm() * torch.rand((), generator=generator) / g.norm()))
+        delta = torch.empty_like(x).uniform_(-EPS, EPS)
+        delta = (x + delta).clamp(0, 1) - x
+        for _ in range(passes):
+            for i in range(0, len(y), batch_size):
+                with torch.no_grad():
+                    for p, w, v in zip(layers, centre, nu):
+                        p.copy_(w + v)
+                d = delta[i:i + batch_size].clone().requires_grad_(True)
+                net.zero_grad()
+                F.cross_entropy(net(x[i:i + batch_size] + d), y[i:i + batch_size], reduction="sum").backward()
+                with torch.no_grad():
+                    for j, (p, w) in enumerate(zip(layers, centre)):
+                        v = nu[j] + weight_step * w.norm() * p.grad / p.grad.norm()
+                        nu[j] = v * min(1.0, float(xi * w.norm() / v.norm()))
+                    step = (d + ALPHA * d.grad.sign()).clamp(-EPS, EPS)
+                    delta[i:i + batch_size] = (x[i:i + batch_size] + step).clamp(0, 1) - x[i:i + batch_size]
+        with torch.no_grad():
+            for p, w, v in zip(layers, centre, nu):
+                p.copy_(w + v)
+            scores.append(F.cross_entropy(net(x + delta), y).item())
+    return torch.tensor(scores)
+
+
+def test_worst_case_matches_an_independent_implementation(trained):
+    model, x, y = trained
+    mine, _ = flatness.worst_case(model, x, y, xi=0.01, restarts=2, passes=3, batch_size=16, seed=3)
+    plain = independent_worst_case(model, x, y, xi=0.01, restarts=2, passes=3, batch_size=16, seed=3)
+    torch.testing.assert_close(mine, plain, rtol=1e-3, atol=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------
 # Scale invariance (§3.2)
 # ---------------------------------------------------------------------------------------------
