@@ -121,7 +121,7 @@ def main():
     args = parse_args()
     rank, world, device = common.setup_distributed(args.device)
     check(args.batch_size % world == 0, f"--batch-size {args.batch_size} must divide over {world} processes")
-    common.seed_everything(args.seed)
+    common.seed_everything(args.seed + rank)  # attack starts and label noise differ per rank; DDP broadcasts rank 0's init
     run = common.Run(args, rank, world, device)  # run folder, args.json, metrics.jsonl; checks --resume
 
     # ---- data: training set on the device; fixed logging / early-stopping subsets (SPEC §2)
