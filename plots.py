@@ -489,11 +489,16 @@ def fig2(run, out, log, written):
     col = lambda k: np.array([m.get(k) if is_number(m.get(k)) else np.nan for m in ms], float)  # noqa: E731
     es = es_epoch(run)
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-    a.plot(x, col("train_loss"), ":", color="C0", label="train (adversarial training loss)")
+    a.plot(x, col("train_loss"), ":", color="C0", label="train (CE on the adversarial training batches)")
     a.plot(x, col("test_rloss"), "-", color="C3", label="test")
     a.plot(x, col("test_rloss_correct"), "--", color="C2", label="test, clean-correct examples")
     a.plot(x, col("test_rloss_incorrect"), "-.", color="C1", label="test, clean-incorrect examples")
     a.set(xlabel=LABELS["epochs"], ylabel="RLoss (PGD-7 cross-entropy)", title=f"Fig. 2 — RLoss, {run['label']}")
+    # the first epochs of a fresh network can reach RLoss ≫ 10 and would flatten the curves that
+    # matter (the rise after the lr decay): the y range ends above the largest value of the later 90 %
+    later = np.concatenate([col(k)[x > 0.1] for k in ("train_loss", "test_rloss", "test_rloss_incorrect")])
+    if np.isfinite(later).any():
+        a.set_ylim(0, 1.15 * np.nanmax(later))
     b.plot(x, 100 * col("train_err"), ":", color="C0", label="train")
     b.plot(x, 100 * col("test_rerr"), "-", color="C3", label="test")
     b.set(xlabel=LABELS["epochs"], ylabel="RErr (%, PGD-7)", title=f"Fig. 2 — RErr, {run['label']}")
