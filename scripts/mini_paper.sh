@@ -10,8 +10,8 @@
 #          AA=1 bash scripts/mini_paper.sh                # also AutoAttack (slow on a CPU)
 # Environment: DATA_DIR, RUNS (runs_mini; QUICK: runs_mini_quick), FIGURES (figures_mini[_quick]), JOBS (2 rows at a time, one
 #   thread each), PYTHON. Finished steps are skipped when the script is run again.
-# Cost: QUICK=1 measured 9.5 min on a shared, loaded 2-core machine (4.3 CPU-minutes). The default
-#   is estimated from single-thread timings of its parts at ~60 min on 2 free cores (not run in full).
+# Cost: a full run measured 3558 s (59 min) on the 2-core development machine while other jobs
+#   shared it; QUICK=1 measured 9.5 min on a loaded machine.
 #
 # Rows: AT (baseline), AT label noise 0.2 and 0.4 (a sweep for Fig. 7), AT weight decay 0.05,
 # TRADES β=6, AWP ξ=0.005, AT + weight averaging (EMA; τ = 0.99 instead of the paper's 0.9975,
