@@ -305,7 +305,7 @@ def mix_batch(x_lab, y_lab, lab_idx, x_unl, y_unl, n_unlabeled, generator):
     return common.augment_crop_flip(x[perm], generator), y[perm], is_unlabeled[perm]
 
 
-class MixedLoader:
+class MixedLoader(common.DeviceLoader):
     """Batches of B = --batch-size images, floor(f·B) of them pseudo-labelled (f = --unlabeled-fraction;
     89 of 128 at f = 0.7, the paper's code). An epoch is ceil(N/B) batches for N labelled images:
     50,000 labelled-equivalent examples = 391 batches on full CIFAR-10, the paper's epoch; with
@@ -314,16 +314,9 @@ class MixedLoader:
     common.DeviceLoader; under DDP each rank takes every world-th image of each batch."""
 
     def __init__(self, x, y, x_unl, y_unl, batch_size, unlabeled_fraction, device, seed, rank=0, world=1):
-        self.x, self.y = x.to(device), y.to(device)
+        super().__init__(x, y, batch_size, device, seed, rank, world)  # labelled set, generator, len
         self.x_unl, self.y_unl = x_unl.to(device), y_unl.to(device)
-        self.batch_size, self.device, self.rank, self.world = batch_size, device, rank, world
         self.n_unlabeled = math.floor(unlabeled_fraction * batch_size + 1e-9)
-        self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(seed)
-
-    def __len__(self):
-        n = len(self.y)
-        return n // self.batch_size if self.world > 1 else math.ceil(n / self.batch_size)
 
     def __iter__(self):
         g, n_lab = self.generator, self.batch_size - self.n_unlabeled
