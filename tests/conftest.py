@@ -85,3 +85,18 @@ def run_ddp(script, tmp_path, *args):
         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "RANK1_STATE": str(rank1)})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc, torch.load(rank1, weights_only=True)
+
+
+def fit(model, x, y, steps, batch_size, lr=3e-3):
+    """A few Adam steps on random mini-batches of (x, y) (seed the global RNG first); returns the
+    model in eval mode with no gradients left behind."""
+    import torch.nn.functional as F
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        idx = torch.randint(0, len(y), (batch_size,))
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return model.eval()

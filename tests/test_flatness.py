@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import ROOT, run_script
+from conftest import ROOT, fit, run_script
 
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
@@ -36,15 +36,7 @@ def trained():
     torch.manual_seed(0)
     model = common.ResNet18(width=8)
     x, y = separable_data(400, seed=1)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(40):
-        idx = torch.randint(0, len(y), (64,))
-        loss = F.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-    model.eval()
+    fit(model, x, y, steps=40, batch_size=64)
     xt, yt = separable_data(40, seed=2)
     with torch.no_grad():
         assert (model(xt).argmax(1) == yt).float().mean() >= 0.7, "the fixture model did not learn"

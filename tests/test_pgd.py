@@ -6,6 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+from conftest import fit
 
 EPS, ALPHA, STEPS = 8 / 255, 4 / 255, 10
 SIZE = 8  # 8×8 images keep the attack cheap; nothing in pgd depends on the image size
@@ -39,14 +40,7 @@ def trained():
     torch.manual_seed(0)
     model = TinyNet()
     x, y = teacher_data(1000, seed=1)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for step in range(100):
-        idx = torch.randint(0, len(y), (100,))
-        loss = F.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    fit(model, x, y, steps=100, batch_size=100)
     xt, yt = teacher_data(60, seed=2)
     assert ce(model, x[:500], y[:500]).mean() < 0.5, "the fixture model did not learn"
     return model, xt, yt
