@@ -217,9 +217,10 @@ def average_case(model, x, y, xi=0.5, samples=10, loss="robust", eps=8 / 255, al
     common.seed_everything(seed)  # the PGD starts
     generator = nu_generator(seed, x.device)
     weights = frozen_weights(model)
+    norms = common.layer_norms(weights)
     losses, errors = [], []
     for _ in trange(samples, desc=f"average-case ξ={xi:g}", disable=not progress, leave=False):
-        nu = common.relative_random(weights, xi, generator)          # Eq. 3: ν on the sphere
+        nu = common.relative_random(weights, xi, generator, norms=norms)  # Eq. 3: ν on the sphere
         if on_sample is not None:
             on_sample(nu)
         ce, ok = loss_of(Perturbed(model, plus(weights, nu)), x, y, loss, eps, alpha, steps, restarts, batch_size)
@@ -244,7 +245,7 @@ def joint_ascent(model, x, y, xi, passes=20, weight_step=0.01, batch_size=128, e
     weights = frozen_weights(model)
     norms = common.layer_norms(weights)
     batches = [slice(i, i + batch_size) for i in range(0, len(y), batch_size)]
-    nus = [common.relative_random(weights, xi, generator, on_sphere=False)
+    nus = [common.relative_random(weights, xi, generator, on_sphere=False, norms=norms)
            for _ in (batches if per_batch else batches[:1])]
     if attack_inputs:
         delta = torch.empty_like(x).uniform_(-eps, eps)
@@ -263,9 +264,10 @@ def joint_ascent(model, x, y, xi, passes=20, weight_step=0.01, batch_size=128, e
                 with torch.no_grad():
                     # per layer, the gradient normalised to ‖w_l‖ (the released code's relative step),
                     # then back into the relative ball (Eq. 4)
-                    stepped = {k: nu[k] + weight_step * norms[k] * g / g.norm().clamp_min(1e-12)
+                    # (the gradients are fresh tensors: scaled in place)
+                    stepped = {k: g.mul_(weight_step * norms[k] / g.norm().clamp_min(1e-12)).add_(nu[k])
                                for k, g in zip(nu, grads)}
-                    nus[j] = common.project_relative(stepped, weights, xi)
+                    nus[j] = common.project_relative(stepped, weights, xi, norms)
                     if attack_inputs:
                         step = (d + alpha * grads[-1].sign()).clamp_(-eps, eps)
                         delta[sl] = (x[sl] + step).clamp_(0, 1) - x[sl]
