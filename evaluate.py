@@ -171,10 +171,12 @@ def autoattack_metrics(model, x, y, clean_ok, pgd_ok, args, device, progress=Fal
     common.seed_everything(args.seed)
     aa, run, package = make_autoattack(model, args.epsilon, args.aa_version, device, args.seed, args.verbose)
     # one call per batch of --batch-size images, as the paper's code did (batches of 128), so the
-    # progress bar moves; each attack reseeds itself per batch either way
-    x_adv = torch.cat([run(x[i:i + args.batch_size], y[i:i + args.batch_size], args.batch_size)
-                       for i in tqdm(range(0, len(y), args.batch_size), desc="AutoAttack", disable=not progress,
-                                     leave=False)])
+    # progress bar moves; each attack reseeds itself per batch either way. The weights are frozen
+    # meanwhile: the attacks' backward passes then compute input gradients only.
+    with common.frozen_params(model):
+        x_adv = torch.cat([run(x[i:i + args.batch_size], y[i:i + args.batch_size], args.batch_size)
+                           for i in tqdm(range(0, len(y), args.batch_size), desc="AutoAttack",
+                                         disable=not progress, leave=False)])
     max_linf = (x_adv - x).abs().amax().item()
     if max_linf > args.epsilon + 1e-6 or x_adv.min() < 0 or x_adv.max() > 1:
         print(f"warning: AutoAttack returned ‖x_adv − x‖∞ = {max_linf:.6f} > ε = {args.epsilon:.6f} or pixels outside "

@@ -400,7 +400,7 @@ def pgd_tau(model, x, y, eps, alpha, steps, tau, start="uniform", bn="eval", aut
     active = torch.ones_like(y, dtype=torch.bool)
     steps_taken = torch.zeros_like(y)
     shape = (-1,) + (1,) * (x.dim() - 1)
-    with common.bn_mode(model, bn):
+    with common.bn_mode(model, bn), common.frozen_params(model):
         for _ in range(steps):
             delta.requires_grad_(True)
             with torch.autocast(x.device.type, torch.bfloat16, enabled=autocast):

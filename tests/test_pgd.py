@@ -183,3 +183,26 @@ def test_parameter_gradients_untouched():
     common.pgd(model, x, y, EPS, ALPHA, 2)
     assert all(torch.equal(p.grad, grads[n]) for n, p in model.named_parameters())
     assert not x.requires_grad
+
+
+def test_weights_frozen_during_the_attack_and_restored_after():
+    """Inside pgd no parameter requires grad (autograd records nothing for the weights); afterwards
+    every flag is what the caller had, a parameter the caller froze stays frozen, and an error
+    inside the attack restores the flags too."""
+    torch.manual_seed(0)
+    model = common.ResNet18(width=4)
+    model.linear.bias.requires_grad_(False)  # the caller's own choice must survive
+    seen = []
+    model.register_forward_hook(lambda m, i, o: seen.append(any(p.requires_grad for p in m.parameters())))
+    x, y = teacher_data(4, seed=0)
+    common.pgd(model, x, y, EPS, ALPHA, 2)
+    assert seen == [False] * 3
+    assert not model.linear.bias.requires_grad
+    assert all(p.requires_grad for n, p in model.named_parameters() if n != "linear.bias")
+
+    def failing_loss(logits, y):
+        raise ValueError("inside the attack")
+
+    with pytest.raises(ValueError):
+        common.pgd(model, x, y, EPS, ALPHA, 2, loss_fn=failing_loss)
+    assert all(p.requires_grad for n, p in model.named_parameters() if n != "linear.bias")
