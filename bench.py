@@ -9,8 +9,9 @@ Rows
      attack, and a torchvision DataLoader with CPU transforms.             target ≥ 1.3× (CPU), ≥ 3× (GPU)
   2. The same AT step vs a bare loop of the same passes (7 input-gradient passes + 1 training pass on
      one batch, no bookkeeping): efficiency = floor time / step time.        target ≥ 0.9
-  3. Flatness: one average-case sample vs one bare PGD-20 run on the same batch; one worst-case
-     restart (20 joint passes) vs 20 × (forward + full backward) + 1 forward.                                   target ≥ 0.9 each
+  3. Flatness, on one batch of the measures' own mini-batch size (128): one average-case sample vs
+     one bare PGD-20 run; one worst-case restart (20 joint passes) vs 20 × (forward + full
+     backward) + 1 forward.                                                  target ≥ 0.9 each
   4. Data: the device-resident loader's images/s vs a DataLoader with the same augmentation.
   5. Peak memory per row (each row runs in its own process: ru_maxrss on CPU,
      torch.cuda.max_memory_allocated on GPU).
@@ -51,7 +52,10 @@ def parse_args(argv=None):
     p.add_argument("--epoch-time", action="store_true", help="GPU: seconds per 50k-image PGD-7 AT epoch")
     p.add_argument("--only", choices=ROWS, help=argparse.SUPPRESS)  # internal: one row per process
     p.add_argument("--out", default="bench.json")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    common.check(args.width >= 1 and args.batch_size >= 0, "--width must be >= 1 and --batch-size >= 0")
+    common.check(args.repeats >= 1 and args.steps >= 1, "--repeats and --steps must be >= 1")
+    return args
 
 
 def sync(device):
@@ -92,11 +96,10 @@ def side_by_side(fns, device, repeats, steps):
 
 def at_args(args):
     """train_at.py's flags at their defaults, with this benchmark's speed options."""
-    a = train_at.parse_args(["--width", str(args.width)] + (["--amp"] if args.amp else []))
-    return a
+    return train_at.parse_args(["--width", str(args.width)] + (["--amp"] if args.amp else []))
 
 
-def synthetic_cifar(n, device, seed=0):
+def synthetic_cifar(n, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
     y = torch.randint(0, 10, (n,), generator=g)
@@ -106,16 +109,12 @@ def synthetic_cifar(n, device, seed=0):
 # ------------------------------------------------------------------------------------------------
 # Row 1 and 2: the AT step, reference-style step, and the bare floor
 # ------------------------------------------------------------------------------------------------
-def our_at_step(net, opt, loader_iter, args_at):
+def our_at_step(net, opt, sched, loader_iter, args_at, sums):
+    """One iteration of train_at.py's training loop: next device batch, train_at.train_step (PGD-7,
+    update, schedule), the device-side epoch statistics."""
     x, y = next(loader_iter)
-    x_adv = train_at.adversarial_batch(net, x, y, args_at)
-    net.train()
-    with torch.autocast(x.device.type, torch.bfloat16, enabled=args_at.amp):
-        logits = net(x_adv)
-    loss = train_at.training_loss(logits, y, args_at)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    logits = train_at.train_step(net, net, opt, sched, None, x, y, args_at)
+    common.add_stats(sums, common.batch_stats(logits, y))
 
 
 def reference_at_step(net, opt, loader_iter, device, eps=8 / 255, alpha=0.007, steps=7):
@@ -141,13 +140,13 @@ def reference_at_step(net, opt, loader_iter, device, eps=8 / 255, alpha=0.007, s
 
 
 def floor_step(net, opt, x, y, steps=7):
-    """The passes an AT step cannot avoid: `steps` forward + input-gradient passes and one
+    """The passes an AT step cannot avoid: `steps` forward + input-gradient passes (weights frozen) and one
     forward + full backward + optimiser step, on one resident batch, with no bookkeeping."""
     delta = torch.zeros_like(x, requires_grad=True)
-    net.eval()
+    net.eval().requires_grad_(False)
     for _ in range(steps):
         (g,) = torch.autograd.grad(F.cross_entropy(net(x + delta), y, reduction="sum"), delta)
-    net.train()
+    net.train().requires_grad_(True)
     loss = F.cross_entropy(net(x), y)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -181,31 +180,39 @@ def make_net(args, device):
     return net
 
 
+class OurTraining:
+    """train_at.py's setup for the timed step (its flags at their defaults: SGD with momentum, per-batch
+    schedule) with this benchmark's --amp / --channels-last / --compile, on the device loader."""
+
+    def __init__(self, args, device, x_u8, y, b):
+        self.args_at = at_args(args)
+        self.net = make_net(args, device)
+        self.fwd = torch.compile(self.net) if args.compile else self.net
+        self.loader = common.DeviceLoader(x_u8, y, b, device, seed=0)
+        self.opt, self.sched = common.make_optimizer(self.net, self.args_at, len(self.loader))
+        self.batches, self.sums = endless(self.loader), {}
+
+    def step(self):
+        our_at_step(self.fwd, self.opt, self.sched, self.batches, self.args_at, self.sums)
+
+
 def row_at_step(args, device, b):
-    x_u8, y = synthetic_cifar(max(50 * b, 2000), device)
-    args_at = at_args(args)
-    ours, theirs = make_net(args, device), make_net(args, device)
-    fwd = torch.compile(ours) if args.compile else ours
-    opt_o = torch.optim.SGD(ours.parameters(), lr=0.01, momentum=0.9)
-    opt_t = torch.optim.SGD(theirs.parameters(), lr=0.01, momentum=0.9)
-    it_o = endless(common.DeviceLoader(x_u8, y, b, device, seed=0))
+    x_u8, y = synthetic_cifar(max(50 * b, 2000))
+    ours = OurTraining(args, device, x_u8, y, b)
+    theirs = make_net(args, device)
+    opt_t = torch.optim.SGD(theirs.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     it_t = endless(cpu_transform_loader(x_u8, y, b, workers=2))
-    t = side_by_side({"ours": lambda: our_at_step(fwd, opt_o, it_o, args_at),
-                      "reference": lambda: reference_at_step(theirs, opt_t, it_t, device)},
+    t = side_by_side({"ours": ours.step, "reference": lambda: reference_at_step(theirs, opt_t, it_t, device)},
                      device, args.repeats, args.steps)
     return {"ours_s": t["ours"], "reference_s": t["reference"], "speedup": t["reference"] / t["ours"]}
 
 
 def row_floor(args, device, b):
-    x_u8, y = synthetic_cifar(max(50 * b, 2000), device)
-    args_at = at_args(args)
-    net = make_net(args, device)
-    fwd = torch.compile(net) if args.compile else net
-    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-    it = endless(common.DeviceLoader(x_u8, y, b, device, seed=0))
-    xb, yb = next(it)
-    t = side_by_side({"ours": lambda: our_at_step(fwd, opt, it, args_at),
-                      "floor": lambda: floor_step(fwd, opt, xb, yb)}, device, args.repeats, args.steps)
+    x_u8, y = synthetic_cifar(max(50 * b, 2000))
+    ours = OurTraining(args, device, x_u8, y, b)
+    xb, yb = next(ours.batches)
+    t = side_by_side({"ours": ours.step, "floor": lambda: floor_step(ours.fwd, ours.opt, xb, yb)},
+                     device, args.repeats, args.steps)
     return {"ours_s": t["ours"], "floor_s": t["floor"], "efficiency": t["floor"] / t["ours"]}
 
 
@@ -223,13 +230,18 @@ def bare_pgd(net, x, y, steps=20, eps=8 / 255, alpha=0.007):
 
 def row_avg_flatness(args, device, b):
     """One average-case sample (draw ν, PGD-20 on f(·; w + ν), its mean CE and error) vs a bare
-    PGD-20 run on the unperturbed model and the same batch."""
+    PGD-20 run on the unperturbed model and the same batch. The batch is the measure's own
+    mini-batch (128, flatness.py --batch-size), whatever --batch-size says: flatness.py draws ν once
+    per sample and attacks the whole subset (1000 images, 8 such batches) with it, so one batch of
+    128 still charges the draw (11M Gaussians) and the clean forward for RErr 8× more than a real
+    sample does; a batch of 16 would charge the draw 64× more."""
     import flatness
-    x_u8, y = synthetic_cifar(b, device)
+    b = 128
+    x_u8, y = synthetic_cifar(b)
     x, y = x_u8.to(device).float() / 255, y.to(device)
-    net = make_net(args, device).eval()
+    net = make_net(args, device).eval().requires_grad_(False)  # the bare PGD at its fastest: input gradients only
     t = side_by_side({"sample": lambda: flatness.average_case(net, x, y, xi=0.5, samples=1, batch_size=b),
-                      "bare_pgd20": lambda: bare_pgd(net, x, y)}, device, args.repeats, args.steps)
+                      "bare_pgd20": lambda: bare_pgd(net, x, y)}, device, min(args.repeats, 3), 1)
     return {"sample_s": t["sample"], "bare_pgd20_s": t["bare_pgd20"], "efficiency": t["bare_pgd20"] / t["sample"]}
 
 
@@ -240,7 +252,7 @@ def row_worst_flatness(args, device, b):
     the per-batch update of ν over all 11M weights is part of the measure's cost at that size."""
     import flatness
     b = 128
-    x_u8, y = synthetic_cifar(b, device)
+    x_u8, y = synthetic_cifar(b)
     x, y = x_u8.to(device).float() / 255, y.to(device)
     net = make_net(args, device).eval()
 
@@ -261,7 +273,7 @@ def row_worst_flatness(args, device, b):
 # ------------------------------------------------------------------------------------------------
 def row_data(args, device, b):
     b = 128
-    x_u8, y = synthetic_cifar(12800, device)
+    x_u8, y = synthetic_cifar(12800)
     ours = common.DeviceLoader(x_u8, y, b, device, seed=0)
     theirs = cpu_transform_loader(x_u8, y, b, workers=2)
 
@@ -279,23 +291,18 @@ def row_data(args, device, b):
 
 def epoch_times(args, device):
     """GPU: seconds per 50k-image epoch of PGD-7 AT at batch 128 for three precision/compile settings."""
-    x_u8, y = synthetic_cifar(50000, device)
+    x_u8, y = synthetic_cifar(50000)
     out = {}
     for name, amp, cl, comp in (("fp32_eager", False, False, False), ("bf16_channels_last", True, True, False),
                                 ("bf16_channels_last_compile", True, True, True)):
         a = argparse.Namespace(**{**vars(args), "amp": amp, "channels_last": cl, "compile": comp})
-        net = make_net(a, device)
-        fwd = torch.compile(net) if comp else net
-        opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-        loader = common.DeviceLoader(x_u8, y, 128, device, seed=0)
-        args_at = at_args(a)
-        it = endless(loader)
+        ours = OurTraining(a, device, x_u8, y, 128)
         for _ in range(20):  # warm-up (and compilation)
-            our_at_step(fwd, opt, it, args_at)
+            ours.step()
         sync(device)
         t0 = time.perf_counter()
-        for _ in loader:
-            our_at_step(fwd, opt, it, args_at)
+        for _ in range(len(ours.loader)):  # one epoch of batches
+            ours.step()
         sync(device)
         out[name] = time.perf_counter() - t0
     return out

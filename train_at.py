@@ -89,6 +89,24 @@ def training_loss(logits, y, args):
     return F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
 
 
+def train_step(model, attack_model, opt, sched, ema, x, y, args):
+    """One AT step: PGD on the current weights, CE on the adversarial batch (train-mode BN), SGD
+    update, then the per-step schedule, weight clipping and EMA. Returns the training logits."""
+    x_adv = adversarial_batch(attack_model, x, y, args)
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=args.amp):
+        logits = model(x_adv)
+    loss = training_loss(logits, y, args)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    if args.clip:
+        common.clip_weights(common.unwrap(model), args.clip)
+    if ema is not None:
+        ema.update_parameters(common.unwrap(model))
+    return logits
+
+
 def main():
     args = parse_args()
     rank, world, device = common.setup_distributed(args.device)
@@ -128,18 +146,7 @@ def main():
         net.train()
         sums = {}
         for x, y in tqdm(loader, desc=f"epoch {epoch}", disable=None if rank == 0 else True, leave=False):
-            x_adv = adversarial_batch(attack_model, x, y, args)
-            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
-                logits = model(x_adv)
-            loss = training_loss(logits, y, args)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if args.clip:
-                common.clip_weights(net, args.clip)
-            if ema is not None:
-                ema.update_parameters(net)
+            logits = train_step(model, attack_model, opt, sched, ema, x, y, args)
             common.add_stats(sums, common.batch_stats(logits, y))
         run.end_epoch(epoch, sums, t0)  # fp32 test metrics, EMA BN statistics, early stopping, checkpoints
     run.finish()

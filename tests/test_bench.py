@@ -1,0 +1,70 @@
+"""bench.py: every row runs and reports finite ratios; the AT step it times is train_at.py's own;
+its floor does the passes it claims; bad flags get one error line."""
+import json
+import math
+
+import torch
+
+import bench
+import common
+import train_at
+from conftest import run_script
+
+
+def test_bench_writes_every_row(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_script("bench.py", "--device", "cpu", "--width", "8", "--batch-size", "4", "--repeats", "1",
+                      "--steps", "1", "--out", out, timeout=900)
+    result = json.loads(out.read_text())
+    for row in bench.ROWS:
+        key, _ = bench.TARGETS[row]
+        assert math.isfinite(result[row][key]) and result[row][key] > 0, (row, result[row])
+        assert result[row]["peak_mem_mb"] > 0
+        assert row in proc.stdout  # the printed table
+    assert result["params"]["width"] == 8 and result["params"]["batch_size"] == 4
+    assert result["versions"]["torch"] == torch.__version__
+
+
+def test_timed_step_is_the_training_loops_step():
+    """bench.our_at_step runs train_at.train_step: same seed and batch, same weights after."""
+    args = train_at.parse_args(["--width", "8", "--device", "cpu"])
+    x = torch.rand(6, 3, 32, 32)
+    y = torch.randint(0, 10, (6,))
+    nets, opts, scheds = [], [], []
+    for _ in range(2):
+        torch.manual_seed(0)
+        net = common.ResNet18(width=8)
+        opt, sched = common.make_optimizer(net, args, steps_per_epoch=10)
+        nets.append(net), opts.append(opt), scheds.append(sched)
+
+    torch.manual_seed(1)
+    bench.our_at_step(nets[0], opts[0], scheds[0], iter([(x, y)]), args, sums={})
+    torch.manual_seed(1)
+    nets[1].train()
+    train_at.train_step(nets[1], nets[1], opts[1], scheds[1], None, x, y, args)
+    for a, b in zip(nets[0].state_dict().values(), nets[1].state_dict().values()):
+        assert torch.equal(a, b)
+    assert not torch.equal(nets[0].conv1.weight, common.ResNet18(width=8).conv1.weight)
+
+
+def test_floor_step_takes_input_gradients_and_one_update():
+    """The floor does 7 input-gradient passes (no weight gradients) and one training update."""
+    torch.manual_seed(0)
+    net = common.ResNet18(width=8)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    calls = []
+    net.register_forward_hook(lambda m, i, o: calls.append(torch.is_grad_enabled()))
+    bench.floor_step(net, opt, torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,)))
+    assert len(calls) == 8
+    assert not torch.equal(before["conv1.weight"], net.conv1.weight)
+
+
+def test_bad_flags_get_one_error_line(tmp_path):
+    for flags in (["--width", "0"], ["--repeats", "0"], ["--device", "cuda:7"] if not torch.cuda.is_available()
+                  else ["--steps", "0"]):
+        proc = run_script("bench.py", *flags, "--out", tmp_path / "b.json", check=False)
+        assert proc.returncode == 1, (flags, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:"), (flags, proc.stderr)
+        assert not (tmp_path / "b.json").exists()
