@@ -63,24 +63,11 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, device, repeats, steps, warmup=1):
-    """Median seconds per call of fn over `repeats` repeats of `steps` calls, after warm-up."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            fn()
-        sync(device)
-        times.append((time.perf_counter() - t0) / steps)
-    return statistics.median(times)
-
-
-def side_by_side(fns, device, repeats, steps):
-    """Interleave the variants' repeats so that machine noise hits them alike."""
-    for fn in fns.values():
+def side_by_side(fns, device, repeats, steps, warmups=None):
+    """Median seconds per call of each variant, after one warm-up call each (of `warmups`' cheaper
+    stand-ins where given), with the variants' repeats interleaved so that machine noise hits them
+    alike."""
+    for fn in (warmups or fns).values():
         fn()
     sync(device)
     times = {k: [] for k in fns}
@@ -241,7 +228,9 @@ def row_avg_flatness(args, device, b):
     x, y = x_u8.to(device).float() / 255, y.to(device)
     net = make_net(args, device).eval().requires_grad_(False)  # the bare PGD at its fastest: input gradients only
     t = side_by_side({"sample": lambda: flatness.average_case(net, x, y, xi=0.5, samples=1, batch_size=b),
-                      "bare_pgd20": lambda: bare_pgd(net, x, y)}, device, min(args.repeats, 3), 1)
+                      "bare_pgd20": lambda: bare_pgd(net, x, y)}, device, min(args.repeats, 3), 1,
+                     warmups={"sample": lambda: flatness.average_case(net, x, y, xi=0.5, samples=1, steps=1),
+                              "bare_pgd20": lambda: bare_pgd(net, x, y, steps=1)})
     return {"sample_s": t["sample"], "bare_pgd20_s": t["bare_pgd20"], "efficiency": t["bare_pgd20"] / t["sample"]}
 
 
@@ -264,7 +253,9 @@ def row_worst_flatness(args, device, b):
             net(x)
 
     t = side_by_side({"restart": lambda: flatness.joint_ascent(net, x, y, xi=0.00075, passes=20, batch_size=b),
-                      "bare": bare}, device, min(args.repeats, 3), 1)
+                      "bare": bare}, device, min(args.repeats, 3), 1,
+                     warmups={"restart": lambda: flatness.joint_ascent(net, x, y, xi=0.00075, passes=1, batch_size=b),
+                              "bare": lambda: bare(passes=1)})
     return {"restart_s": t["restart"], "bare_s": t["bare"], "efficiency": t["bare"] / t["restart"]}
 
 
