@@ -210,7 +210,9 @@ def bare_pgd(net, x, y, steps=20, eps=8 / 255, alpha=0.007):
     delta = torch.zeros_like(x, requires_grad=True)
     for _ in range(steps):
         (g,) = torch.autograd.grad(F.cross_entropy(net(x + delta), y, reduction="sum"), delta)
-        delta = (delta + alpha * g.sign()).clamp(-eps, eps).requires_grad_(True)
+        with torch.no_grad():
+            delta = (delta + alpha * g.sign()).clamp_(-eps, eps)
+        delta.requires_grad_(True)
     with torch.no_grad():
         return F.cross_entropy(net(x + delta), y)
 
