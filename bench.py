@@ -10,16 +10,16 @@ Rows
   2. The same AT step vs a bare loop of the same passes (7 input-gradient passes + 1 training pass on
      one batch, no bookkeeping): efficiency = floor time / step time.        target ≥ 0.9
   3. Flatness, on one batch of the measures' own mini-batch size (128): one average-case sample vs
-     one bare PGD-20 run; one worst-case restart (20 joint passes) vs 20 × (forward + full
-     backward) + 1 forward.                                                  target ≥ 0.9 each
+     one bare PGD-20 run; worst-case joint passes (ν and δ) vs forward + full backward each.
+                                                                             target ≥ 0.9 each
   4. Data: the device-resident loader's images/s vs a DataLoader with the same augmentation.
   5. Peak memory per row (each row runs in its own process: ru_maxrss on CPU,
      torch.cuda.max_memory_allocated on GPU).
 With --epoch-time (GPU): seconds per CIFAR-10-sized epoch (50,000 images, batch 128) of PGD-7 AT for
 fp32 eager, bf16 + channels_last, and + torch.compile.
 
-Usage:  python bench.py --device cpu            # ~5-10 min on 2 cores (width 64, batch 16)
-        python bench.py --device cuda --epoch-time
+Usage:  python bench.py --device cpu            # ~6.5 min on 2 cores (width 64, batch 16)
+        python bench.py --device cuda --amp --channels-last [--compile] --epoch-time
 Writes bench.json (every timing, the machine, versions and parameters) and prints a table.
 """
 import argparse
@@ -230,35 +230,38 @@ def row_avg_flatness(args, device, b):
     x, y = x_u8.to(device).float() / 255, y.to(device)
     net = make_net(args, device).eval().requires_grad_(False)  # the bare PGD at its fastest: input gradients only
     t = side_by_side({"sample": lambda: flatness.average_case(net, x, y, xi=0.5, samples=1, batch_size=b),
-                      "bare_pgd20": lambda: bare_pgd(net, x, y)}, device, min(args.repeats, 3), 1,
+                      "bare_pgd20": lambda: bare_pgd(net, x, y)}, device, args.repeats, 1,
                      warmups={"sample": lambda: flatness.average_case(net, x, y, xi=0.5, samples=1, steps=1),
                               "bare_pgd20": lambda: bare_pgd(net, x, y, steps=1)})
     return {"sample_s": t["sample"], "bare_pgd20_s": t["bare_pgd20"], "efficiency": t["bare_pgd20"] / t["sample"]}
 
 
-def row_worst_flatness(args, device, b):
-    """One worst-case restart on one mini-batch (20 joint passes on ν and δ, then the final
-    evaluation) vs the passes it cannot avoid: 20 × (forward + full backward) + 1 forward. The batch
-    is the measure's own mini-batch (128, flatness.py --joint-batch-size), whatever --batch-size says:
-    the per-batch update of ν over all 11M weights is part of the measure's cost at that size."""
+def row_worst_flatness(args, device, b, passes=4):
+    """Worst-case passes on one mini-batch (joint_ascent: from its random start ν, `passes` joint
+    steps on ν and δ, then the final evaluation) vs the passes they cannot avoid: `passes` ×
+    (forward + full backward) + 1 forward. Reported per pass; a restart of the measure has 20, so
+    charging the start and the final evaluation to 4 overstates their share. The batch is the
+    measure's own mini-batch (128, flatness.py --joint-batch-size), whatever --batch-size says: the
+    per-batch update of ν over all 11M weights is part of the measure's cost at that size."""
     import flatness
     b = 128
     x_u8, y = synthetic_cifar(b)
     x, y = x_u8.to(device).float() / 255, y.to(device)
     net = make_net(args, device).eval()
 
-    def bare(passes=20):
+    def bare(passes):
         for _ in range(passes):
             net.zero_grad(set_to_none=True)
             F.cross_entropy(net(x), y, reduction="sum").backward()
         with torch.no_grad():
             net(x)
 
-    t = side_by_side({"restart": lambda: flatness.joint_ascent(net, x, y, xi=0.00075, passes=20, batch_size=b),
-                      "bare": bare}, device, min(args.repeats, 3), 1,
-                     warmups={"restart": lambda: flatness.joint_ascent(net, x, y, xi=0.00075, passes=1, batch_size=b),
-                              "bare": lambda: bare(passes=1)})
-    return {"restart_s": t["restart"], "bare_s": t["bare"], "efficiency": t["bare"] / t["restart"]}
+    def joint(passes):
+        flatness.joint_ascent(net, x, y, xi=0.00075, passes=passes, batch_size=b)
+
+    t = side_by_side({"joint": lambda: joint(passes), "bare": lambda: bare(passes)}, device, args.repeats, 1,
+                     warmups={"joint": lambda: joint(1), "bare": lambda: bare(1)})
+    return {"pass_s": t["joint"] / passes, "bare_pass_s": t["bare"] / passes, "efficiency": t["bare"] / t["joint"]}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -282,19 +285,23 @@ def row_data(args, device, b):
             "speedup": t["dataloader"] / t["ours"]}
 
 
-def epoch_times(args, device):
-    """GPU: seconds per 50k-image epoch of PGD-7 AT at batch 128 for three precision/compile settings."""
-    x_u8, y = synthetic_cifar(50000)
+EPOCH_VARIANTS = (("fp32_eager", False, False, False), ("bf16_channels_last", True, True, False),
+                  ("bf16_channels_last_compile", True, True, True))  # (name, --amp, --channels-last, --compile)
+
+
+def epoch_times(args, device, images=50000, variants=EPOCH_VARIANTS, warmup=20):
+    """Seconds per epoch of `images` synthetic images (a CIFAR-10 epoch by default) of train_at.py's
+    PGD-7 AT step at batch 128, per (precision, memory format, compile) variant."""
+    x_u8, y = synthetic_cifar(images)
     out = {}
-    for name, amp, cl, comp in (("fp32_eager", False, False, False), ("bf16_channels_last", True, True, False),
-                                ("bf16_channels_last_compile", True, True, True)):
-        a = argparse.Namespace(**{**vars(args), "amp": amp, "channels_last": cl, "compile": comp})
+    for name, amp, channels_last, compile_ in variants:
+        a = argparse.Namespace(**{**vars(args), "amp": amp, "channels_last": channels_last, "compile": compile_})
         ours = OurTraining(a, device, x_u8, y, 128)
-        for _ in range(20):  # warm-up (and compilation)
+        for _ in range(warmup):  # (and compilation)
             ours.step()
         sync(device)
         t0 = time.perf_counter()
-        for _ in range(len(ours.loader)):  # one epoch of batches
+        for _ in range(len(ours.loader)):
             ours.step()
         sync(device)
         out[name] = time.perf_counter() - t0
@@ -310,6 +317,8 @@ TARGETS = {"at_step": ("speedup", 1.3), "floor": ("efficiency", 0.9), "avg_flatn
 def main():
     args = parse_args()
     device = common.resolve_device(args.device)
+    common.check(not args.epoch_time or device.type == "cuda",
+                 "--epoch-time times full CIFAR-10 epochs on a GPU; use it with --device cuda")
     b = args.batch_size or (128 if device.type == "cuda" else 16)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -336,7 +345,7 @@ def main():
         print(f"{row:15s} {key} {r[key]:6.2f}" + (f"  (target ≥ {target})" if target else "")
               + f"  peak {r['peak_mem_mb']:.0f} MB  " + " ".join(f"{k}={v:.4g}" for k, v in r.items()
                                                                if k not in (key, "peak_mem_mb")), flush=True)
-    if args.epoch_time and device.type == "cuda":
+    if args.epoch_time:
         results["epoch_s"] = epoch_times(args, device)
         print("seconds per 50k-image PGD-7 AT epoch (batch 128):", results["epoch_s"])
     results["params"] = {**vars(args), "batch_size": b}

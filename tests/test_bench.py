@@ -1,5 +1,6 @@
 """bench.py: every row runs and reports finite ratios; the AT step it times is train_at.py's own;
 its floor does the passes it claims; bad flags get one error line."""
+import argparse
 import json
 import math
 
@@ -60,9 +61,18 @@ def test_floor_step_takes_input_gradients_and_one_update():
     assert not torch.equal(before["conv1.weight"], net.conv1.weight)
 
 
+def test_epoch_times_runs_the_eager_variants_on_cpu():
+    """The GPU epoch timing's loop, on CPU with a tiny network and a 2-batch 'epoch' (compile left out:
+    it takes minutes to build on a CPU)."""
+    args = argparse.Namespace(width=8)
+    times = bench.epoch_times(args, torch.device("cpu"), images=256, variants=bench.EPOCH_VARIANTS[:2], warmup=1)
+    assert set(times) == {"fp32_eager", "bf16_channels_last"}
+    assert all(t > 0 for t in times.values())
+
+
 def test_bad_flags_get_one_error_line(tmp_path):
-    for flags in (["--width", "0"], ["--repeats", "0"], ["--device", "cuda:7"] if not torch.cuda.is_available()
-                  else ["--steps", "0"]):
+    for flags in (["--width", "0"], ["--repeats", "0"], ["--device", "cpu", "--epoch-time"],
+                  ["--device", "cuda:7"] if not torch.cuda.is_available() else ["--steps", "0"]):
         proc = run_script("bench.py", *flags, "--out", tmp_path / "b.json", check=False)
         assert proc.returncode == 1, (flags, proc.stderr)
         lines = proc.stderr.strip().splitlines()
