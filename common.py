@@ -877,7 +877,11 @@ class Run:
         if self.ema is not None:
             load_weights(self.ema.module, ckpt["ema"])
             self.ema.n_averaged.fill_(max(int(ckpt["epoch"]), 1))
-        set_rng_state(ckpt["rng"], self.loader)
+        states = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]  # a list: one per rank (DDP)
+        if len(states) != self.world and self.rank == 0:
+            print(f"warning: {self.last} was saved by {len(states)} process(es) and resumes on {self.world}: "
+                  "the run continues, but not bit for bit as it would have uninterrupted", file=sys.stderr)
+        set_rng_state(states[self.rank % len(states)], self.loader)
         self.es_best = ckpt.get("es_best")
         if self.rank == 0:  # drop metric lines of epochs after the checkpoint (they are recomputed)
             lines = [l for l in self.metrics.read_text().splitlines() if l.strip()]
@@ -930,12 +934,18 @@ class Run:
 
     def save(self, metrics, epoch, snapshot, best, extra=None):
         """Append the metrics line, then write the checkpoints (so a crash in between only loses
-        a line that resume recomputes)."""
+        a line that resume recomputes). Under DDP the RNG states of all ranks are saved: attack
+        starts and label noise differ per rank, and resume restores each rank's own."""
+        rng = rng_state(self.loader)
+        if self.world > 1:
+            ranks = [None] * self.world
+            dist.all_gather_object(ranks, rng)
+            rng = ranks
         if self.rank == 0:
             append_jsonl(self.metrics, metrics)
             state = dict(model=self.model.state_dict(), optimizer=self.opt.state_dict(),
                          scheduler=self.sched.state_dict(), epoch=epoch, args=vars(self.args),
-                         rng=rng_state(self.loader), es_best=self.es_best, metrics=metrics)
+                         rng=rng, es_best=self.es_best, metrics=metrics)
             if self.ema is not None:
                 state["ema"] = self.ema.module.state_dict()
             state.update(extra or {})

@@ -186,3 +186,33 @@ def test_ddp_two_cpu_ranks(tiny_data, tmp_path):
     assert not differ, f"ranks ended with different {differ[:5]}"
     first = common.load_checkpoint(out / "ckpt_epoch001.pt")
     assert "ema" in first and json.loads((out / "args.json").read_text())["versions"]["argv"]
+
+
+def test_ddp_resume_equals_uninterrupted_run(tiny_data, tmp_path):
+    """Under DDP the attack starts and the label noise differ per rank, so the checkpoint holds every
+    rank's RNG: 2 epochs straight == the epoch-1 snapshot + `--resume` for epoch 2, bit for bit."""
+    import shutil
+    flags = [*TINY, "--data-dir", tiny_data, "--epochs", 2, "--es-every", 1, "--label-noise", 0.3, "--seed", 3]
+    full, part = tmp_path / "full", tmp_path / "part"
+    run_ddp("train_at.py", tmp_path, *flags, "--out", full)
+    part.mkdir()
+    shutil.copy(full / "ckpt_epoch001.pt", part / "ckpt_last.pt")
+    for name in ("metrics.jsonl", "args.json"):
+        shutil.copy(full / name, part / name)
+    proc, _ = run_ddp("train_at.py", tmp_path, *flags, "--out", part, "--resume")
+    assert "resumed" in proc.stdout and "warning" not in proc.stderr
+
+    strip = lambda m: {k: v for k, v in m.items() if not k.endswith("time_s")}
+    a, b = ([strip(json.loads(l)) for l in (d / "metrics.jsonl").read_text().splitlines()] for d in (full, part))
+    assert a == b
+    ca, cb = common.load_checkpoint(full / "ckpt_last.pt"), common.load_checkpoint(part / "ckpt_last.pt")
+    assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
+    assert len(ca["rng"]) == 2 and not torch.equal(ca["rng"][0]["torch"], ca["rng"][1]["torch"])
+
+    # resuming on another number of processes works, and says that it is not the same run
+    single = tmp_path / "single"
+    shutil.copytree(part, single)
+    shutil.copy(full / "ckpt_epoch001.pt", single / "ckpt_last.pt")
+    proc = run_script("train_at.py", *flags, "--out", single, "--resume", env=ONE_THREAD)
+    assert "saved by 2 process(es) and resumes on 1" in proc.stderr
+    assert common.load_checkpoint(single / "ckpt_last.pt")["epoch"] == 2
