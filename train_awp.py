@@ -55,8 +55,8 @@ def parse_args(argv=None):
                    "ResNets, their PRN-18 run 1e-2; paper sweep 1e-4 ... 5e-2; 0 = plain AT)")
     g.add_argument("--awp-warmup", type=int, default=0, help="epochs of plain AT before AWP starts (Wu et al.: 0 for AT-AWP)")
     g.add_argument("--grad-clip", type=fraction, default=0.0,
-                   help="C: clamp every gradient element to [−C, C] before the step (the paper's own AWP variant: "
-                   "0.05; 0 = off, as Wu et al.)")
+                   help="C: clamp every gradient element to [−C, C] before the AWP step (the paper's own AWP "
+                   "variant: 0.05; 0 = off, as Wu et al.; not during --awp-warmup)")
     g = p.add_argument_group("regularisers (Table 1 rows)")
     g.add_argument("--label-smoothing", type=fraction, default=0.0, help="τ: target (1−τ)·onehot + τ/K (best 0.3)")
     g.add_argument("--label-noise", type=fraction, default=0.0, help="p: labels resampled uniformly w.p. p per step (best 0.4)")
@@ -71,8 +71,8 @@ def parse_args(argv=None):
     g.add_argument("--n-early-stop", type=int, default=500, help="last N test images for early stopping (paper: 500)")
     g.add_argument("--es-restarts", type=int, default=5, help="PGD-7 restarts of the early-stopping check (paper: 5)")
     g = p.add_argument_group("speed (GPU)")
-    g.add_argument("--amp", action="store_true", help="bf16 autocast for the training attack and forward (δ stays fp32; "
-                   "every logged/reported number is fp32)")
+    g.add_argument("--amp", action="store_true", help="bf16 autocast for the training attack only (δ stays fp32); the "
+                   "AWP direction and the update at w + ν stay fp32: bf16 rounding (2^-8) is of the order of ξ")
     g.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (saved weights come from the plain module)")
     args = p.parse_args(argv)
@@ -108,19 +108,20 @@ def training_loss(logits, y, args):
     return F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
 
 
-def weight_perturbation(net, weights, x_adv, y, xi, amp=False, world=1):
-    """{name: ν_l} with ν_l = ξ · g_l · ‖w_l‖ / ‖g_l‖ and g = ∇_w CE(f(x'; w), y) for the layers in
-    `weights` (conv/linear weights with dim > 1, as Wu et al.). This is Wu et al.'s proxy step:
+def weight_perturbation(net, weights, x_adv, y, xi, world=1):
+    """({name: ν_l}, logits at w) with ν_l = ξ · g_l · ‖w_l‖ / ‖g_l‖ and g = ∇_w CE(f(x'; w), y) for the
+    layers in `weights` (conv/linear weights with dim > 1, as Wu et al.), in fp32. This is Wu et al.'s proxy step:
     their proxy takes one SGD step on −CE and uses the difference, whose per-layer normalisation makes
     the proxy's lr irrelevant; the same 1e-20 guards a zero gradient.
 
-    BatchNorm: train mode (batch statistics), as Wu et al.'s proxy, so g is the ascent direction of
-    the very loss the update minimises; the forward runs on throwaway copies of the BN running
+    BatchNorm: train mode (batch statistics), as Wu et al.'s proxy and as the update's forward (the
+    direction uses plain CE on the true labels, as Wu et al., even under label smoothing or noise);
+    the forward runs on throwaway copies of the BN running
     statistics (their proxy is a copy of the model), so the real running statistics are untouched.
     Under DDP g is averaged over the ranks before normalising, so every replica adds the same ν
     (a per-rank ν makes the replicas drift apart; research/ecosystem.md §4.2)."""
     buffers = {k: b.clone() for k, b in net.named_buffers()}
-    with common.bn_mode(net, "train"), torch.autocast(x_adv.device.type, torch.bfloat16, enabled=amp):
+    with common.bn_mode(net, "train"):
         logits = torch.func.functional_call(net, buffers, (x_adv,))
     grads = torch.autograd.grad(F.cross_entropy(logits.float(), y), list(weights.values()))
     if world > 1:  # one collective for all layers
@@ -128,7 +129,8 @@ def weight_perturbation(net, weights, x_adv, y, xi, amp=False, world=1):
         dist.all_reduce(flat)
         flat /= world
         grads = [g.view_as(w) for g, w in zip(flat.split([w.numel() for w in weights.values()]), weights.values())]
-    return {k: xi * g * (w.detach().norm() / (g.norm() + 1e-20)) for (k, w), g in zip(weights.items(), grads)}
+    nu = {k: xi * g * (w.detach().norm() / (g.norm() + 1e-20)) for (k, w), g in zip(weights.items(), grads)}
+    return nu, logits.detach()
 
 
 @torch.no_grad()
@@ -143,22 +145,23 @@ def awp_step(net, model, x_adv, y, opt, xi, args, world=1):
     weight_perturbation, w ← w + ν, forward/backward of the training loss at w + ν through `model`
     (net itself, or its DDP wrapper) in train mode, optional element-wise gradient clipping,
     optimiser step (momentum and weight decay act at w + ν, as in Wu et al.), w ← w − ν.
-    Returns (loss, logits) at w + ν. With xi = 0 (and no --grad-clip) it is train_at.py's AT step.
+    Returns the logits at w on x' in train-mode BN (the direction pass's; with xi = 0 the training
+    forward's, also at w), so the logged train RLoss is comparable with every other method's. With
+    xi = 0 it is train_at.py's AT step. The direction pass and the update at w + ν run in fp32.
     The training forward updates the BN running statistics at w + ν (as Wu et al.; the paper's code
     copies them from a forward at w instead)."""
     weights = common.perturbable_params(net, weights_only=True)
-    nu = weight_perturbation(net, weights, x_adv, y, xi, args.amp, world) if xi > 0 else {}
+    nu, logits_w = weight_perturbation(net, weights, x_adv, y, xi, world) if xi > 0 else ({}, None)
     add_to_weights(weights, nu, +1)
-    with torch.autocast(x_adv.device.type, torch.bfloat16, enabled=args.amp):
-        logits = model(x_adv)
+    logits = model(x_adv)
     loss = training_loss(logits, y, args)
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    if args.grad_clip:
+    if args.grad_clip and xi > 0:  # part of the paper's AWP variant; warm-up epochs are plain AT
         torch.nn.utils.clip_grad_value_(net.parameters(), args.grad_clip)
     opt.step()
     add_to_weights(weights, nu, -1)
-    return loss, logits
+    return logits if logits_w is None else logits_w
 
 
 def main():
@@ -202,7 +205,7 @@ def main():
         for x, y in tqdm(loader, desc=f"epoch {epoch}", disable=None if rank == 0 else True, leave=False):
             x_adv = adversarial_batch(attack_model, x, y, args)
             xi = args.xi if epoch > args.awp_warmup else 0.0  # --awp-warmup epochs of plain AT first
-            loss, logits = awp_step(net, model, x_adv, y, opt, xi, args, world)
+            logits = awp_step(net, model, x_adv, y, opt, xi, args, world)
             sched.step()
             if args.clip:
                 common.clip_weights(net, args.clip)

@@ -98,7 +98,7 @@ def parse_args(argv=None):
     g.add_argument("--es-restarts", type=int, default=5, help="PGD-7 restarts of the early-stopping check (paper: 5)")
     g = p.add_argument_group("speed (GPU)")
     g.add_argument("--amp", action="store_true", help="bf16 autocast for the training attack and forward (δ stays fp32; "
-                   "every logged/reported number is fp32)")
+                   "test, early-stopping and evaluation numbers are fp32)")
     g.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (saved weights come from the plain module)")
     args = p.parse_args(argv)

@@ -170,10 +170,12 @@ def test_awp_step_equals_manual_update(grad_clip, wd):
     ref = copy.deepcopy(net)
     args = train_awp.parse_args(["--xi", str(xi), "--grad-clip", str(grad_clip)])
     opt = torch.optim.SGD(net.parameters(), lr=lr, weight_decay=wd)
-    train_awp.awp_step(net, net, x, y, opt, xi, args)
+    logged = train_awp.awp_step(net, net, x, y, opt, xi, args)
 
     probe = copy.deepcopy(ref)  # direction: train-mode CE gradient at w (on a throwaway copy)
-    g = torch.autograd.grad(F.cross_entropy(probe(x), y), [probe.get_parameter(k) for k in PERTURBED])
+    logits_w = probe(x)
+    g = torch.autograd.grad(F.cross_entropy(logits_w, y), [probe.get_parameter(k) for k in PERTURBED])
+    torch.testing.assert_close(logged, logits_w.detach())  # the logged train statistics are at w, as AT's
     shifted = copy.deepcopy(ref)
     with torch.no_grad():
         for k, gk in zip(PERTURBED, g):
@@ -198,9 +200,10 @@ def test_awp_step_equals_manual_update(grad_clip, wd):
 
 
 def test_awp_xi_zero_is_the_at_step():
+    """ξ = 0 (also the --awp-warmup epochs) is train_at.py's step: no gradient clipping either."""
     net, x, y = tiny_batch()
     at = copy.deepcopy(net)
-    args = train_awp.parse_args(["--xi", "0"])
+    args = train_awp.parse_args(["--xi", "0", "--grad-clip", "0.001"])
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     at_opt = torch.optim.SGD(at.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     for _ in range(2):
@@ -213,13 +216,23 @@ def test_awp_xi_zero_is_the_at_step():
         assert torch.equal(a, b), k
 
 
+def test_awp_amp_leaves_the_direction_and_the_update_in_fp32():
+    """--amp autocasts the training attack only: bf16 rounding (2^-8) is of the order of ξ."""
+    net, x, y = tiny_batch()
+    args = train_awp.parse_args(["--xi", "0.01", "--amp"])
+    autocast = []
+    net.register_forward_pre_hook(lambda m, inp: autocast.append(torch.is_autocast_enabled("cpu")))
+    train_awp.awp_step(net, net, x, y, torch.optim.SGD(net.parameters(), lr=0.1), 0.01, args)
+    assert autocast == [False, False]
+
+
 def test_awp_perturbs_only_conv_linear_weights_and_restores_with_the_same_vector():
     xi = 0.01
     net, x, y = tiny_batch()
     before = {k: v.clone() for k, v in net.state_dict().items()}
     weights = common.perturbable_params(net, weights_only=True)
     assert sorted(weights) == sorted(PERTURBED)  # no biases, no BN
-    nu = train_awp.weight_perturbation(net, weights, x, y, xi)
+    nu, _ = train_awp.weight_perturbation(net, weights, x, y, xi)
     assert sorted(nu) == sorted(PERTURBED)
     for k, v in nu.items():
         assert torch.allclose(v.norm(), xi * weights[k].detach().norm(), rtol=1e-5)  # ‖ν_l‖ = ξ‖w_l‖
