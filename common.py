@@ -86,14 +86,15 @@ def add_runtime_args(parser):
 # Device, seeds, distributed (SPEC §5.6)
 # ---------------------------------------------------------------------------------------------
 def resolve_device(flag):
-    if flag == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(flag)
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if flag == "auto" else flag)
     except RuntimeError:
         raise UsageError(f"unknown --device {flag!r}; use auto, cpu, cuda or cuda:N")
     check(device.type != "cuda" or torch.cuda.is_available(),
           f"--device {flag} asked for CUDA but torch sees no GPU; use --device cpu")
+    if device.type == "cuda":  # fp32 means fp32: no TF32 (10-bit mantissa) convolutions or matmuls (SPEC §1.5)
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     return device
 
 
@@ -162,7 +163,7 @@ def _imagefolder_arrays(root):
         x[i] = np.asarray(image.convert("RGB"))
     y = np.asarray(folder.targets, np.int64)
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_suffix(".tmp.npz")
+    tmp = cache_file.with_suffix(f".{os.getpid()}.tmp.npz")  # one per process: DDP ranks may decode at once
     np.savez(tmp, x=x, y=y)
     os.replace(tmp, cache_file)
     return torch.from_numpy(x), torch.from_numpy(y)
@@ -308,6 +309,14 @@ class AutoAugmentLoader:
         self.epoch += 1
         for x, y in loader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def training_loader(x, y, args, device, rank=0, world=1):
+    """The training batches of every train_*.py: crop/flip on the device, or with --autoaugment
+    AutoAugment + Cutout in --workers DataLoader workers."""
+    if args.autoaugment:
+        return AutoAugmentLoader(x, y, args.batch_size, device, args.seed, args.workers, rank=rank, world=world)
+    return DeviceLoader(x, y, args.batch_size, device, args.seed, rank=rank, world=world)
 
 
 def _seed_worker(worker_id):

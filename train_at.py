@@ -121,8 +121,7 @@ def main():
         idx = common.balanced_subset(y_train, args.train_subset)
         x_train, y_train = x_train[idx], y_train[idx]
     check(len(y_train) >= args.batch_size, f"{len(y_train)} training images < --batch-size {args.batch_size}")
-    loader_cls = common.AutoAugmentLoader if args.autoaugment else common.DeviceLoader
-    loader = loader_cls(x_train, y_train, args.batch_size, device, args.seed, rank=rank, world=world)
+    loader = common.training_loader(x_train, y_train, args, device, rank, world)
     x_log, y_log = common.eval_split(args.data_dir, "log", args.n_log, device)
     x_es, y_es = common.eval_split(args.data_dir, "early-stop", args.n_early_stop, device)
 

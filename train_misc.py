@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
@@ -348,14 +349,28 @@ def scoped_gamma(gamma, scoping, t, inner_lr):
     return min(gamma * growth, 1.0 / inner_lr)
 
 
-def entropy_sgd_step(params, opt, inner_loss, L, gamma, noise, inner_lr, wd, mu_decay=0.75):
+def langevin_noise(params, world=1):
+    """N(0, I) per parameter. Under DDP all replicas must take the same Langevin step (their
+    gradients are averaged, the outer gradient is not): each rank draws, the draws are summed and
+    divided by √world, which is again N(0, I), and the same on every rank."""
+    z = [torch.randn_like(p) for p in params]
+    if world > 1:
+        flat = torch.cat([t.flatten() for t in z])
+        dist.all_reduce(flat)
+        flat /= math.sqrt(world)
+        z = [t.view_as(p) for t, p in zip(flat.split([p.numel() for p in params]), params)]
+    return z
+
+
+def entropy_sgd_step(params, opt, inner_loss, L, gamma, noise, inner_lr, wd, mu_decay=0.75, world=1):
     """One outer step. `inner_loss(i)` returns (loss, sums for the log) on the i-th fresh batch at the
     current weights. With w_c the current weights, w' ← w_c, μ ← w_c, for i = 1..L:
         g  = ∇CE(w') + wd·w' − γ·(w_c − w') + noise·N(0, I)/√(0.5·η')
         w' ← w' − η'·g,      μ ← 0.75·μ + 0.25·w'
     then w ← w_c and `opt` steps with the outer gradient (w_c − μ); its weight decay adds wd·w_c, and
     its momentum and lr schedule apply (the released code ran with momentum 0 and a constant lr, by
-    accident). Returns the log sums over the L inner batches."""
+    accident). Under DDP the noise is shared by the replicas (langevin_noise), so they stay identical.
+    Returns the log sums over the L inner batches."""
     with torch.no_grad():
         w_c = [p.detach().clone() for p in params]
         mu = [w.clone() for w in w_c]
@@ -365,10 +380,11 @@ def entropy_sgd_step(params, opt, inner_loss, L, gamma, noise, inner_lr, wd, mu_
         opt.zero_grad(set_to_none=True)
         loss.backward()  # (not autograd.grad: DDP averages gradients in backward hooks)
         with torch.no_grad():
-            for p, w, m in zip(params, w_c, mu):
+            z = langevin_noise(params, world) if noise > 0 else [None] * len(params)
+            for p, w, m, zp in zip(params, w_c, mu, z):
                 g = (p.grad if p.grad is not None else torch.zeros_like(p)) + wd * p - gamma * (w - p)
-                if noise > 0:
-                    g = g + (noise / math.sqrt(0.5 * inner_lr)) * torch.randn_like(p)
+                if zp is not None:
+                    g = g + (noise / math.sqrt(0.5 * inner_lr)) * zp
                 p.sub_(inner_lr * g)
                 m.mul_(mu_decay).add_(p, alpha=1 - mu_decay)
         common.add_stats(sums, stats)
@@ -439,8 +455,7 @@ def main():
         loader = MixedLoader(x_train, y_train, x_unl, y_unl, args.batch_size, args.unlabeled_fraction, device,
                              args.seed, rank=rank, world=world)
     else:
-        loader_cls = common.AutoAugmentLoader if args.autoaugment else common.DeviceLoader
-        loader = loader_cls(x_train, y_train, args.batch_size, device, args.seed, rank=rank, world=world)
+        loader = common.training_loader(x_train, y_train, args, device, rank, world)
     passes = args.L if args.method == "entropy-sgd" else 1  # passes over the training set per epoch
     x_log, y_log = common.eval_split(args.data_dir, "log", args.n_log, device)
     x_es, y_es = common.eval_split(args.data_dir, "early-stop", args.n_early_stop, device)
@@ -475,7 +490,7 @@ def main():
                 gamma = scoped_gamma(args.esgd_gamma, args.esgd_scoping, (epoch - 1) * len(loader) + i, args.esgd_inner_lr)
                 stats = entropy_sgd_step([p for p in trained.parameters() if p.requires_grad], opt,
                                          lambda j: at_loss(model, attack_model, *batch[j], args), args.L, gamma,
-                                         args.esgd_noise, args.esgd_inner_lr, args.wd)
+                                         args.esgd_noise, args.esgd_inner_lr, args.wd, world=world)
             else:
                 if args.method == "rotation":  # a second set of as many images, rotated (drawn globally, split by rank)
                     x, y = batch

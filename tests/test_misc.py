@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import common
 import train_misc as tm
-from conftest import TINY, run_script
+from conftest import TINY, run_ddp, run_script
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
@@ -319,3 +319,22 @@ def test_end_to_end(tiny_data, tmp_path, method, extra, keys):
         again = [json.loads(l) for l in (resumed / "metrics.jsonl").read_text().splitlines()]
         strip = lambda m: {k: v for k, v in m.items() if not k.endswith("time_s")}
         assert [strip(m) for m in again] == [strip(m) for m in lines]
+
+
+def test_entropy_sgd_ddp_replicas_stay_identical(tiny_data, tmp_path):
+    """torchrun --nproc_per_node=2 (gloo): the outer gradient w_c − μ is not averaged by DDP, so the
+    Langevin noise must be the same on every rank; rank 1 ends bit-identical to rank 0's checkpoint."""
+    out = tmp_path / "ddp"
+    _, other = run_ddp("train_misc.py", tmp_path, "--method", "entropy-sgd", "--L", 2, "--data-dir", tiny_data,
+                       *TINY, "--epochs", 1, "--out", out)
+    ckpt = common.load_checkpoint(out / "ckpt_last.pt")["model"]
+    differ = [k for k in ckpt if not torch.equal(ckpt[k], other[k])]
+    assert not differ, f"ranks ended with different {differ[:5]}"
+
+
+def test_langevin_noise_is_standard_normal_in_one_process():
+    params = [torch.zeros(3, 4), torch.zeros(5)]
+    torch.manual_seed(0)
+    z = tm.langevin_noise(params)
+    torch.manual_seed(0)
+    assert all(torch.equal(a, torch.randn_like(p)) for a, p in zip(z, params))

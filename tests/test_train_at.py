@@ -216,3 +216,16 @@ def test_ddp_resume_equals_uninterrupted_run(tiny_data, tmp_path):
     proc = run_script("train_at.py", *flags, "--out", single, "--resume", env=ONE_THREAD)
     assert "saved by 2 process(es) and resumes on 1" in proc.stderr
     assert common.load_checkpoint(single / "ckpt_last.pt")["epoch"] == 2
+
+
+def test_a_cuda_device_turns_tf32_off(monkeypatch):
+    """Every number is fp32 (SPEC §1.5): on a GPU, cuDNN convolutions and matmuls must not use TF32
+    (PyTorch's default for cuDNN). Checked without a GPU by pretending one is there."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        assert common.resolve_device("auto").type == "cuda"
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
