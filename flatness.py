@@ -28,7 +28,9 @@ CPU:     python flatness.py runs/smoke/ckpt_last.pt --mode both --n-eval 100 --s
              --data-dir ../shared/data/cifar10-jpeg
 Writes `flatness_<mode>.json` beside the checkpoint (`flatness_<mode>_<name>.json` for ckpt_<name>.pt);
 settings other than the paper's defaults add to the name, in this order: `clean` (--loss clean),
-`train` (--subset train-eval), `xi<ξ>` (a non-default --xi), `scale<α>`, `ema`, then --tag.
+`train` (--subset train-eval), `xi<ξ>` (a non-default --xi), `scale<α>`, `ema`, then every other
+non-default setting of the mode as `<flag><value>` (e.g. `n-eval100_samples3`, `per-batch`), then --tag.
+A result file is therefore only ever replaced, or skipped by --epochs, by a run with the same settings.
 
 Paper values (Table 1, SPEC §12): AT baseline average-case 1.21 (ξ = 0.5), worst-case 6.48 (ξ = 0.00075);
 Hessian λ_max 1990 (505 at ×2, 7936 at ×0.5; their code sums 4 batch means, see --hessian-reduction).
@@ -178,6 +180,14 @@ def plus(weights, nu, s=1.0):
     return {k: weights[k] + s * nu[k] for k in weights}
 
 
+def in_box(weights, nu, box):
+    """ν with w + ν clamped to the training box [−box, box] of a weight-clipped model (--clip; the
+    released code applies the box to every perturbed model). box = None: ν unchanged."""
+    if not box:
+        return nu
+    return {k: (weights[k] + v).clamp_(-box, box) - weights[k] for k, v in nu.items()}
+
+
 def frozen_weights(model):
     """The perturbable tensors (SPEC §1.6), detached: the centre w of every perturbation."""
     return {k: p.detach() for k, p in common.perturbable_params(model).items()}
@@ -209,11 +219,11 @@ def reference(model, x, y, loss="robust", eps=8 / 255, alpha=0.007, steps=20, re
 # Average-case flatness (Eq. 3)
 # ----------------------------------------------------------------------------------------------
 def average_case(model, x, y, xi=0.5, samples=10, loss="robust", eps=8 / 255, alpha=0.007, steps=20,
-                 restarts=1, batch_size=128, seed=0, progress=False, on_sample=None):
+                 restarts=1, batch_size=128, seed=0, progress=False, on_sample=None, box=None):
     """Per draw ν (exactly on the per-layer sphere ‖ν_l‖ = ξ‖w_l‖, as the released code), the
     loss of f(·; w + ν) with adversarial examples recomputed on the perturbed model (PGD-`steps`,
     `restarts` restarts). Returns (losses, errors): one mean over the subset per draw, as tensors.
-    `on_sample(ν)` sees every draw (tests)."""
+    `on_sample(ν)` sees every draw (tests). `box`: a weight-clipped model's --clip (in_box)."""
     common.seed_everything(seed)  # the PGD starts
     generator = nu_generator(seed, x.device)
     weights = frozen_weights(model)
@@ -223,7 +233,8 @@ def average_case(model, x, y, xi=0.5, samples=10, loss="robust", eps=8 / 255, al
         nu = common.relative_random(weights, xi, generator, norms=norms)  # Eq. 3: ν on the sphere
         if on_sample is not None:
             on_sample(nu)
-        ce, ok = loss_of(Perturbed(model, plus(weights, nu)), x, y, loss, eps, alpha, steps, restarts, batch_size)
+        ce, ok = loss_of(Perturbed(model, plus(weights, in_box(weights, nu, box))), x, y, loss, eps, alpha, steps,
+                         restarts, batch_size)
         losses.append(ce.mean())
         errors.append(1 - ok.float().mean())
     return torch.stack(losses), torch.stack(errors)
@@ -233,20 +244,24 @@ def average_case(model, x, y, xi=0.5, samples=10, loss="robust", eps=8 / 255, al
 # Worst-case flatness (Eq. 5): joint PGD on the weights and the inputs
 # ----------------------------------------------------------------------------------------------
 def joint_ascent(model, x, y, xi, passes=20, weight_step=0.01, batch_size=128, eps=8 / 255, alpha=0.007,
-                 attack_inputs=True, per_batch=False, generator=None, progress=False):
+                 attack_inputs=True, per_batch=False, generator=None, progress=False, box=None):
     """One restart of the joint maximisation of Σ CE(f(x + δ; w + ν), y) over ν ∈ B_ξ(w) and δ:
     ν starts uniform inside the per-layer ball, δ uniform in the ε-ball; `passes` passes over the
     data in mini-batches, each batch one backward for ∂/∂ν and ∂/∂δ, then
         ν_l ← Π_ξ(ν_l + weight_step·‖w_l‖·g_l/‖g_l‖),   δ ← Π_ε,[0,1](δ + α·sign(g_δ)).
     One ν is shared by all batches and updated after each (the released code), or, `per_batch`,
     every batch has its own. With `attack_inputs=False` only ν moves (clean CE, or CE on fixed
-    adversarial inputs for the landscape's directions). The final iterates are returned
+    adversarial inputs for the landscape's directions). With `box` (a weight-clipped model's --clip)
+    w + ν is clamped to [−box, box] before each projection onto the ball, the released code's order;
+    the ball projection keeps w + ν in the box (both sets are convex and contain w). The final iterates are returned
     (no best tracking): (list of ν per batch group, δ, per-example CE, per-example correctness)."""
     weights = frozen_weights(model)
     norms = common.layer_norms(weights)
     batches = [slice(i, i + batch_size) for i in range(0, len(y), batch_size)]
     nus = [common.relative_random(weights, xi, generator, on_sphere=False, norms=norms)
            for _ in (batches if per_batch else batches[:1])]
+    if box:
+        nus = [common.project_relative(in_box(weights, nu, box), weights, xi, norms) for nu in nus]
     if attack_inputs:
         delta = torch.empty_like(x).uniform_(-eps, eps)
         delta = (x + delta).clamp_(0, 1) - x
@@ -267,7 +282,7 @@ def joint_ascent(model, x, y, xi, passes=20, weight_step=0.01, batch_size=128, e
                     # (the gradients are fresh tensors: scaled in place)
                     stepped = {k: g.mul_(weight_step * norms[k] / g.norm().clamp_min(1e-12)).add_(nu[k])
                                for k, g in zip(nu, grads)}
-                    nus[j] = common.project_relative(stepped, weights, xi, norms)
+                    nus[j] = common.project_relative(in_box(weights, stepped, box), weights, xi, norms)
                     if attack_inputs:
                         step = (d + alpha * grads[-1].sign()).clamp_(-eps, eps)
                         delta[sl] = (x[sl] + step).clamp_(0, 1) - x[sl]
@@ -282,7 +297,7 @@ def joint_ascent(model, x, y, xi, passes=20, weight_step=0.01, batch_size=128, e
 
 
 def worst_case(model, x, y, xi=0.00075, restarts=10, loss="robust", passes=20, weight_step=0.01, batch_size=128,
-               eps=8 / 255, alpha=0.007, per_batch=False, seed=0, progress=False, on_restart=None):
+               eps=8 / 255, alpha=0.007, per_batch=False, seed=0, progress=False, on_restart=None, box=None):
     """Per restart the loss at the final iterates of joint_ascent (ν and δ for RLoss; ν only for
     clean CE). Returns (losses, errors) per restart as tensors; the measure takes the max.
     `on_restart(nus, delta)` sees every restart's final iterates (tests)."""
@@ -292,7 +307,7 @@ def worst_case(model, x, y, xi=0.00075, restarts=10, loss="robust", passes=20, w
     for _ in trange(restarts, desc=f"worst-case ξ={xi:g}", disable=not progress, leave=False):
         nus, delta, ce, ok = joint_ascent(model, x, y, xi, passes, weight_step, batch_size, eps, alpha,
                                           attack_inputs=(loss == "robust"), per_batch=per_batch,
-                                          generator=generator)
+                                          generator=generator, box=box)
         if on_restart is not None:
             on_restart(nus, delta)
         losses.append(ce.mean())
@@ -458,6 +473,19 @@ def selected_modes(args):
     return ["average", "worst"] if args.mode == "both" else [args.mode]
 
 
+# The settings, besides those named in file_tag's fixed parts, that change what each mode measures;
+# a non-default one adds `<flag><value>` to the file name, so it never takes a default result's place.
+SETTINGS = {
+    "average": ("n_eval", "samples", "restarts_perturbed", "steps", "ref_restarts", "epsilon", "attack_step", "seed"),
+    "worst": ("n_eval", "restarts", "passes", "weight_step", "per_batch", "joint_batch_size", "steps", "ref_restarts",
+              "epsilon", "attack_step", "seed"),
+    "landscape": ("directions", "points", "n_landscape", "landscape_steps", "direction_norm", "random_scale",
+                  "adversarial_scale", "adversarial_xi", "adversarial_passes", "weight_step", "epsilon",
+                  "attack_step", "seed"),
+    "hessian": ("n_hessian", "hessian_iters", "hessian_tol", "hessian_reduction", "scale_bn_eps", "seed"),
+}
+
+
 def file_tag(args, mode):
     """The parts of the result file name after the checkpoint name (see the header)."""
     parts = []
@@ -467,6 +495,14 @@ def file_tag(args, mode):
         parts += [f"xi{args.xi:g}"] if args.xi is not None and args.xi != DEFAULT_XI[mode] else []
     parts += [f"scale{args.scale:g}"] if args.scale != 1 else []
     parts += ["ema"] if args.use_ema else []
+    default = parse_args(["-"])
+    # defaults that follow other flags: --samples follows --loss, the scales follow --direction-norm
+    following = parse_args(["-", "--loss", args.loss, "--direction-norm", args.direction_norm])
+    for key in SETTINGS[mode]:
+        value = getattr(args, key)
+        if value != getattr(following if key in ("samples", "random_scale", "adversarial_scale") else default, key):
+            name = key.replace("_", "-")
+            parts.append(name if value is True else f"{name}{value:g}" if isinstance(value, float) else f"{name}{value}")
     parts += [args.tag] if args.tag else []
     return "_".join(parts) or None
 
@@ -531,16 +567,18 @@ def measure_checkpoint(model, info, checkpoint, modes, args, data, device, progr
                 t0 = time.time()
             xi = args.xi if args.xi is not None else DEFAULT_XI[mode]
             robust = args.loss == "robust"
+            box = (info["args"] or {}).get("clip") or None  # a weight-clipped model stays in its box
             if mode == "average":
                 losses, errors = average_case(model, x, y, xi, args.samples, args.loss, args.epsilon, args.attack_step,
-                                              args.steps, args.restarts_perturbed, args.batch_size, args.seed, progress)
+                                              args.steps, args.restarts_perturbed, args.batch_size, args.seed, progress,
+                                              box=box)
                 value = losses.mean().item() - ref["value"]
                 extra = {"samples": args.samples, "restarts_perturbed": args.restarts_perturbed,
                          "value_std": losses.std().item() if len(losses) > 1 else 0.0, "steps": args.steps if robust else 0}
             else:
                 losses, errors = worst_case(model, x, y, xi, args.restarts, args.loss, args.passes, args.weight_step,
                                             args.joint_batch_size, args.epsilon, args.attack_step, args.per_batch,
-                                            args.seed, progress)
+                                            args.seed, progress, box=box)
                 value = losses.max().item() - ref["value"]
                 extra = {"restarts": args.restarts, "passes": args.passes, "weight_step": args.weight_step,
                          "joint_batch_size": args.joint_batch_size, "steps": args.passes if robust else 0}
@@ -550,6 +588,7 @@ def measure_checkpoint(model, info, checkpoint, modes, args, data, device, progr
                       "reference_restarts": args.ref_restarts if robust else 0, "reference_time_s": ref["time_s"],
                       "values": losses.tolist(), "errs": errors.tolist(), "value": value,
                       "eps": args.epsilon, "alpha": args.attack_step, "per_batch": args.per_batch and mode == "worst",
+                      "box": box,
                       **extra}
             print(f"{mode}-case {args.loss} flatness (ξ={xi:g}, n={len(y)}): reference {ref['value']:.4f}, "
                   f"perturbed {'mean' if mode == 'average' else 'max'} "

@@ -56,10 +56,11 @@ ls train_at.py train_trades.py train_awp.py evaluate.py flatness.py plots.py > /
     echo "error: no CIFAR-10 under $DATA; pass the ImageFolder tree (e.g. ../shared/data/cifar10-jpeg) as first argument" >&2
     exit 1; }
 
-# step OUTPUT CMD...: run CMD unless OUTPUT exists
+# step OUTPUT CMD...: run CMD unless a file matches OUTPUT (a glob: flatness.py names its files
+# after every non-default setting, e.g. flatness_worst_n-eval200_restarts2_ref-restarts2.json)
 step() {
     local out=$1; shift
-    if [ -f "$out" ]; then echo "done: $out"; return 0; fi
+    if compgen -G "$out" > /dev/null; then echo "done: $out"; return 0; fi
     echo "+ $*"
     "$@"
 }
@@ -76,18 +77,18 @@ measure() {  # measure NAME [--use-ema]: last and early-stopped checkpoint, as s
     local dir=$RUNS/$1 ema=() t=""
     [ "${2:-}" = --use-ema ] && ema=(--use-ema) && t=_ema
     step "$dir/eval$t.json" $PY evaluate.py "$dir/ckpt_last.pt" --train "${ema[@]}" "${EVAL[@]}" "${COMMON[@]}" &&
-    step "$dir/flatness_worst$t.json" $PY flatness.py "$dir/ckpt_last.pt" --mode both "${ema[@]}" "${FLAT[@]}" "${COMMON[@]}" &&
+    step "$dir/flatness_worst${t}_n-eval*.json" $PY flatness.py "$dir/ckpt_last.pt" --mode both "${ema[@]}" "${FLAT[@]}" "${COMMON[@]}" &&
     step "$dir/eval_best$t.json" $PY evaluate.py "$dir/ckpt_best.pt" --train "${ema[@]}" "${EVAL[@]}" "${COMMON[@]}" &&
-    step "$dir/flatness_worst_best$t.json" $PY flatness.py "$dir/ckpt_best.pt" --mode both "${ema[@]}" "${FLAT[@]}" "${COMMON[@]}" &&
-    step "$dir/flatness_average_train$t.json" $PY flatness.py "$dir/ckpt_last.pt" --mode average --subset train-eval "${ema[@]}" "${FLAT[@]}" "${COMMON[@]}"
+    step "$dir/flatness_worst_best${t}_n-eval*.json" $PY flatness.py "$dir/ckpt_best.pt" --mode both "${ema[@]}" "${FLAT[@]}" "${COMMON[@]}" &&
+    step "$dir/flatness_average_train${t}_n-eval*.json" $PY flatness.py "$dir/ckpt_last.pt" --mode average --subset train-eval "${ema[@]}" "${FLAT[@]}" "${COMMON[@]}"
 }
 
 baseline_extras() {  # Fig. 6 (every snapshot), Fig. 4 (landscapes), Hessian
     local dir=$RUNS/$1
     echo "+ flatness.py --epochs $dir --mode both" &&
     $PY flatness.py --epochs "$dir" --mode both "${FLAT[@]}" "${COMMON[@]}" &&
-    step "$dir/flatness_landscape.json" $PY flatness.py "$dir/ckpt_last.pt" --mode landscape "${LANDSCAPE[@]}" "${COMMON[@]}" &&
-    step "$dir/flatness_hessian.json" $PY flatness.py "$dir/ckpt_last.pt" --mode hessian "${HESSIAN[@]}" "${COMMON[@]}"
+    step "$dir/flatness_landscape*.json" $PY flatness.py "$dir/ckpt_last.pt" --mode landscape "${LANDSCAPE[@]}" "${COMMON[@]}" &&
+    step "$dir/flatness_hessian*.json" $PY flatness.py "$dir/ckpt_last.pt" --mode hessian "${HESSIAN[@]}" "${COMMON[@]}"
 }
 
 # ---- the rows; PARALLEL: each row is independent (JOBS at a time)

@@ -107,6 +107,42 @@ def test_worst_case_iterates_inside_both_balls_and_model_untouched(trained, per_
     assert torch.isfinite(losses).all()
 
 
+def test_weight_clipped_models_stay_in_their_box(trained, monkeypatch):
+    """For a --clip model (every conv/linear entry in [−c, c]) both measures keep w + ν in the box:
+    the average case clamps each draw, the worst case clamps before every projection onto the ball,
+    whose iterates stay inside it."""
+    model, x, y = trained
+    clipped = copy.deepcopy(model)
+    c = 0.0625  # exact in fp32
+    common.clip_weights(clipped, c)
+    weights = flatness.frozen_weights(clipped)
+    assert max(w.abs().max().item() for w in weights.values()) == c  # many entries sit on the box
+    perturbed = []
+    monkeypatch.setattr(flatness, "Perturbed", lambda m, params: _Recorded(m, params, perturbed))
+    flatness.average_case(clipped, x, y, xi=0.5, samples=2, steps=1, box=c)
+    assert len(perturbed) == 2
+    for params in perturbed:
+        assert max(p.abs().max().item() for p in params.values()) <= c
+        assert not torch.equal(params["conv1.weight"], weights["conv1.weight"])  # ν still moved the weights
+
+    xi, seen = 0.05, []
+    flatness.worst_case(clipped, x, y, xi, restarts=1, passes=2, batch_size=16, box=c,
+                        on_restart=lambda nus, delta: seen.append(nus))
+    for nu in seen[0]:
+        assert max((weights[k] + v).abs().max().item() for k, v in nu.items()) <= c + 1e-7
+        assert all(v.norm() <= xi * weights[k].norm() * (1 + 1e-5) for k, v in nu.items())
+    free = []
+    flatness.worst_case(clipped, x, y, xi, restarts=1, passes=2, batch_size=16,
+                        on_restart=lambda nus, delta: free.append(nus))
+    assert max((weights[k] + v).abs().max().item() for k, v in free[0][0].items()) > c  # without the box it leaves
+
+
+class _Recorded(flatness.Perturbed):
+    def __init__(self, model, params, record):
+        super().__init__(model, params)
+        record.append(params)
+
+
 def test_landscape_and_hessian_leave_the_model_untouched(trained):
     model, x, y = trained
     before = snapshot(model)
@@ -368,6 +404,12 @@ FAST = ["--device", "cpu", "--steps", "2", "--ref-restarts", "2", "--samples", "
         "--passes", "2"]
 
 
+def written(checkpoint, mode, *flags):
+    """The file flatness.py writes for `checkpoint` and `mode` under `flags` (named after its settings)."""
+    args = flatness.parse_args([str(checkpoint), "--mode", mode, *map(str, flags)])
+    return flatness.output_path(args, checkpoint, mode)
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, trained):
     """A run folder with ckpt_last.pt and two snapshots, in the format Run.end_epoch writes."""
@@ -388,7 +430,9 @@ def test_cli_both_modes_write_their_json(run_dir, tiny_data):
     keys = {"mode", "loss", "subset", "n", "xi", "reference", "values", "value", "eps", "alpha", "steps",
             "per_batch", "seed", "epoch", "checkpoint", "scale", "versions"}
     for mode, xi, count in (("average", 0.5, "samples"), ("worst", 0.00075, "restarts")):
-        r = json.loads((run_dir / f"flatness_{mode}.json").read_text())
+        path = written(run_dir / "ckpt_last.pt", mode, "--n-eval", "20", *FAST)
+        assert path.name.startswith(f"flatness_{mode}_n-eval20_")
+        r = json.loads(path.read_text())
         assert keys | {count} <= set(r)
         assert (r["mode"], r["loss"], r["subset"], r["n"], r["xi"], r["epoch"]) == (mode, "robust", "eval", 20, xi, 10)
         assert len(r["values"]) == r[count] and r["scale"] == 1.0
@@ -400,7 +444,7 @@ def test_cli_epochs_measures_snapshots_and_skips_done_ones(run_dir, tiny_data):
     flags = ["--epochs", run_dir, "--mode", "average", "--loss", "clean", "--n-eval", "20", "--data-dir", tiny_data,
              *FAST]
     run_script("flatness.py", *flags, env=ONE_THREAD)
-    files = [run_dir / f"flatness_average_epoch{e:03d}_clean.json" for e in (5, 10)]
+    files = [written(run_dir / f"ckpt_epoch{e:03d}.pt", "average", *flags[4:]) for e in (5, 10)]
     stamps = [f.stat().st_mtime_ns for f in files]
     assert [json.loads(f.read_text())["epoch"] for f in files] == [5, 10]
     assert json.loads(files[0].read_text())["loss"] == "clean"
@@ -411,10 +455,10 @@ def test_cli_epochs_measures_snapshots_and_skips_done_ones(run_dir, tiny_data):
 
 def test_cli_landscape_and_scaled_hessian(run_dir, tiny_data):
     ckpt = run_dir / "ckpt_last.pt"
-    run_script("flatness.py", ckpt, "--mode", "landscape", "--directions", "2", "--points", "3", "--n-landscape", "10",
-               "--landscape-steps", "1", "--adversarial-passes", "1", "--direction-norm", "max-abs",
-               "--data-dir", tiny_data, "--device", "cpu", env=ONE_THREAD)
-    r = json.loads((run_dir / "flatness_landscape.json").read_text())
+    flags = ["--directions", "2", "--points", "3", "--n-landscape", "10", "--landscape-steps", "1",
+             "--adversarial-passes", "1", "--direction-norm", "max-abs", "--data-dir", tiny_data, "--device", "cpu"]
+    run_script("flatness.py", ckpt, "--mode", "landscape", *flags, env=ONE_THREAD)
+    r = json.loads(written(ckpt, "landscape", *flags).read_text())
     assert r["mode"] == "landscape" and r["s"] == [-1.0, 0.0, 1.0] and r["direction_norm"] == "max-abs"
     assert (r["random_scale"], r["adversarial_scale"]) == (0.5, 0.01)
     model, _ = common.model_from_checkpoint(ckpt, "cpu")
@@ -424,9 +468,11 @@ def test_cli_landscape_and_scaled_hessian(run_dir, tiny_data):
         assert len(r[kind]["robust"]) == 2 and len(r[kind]["clean"][0]) == 3
         for curve in r[kind]["clean"]:  # s = 0 is the unperturbed model
             assert curve[1] == pytest.approx(clean, rel=1e-5)
-    proc = run_script("flatness.py", ckpt, "--mode", "hessian", "--scale", "2", "--n-hessian", "20",
-                      "--hessian-iters", "3", "--data-dir", tiny_data, "--device", "cpu", env=ONE_THREAD)
-    r = json.loads((run_dir / "flatness_hessian_scale2.json").read_text())
+    flags = ["--scale", "2", "--n-hessian", "20", "--hessian-iters", "3", "--data-dir", tiny_data, "--device", "cpu"]
+    proc = run_script("flatness.py", ckpt, "--mode", "hessian", *flags, env=ONE_THREAD)
+    path = written(ckpt, "hessian", *flags)
+    assert path.name == "flatness_hessian_scale2_n-hessian20_hessian-iters3.json"
+    r = json.loads(path.read_text())
     assert r["mode"] == "hessian" and r["iterations"] <= 3 and r["n"] == 20 and r["scale"] == 2.0
     assert r["scale_pairs"] == 20 and r["scale_logit_max_diff"] <= 1e-3 * r["scale_logit_max"]
     assert r["eigenvalue"] == pytest.approx(r["history"][-1]) and "max |Δlogit|" in proc.stdout
@@ -441,6 +487,18 @@ def test_result_file_names():
     assert path("--mode", "worst", "--xi", "0.003", "--loss", "clean") == "flatness_worst_epoch005_clean_xi0.003.json"
     assert path("--mode", "average", "--subset", "train-eval", "--tag", "t") == "flatness_average_epoch005_train_t.json"
     assert path("--mode", "hessian", "--scale", "0.5", "--use-ema") == "flatness_hessian_epoch005_scale0.5_ema.json"
+    # every other setting that changes the measured value names itself, so no quick or variant run
+    # takes the default file's place (or makes --epochs skip a snapshot the default never measured)
+    assert path("--mode", "worst", "--per-batch") == "flatness_worst_epoch005_per-batch.json"
+    assert path("--mode", "average", "--n-eval", "100", "--samples", "3", "--tag", "t") == \
+        "flatness_average_epoch005_n-eval100_samples3_t.json"
+    assert path("--mode", "average", "--loss", "clean", "--samples", "50") == "flatness_average_epoch005_clean.json"
+    assert path("--mode", "hessian", "--hessian-reduction", "batch-sum") == \
+        "flatness_hessian_epoch005_hessian-reductionbatch-sum.json"
+    assert path("--mode", "landscape", "--direction-norm", "max-abs") == \
+        "flatness_landscape_epoch005_direction-normmax-abs.json"
+    assert path("--mode", "worst", "--epsilon", "4/255", "--batch-size", "64") == \
+        "flatness_worst_epoch005_epsilon0.0156863.json"  # the PGD batch size changes nothing measured
 
 
 @pytest.mark.parametrize("flags,message", [
