@@ -174,6 +174,16 @@ def uses_ema(obj, path):
     return "ema" in path.stem.split("_")
 
 
+# File-name parts evaluate.py / flatness.py write for the default settings; anything else is a
+# --tag or a non-default setting (e.g. flatness_worst_n-eval100_per-batch.json)
+DEFAULT_NAME_PART = re.compile(r"eval|flatness|average|worst|landscape|hessian|best|last|ema|clean|train|epoch\d+"
+                               r"|xi[0-9.e+-]+|scale[0-9.e+-]+")
+
+
+def is_variant(path):
+    return not all(DEFAULT_NAME_PART.fullmatch(part) for part in path.stem.split("_"))
+
+
 def is_number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -205,7 +215,7 @@ def load_run(folder, log):
             continue
         kind = checkpoint_kind(obj, path, "eval")
         evals.append({"kind": kind, "epoch": entry_epoch(obj, kind), "ema": uses_ema(obj, path), "data": obj,
-                      "file": path})
+                      "file": path, "variant": is_variant(path), "n": obj["pgd"].get("n")})
     for path in sorted(folder.glob("flatness*.json")):
         obj = read_json(path, log)
         if obj is None:
@@ -225,7 +235,7 @@ def load_run(folder, log):
             continue
         kind = checkpoint_kind(obj, path, "flatness")
         flats.append({"kind": kind, "epoch": entry_epoch(obj, kind), "ema": uses_ema(obj, path), "data": obj,
-                      "file": path, "mode": mode, "loss": obj.get("loss", "robust"),
+                      "file": path, "variant": is_variant(path), "n": obj.get("n"), "mode": mode, "loss": obj.get("loss", "robust"),
                       "subset": obj.get("subset", "eval"), "xi": obj.get("xi"),
                       # a rescaled model (--scale α, §3.2) is a check of scale invariance, not a run's value
                       "scaled": is_number(obj.get("scale")) and obj["scale"] != 1})
@@ -258,12 +268,15 @@ def find_runs(root, log):
 # ---------------------------------------------------------------------------------------------
 def pick(entries, prefer_ema, **want):
     """The entry matching `want`; EMA results for EMA runs (weight averaging is evaluated with
-    --use-ema) and plain ones otherwise, falling back to the other kind; newest file on ties."""
+    --use-ema) and plain ones otherwise, falling back to the other kind. Among several files for
+    the same checkpoint: one with the default settings (no `--tag` or settings suffix in its name)
+    first, then the most images, then the newest, so a quick check run never replaces the measurement."""
     found = [e for e in entries if all(e.get(k) == v for k, v in want.items())]
     if not found:
         return None
     preferred = [e for e in found if e["ema"] == prefer_ema] or found
-    return max(preferred, key=lambda e: (e["file"].stat().st_mtime, e["file"].name))
+    return max(preferred, key=lambda e: (not e["variant"], e["n"] if is_number(e["n"]) else 0,
+                                         e["file"].stat().st_mtime, e["file"].name))
 
 
 def pick_flatness(run, kind, mode, loss="robust", subset="eval"):

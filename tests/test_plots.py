@@ -3,6 +3,7 @@ Table 1's order and group means equal hand computations, the correlations equal 
 files identify themselves by their fields, and missing inputs skip a figure with one line."""
 import csv
 import json
+import os
 import math
 from collections import Counter
 
@@ -251,6 +252,29 @@ def test_ema_runs_use_the_ema_evaluation(tmp_path):
     m = plots.measures(run, "last")
     assert m["rerr"] == pytest.approx(0.60) and m["rloss"] == pytest.approx(2.0) and m["flat_avg"] == pytest.approx(0.4)
     assert plots.describe(run["args"], {})[0] == "AT EMA=0.9975"
+
+
+def test_a_newer_quick_run_does_not_replace_the_measurement(tmp_path):
+    """Several files for one checkpoint: the default-settings file wins over a newer tagged or
+    non-default one (flatness.py and `--tag` name those); among variants the one with more images."""
+    d = tmp_path / "at"
+    d.mkdir()
+    write(d / "args.json", BASE_ARGS)
+    write(d / "eval.json", eval_json(d, "ckpt_last.pt", 0.60, 2.0))
+    write(d / "flatness_average.json", flat_json(d, "ckpt_last.pt", "average", 1.0, 2.0))
+    os.utime(d / "eval.json", (1, 1))
+    os.utime(d / "flatness_average.json", (1, 1))  # older than the quick runs below
+    write(d / "eval_quick.json", {**eval_json(d, "ckpt_last.pt", 0.9, 9.9), "pgd": {"rloss": 9.9, "rerr": 0.9, "n": 10}})
+    write(d / "flatness_average_n-eval100_samples3.json",
+          {**flat_json(d, "ckpt_last.pt", "average", 7.0, 2.0), "n": 100})
+    m = plots.measures(plots.load_run(d, plots.Log()), "last")
+    assert m["rloss"] == pytest.approx(2.0) and m["flat_avg"] == pytest.approx(1.0)
+
+    (d / "flatness_average.json").unlink()  # only variants: the one on more images
+    write(d / "flatness_average_n-eval500.json", {**flat_json(d, "ckpt_last.pt", "average", 3.0, 2.0), "n": 500})
+    os.utime(d / "flatness_average_n-eval500.json", (1, 1))
+    m = plots.measures(plots.load_run(d, plots.Log()), "last")
+    assert m["flat_avg"] == pytest.approx(3.0)
 
 
 def test_missing_inputs_skip_with_a_message(tmp_path, capsys):
