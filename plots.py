@@ -861,7 +861,10 @@ CORRELATIONS = (("rloss", "flat_avg"), ("rloss", "flat_worst"), ("rerr", "flat_a
 
 
 def correlations(points, es_points):
-    """Over the last checkpoints of all runs, and again with the early-stopped checkpoints added."""
+    """Over the last checkpoints of all runs, and again with the early-stopped checkpoints added
+    (except where early stopping chose the last epoch: ckpt_best.pt is then ckpt_last.pt again)."""
+    last_epoch = {p["run"]: p.get("epoch") for p in points}
+    es_points = [q for q in es_points if q.get("epoch") is None or q["epoch"] != last_epoch.get(q["run"])]
     result = {}
     for name, ps in (("last", points), ("last_and_es", points + es_points)):
         block = {}

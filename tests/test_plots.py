@@ -368,3 +368,16 @@ def test_paper_script_commands_parse(tmp_path):
             assert args.epochs in (150, 75, 30)
     assert ["train_trades.py", "--beta", "9"] == commands[[c[0] for c in commands].index("train_trades.py")][:3]
     assert subprocess.run(["bash", "-n", str(ROOT / "scripts" / "mini_paper.sh")]).returncode == 0
+
+
+def test_an_es_checkpoint_at_the_last_epoch_is_not_counted_twice():
+    """ckpt_best.pt of a run whose first ES minimum is its last epoch is ckpt_last.pt again."""
+    def point(run, kind, epoch, i):
+        return {"run": run, "kind": kind, "epoch": epoch, "rloss": 1.0 + i, "rerr": 0.5 + 0.01 * i,
+                "flat_avg": 0.5 + i * i, "flat_worst": 1.0 + i}
+    points = [point(f"r{i}", "last", 150, i) for i in range(4)]
+    es = [point("r0", "best", 150, 0), point("r1", "best", 40, 0.5)]
+    c = plots.correlations(points, es)
+    assert c["last"]["rloss_vs_flat_avg"]["n"] == 4
+    assert c["last_and_es"]["rloss_vs_flat_avg"]["n"] == 5
+    assert "r0:best" not in c["last_and_es"]["rloss_vs_flat_avg"]["models"]
