@@ -279,11 +279,12 @@ def pick(entries, prefer_ema, **want):
                                          e["file"].stat().st_mtime, e["file"].name))
 
 
-def pick_flatness(run, kind, mode, loss="robust", subset="eval"):
-    """The flatness entry of one checkpoint, at the paper's ξ when several ξ were measured."""
+def pick_flatness(run, kind, mode, loss="robust", subset="eval", ema=None):
+    """The flatness entry of one checkpoint, at the paper's ξ when several ξ were measured; with
+    `ema` given, only a measurement of that model (averaged or not), never the other one."""
     prefer_ema = bool(run["args"].get("ema"))
     found = [e for e in run["flats"] if e["kind"] == kind and e["mode"] == mode and e["loss"] == loss
-             and e["subset"] == subset and not e["scaled"]]
+             and e["subset"] == subset and not e["scaled"] and (ema is None or e["ema"] == ema)]
     at_paper_xi = [e for e in found if is_number(e["xi"]) and math.isclose(e["xi"], PAPER_XI.get(mode, -1))]
     return pick(at_paper_xi or found, prefer_ema)
 
@@ -306,6 +307,7 @@ def measures(run, kind):
     prefer_ema = bool(run["args"].get("ema"))
     ev = pick(run["evals"], prefer_ema, kind=kind)
     out = {"kind": kind}
+    model_ema = ev["ema"] if ev is not None else None  # every number of the row is of the evaluated model
     if ev is not None:
         d = ev["data"]
         out.update(epoch=ev["epoch"], eval_file=str(ev["file"]), ema=ev["ema"], rloss=d["pgd"]["rloss"],
@@ -322,7 +324,7 @@ def measures(run, kind):
                                     ("flat_worst_train", "worst", "robust", "train-eval"),
                                     ("flat_avg_clean", "average", "clean", "eval"),
                                     ("flat_worst_clean", "worst", "clean", "eval")):
-        e = pick_flatness(run, kind, mode, loss, subset)
+        e = pick_flatness(run, kind, mode, loss, subset, ema=model_ema)
         if e is not None:
             out[key] = e["data"]["value"]
             out[key + "_xi"] = e["xi"]

@@ -381,3 +381,14 @@ def test_an_es_checkpoint_at_the_last_epoch_is_not_counted_twice():
     assert c["last"]["rloss_vs_flat_avg"]["n"] == 4
     assert c["last_and_es"]["rloss_vs_flat_avg"]["n"] == 5
     assert "r0:best" not in c["last_and_es"]["rloss_vs_flat_avg"]["models"]
+
+
+def test_a_row_never_mixes_the_averaged_and_the_plain_model(tmp_path):
+    """An EMA run evaluated with --use-ema takes no flatness of the plain weights into its row."""
+    d = tmp_path / "ema"
+    d.mkdir()
+    write(d / "args.json", {**BASE_ARGS, "ema": 0.9975})
+    write(d / "eval_ema.json", {**eval_json(d, "ckpt_last.pt", 0.60, 2.0), "use_ema": True})
+    write(d / "flatness_average.json", flat_json(d, "ckpt_last.pt", "average", 99.0, 3.0))
+    m = plots.measures(plots.load_run(d, plots.Log()), "last")
+    assert m["rloss"] == pytest.approx(2.0) and "flat_avg" not in m
