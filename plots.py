@@ -769,8 +769,10 @@ def table1(points, es_points, exact_thresholds=False):
                "flat_avg": p.get("flat_avg"), "flat_worst": p.get("flat_worst"),
                "rerr_es": 100 * q["rerr"] if is_number(q.get("rerr")) else None, "rerr_es_source": q.get("rerr_source"),
                "es_epoch": q.get("epoch")}
-        row["train_minus_test"] = row["rerr_train"] - row["rerr_test"] if row["rerr_train"] is not None else None
-        row["es_minus_test"] = row["rerr_es"] - row["rerr_test"] if row["rerr_es"] is not None else None
+        # a difference only between two RErr of the same attack (PGD's RErr runs below AutoAttack's)
+        same = lambda other: row[other] is not None and row[other + "_source"] == row["rerr_test_source"]
+        row["train_minus_test"] = row["rerr_train"] - row["rerr_test"] if same("rerr_train") else None
+        row["es_minus_test"] = row["rerr_es"] - row["rerr_test"] if same("rerr_es") else None
         rows.append(row)
     rows.sort(key=lambda r: (r["rerr_test"], r["label"]))
     if not rows:

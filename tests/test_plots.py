@@ -392,3 +392,13 @@ def test_a_row_never_mixes_the_averaged_and_the_plain_model(tmp_path):
     write(d / "flatness_average.json", flat_json(d, "ckpt_last.pt", "average", 99.0, 3.0))
     m = plots.measures(plots.load_run(d, plots.Log()), "last")
     assert m["rloss"] == pytest.approx(2.0) and "flat_avg" not in m
+
+
+def test_table1_differences_only_between_the_same_attack():
+    """Train − test and ES − test are left empty when the two RErr come from different attacks."""
+    p = {"run": "a", "label": "AT", "rerr": 0.6, "rerr_source": "AutoAttack", "rerr_train": 0.2,
+         "rerr_train_source": "PGD", "rloss": 2.0}
+    es = {"run": "a", "rerr": 0.5, "rerr_source": "AutoAttack", "epoch": 40}
+    (row,) = plots.table1([p], [es])["rows"]
+    assert row["train_minus_test"] is None
+    assert row["es_minus_test"] == pytest.approx(-10.0)
