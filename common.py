@@ -500,8 +500,8 @@ def pgd(model, x, y, eps, alpha, steps, restarts=1, loss_fn=cross_entropy_each, 
     yr = y.repeat(restarts, *([1] * (y.dim() - 1)))
     if start == "uniform":
         delta = torch.empty_like(xr).uniform_(-eps, eps)
-    elif start == "normal":  # TRADES: x + 0.001·N(0, I)
-        delta = 0.001 * torch.randn_like(xr)
+    elif start == "normal":  # TRADES: x + 0.001·N(0, I), inside the ε-ball (it is a candidate iterate)
+        delta = (0.001 * torch.randn_like(xr)).clamp_(-eps, eps)
     else:
         delta = torch.zeros_like(xr)
     delta = ((xr + delta).clamp_(0, 1) - xr).requires_grad_(True)
@@ -810,8 +810,9 @@ def unwrap(model):
 
 
 def batch_stats(logits, y):
-    """Sums for the training log of one batch, as device tensors (no host sync): the adversarial CE
-    with the true labels (train RLoss, whatever the method's objective), the error count and n."""
+    """Sums for the training log of one batch, as device tensors (no host sync): the CE with the
+    true labels on the method's adversarial batch (the train RLoss for CE-PGD attacks; TRADES'
+    batch maximises the KL instead), the error count and n."""
     logits = logits.detach().float()
     return {"loss": F.cross_entropy(logits, y, reduction="sum"), "err": (logits.argmax(1) != y).sum().float(),
             "n": torch.tensor(float(len(y)), device=y.device)}

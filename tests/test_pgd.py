@@ -83,6 +83,16 @@ def test_delta_in_eps_ball_and_image_box(trained, start, restarts):
     assert delta.abs().max() > EPS / 2, "the attack did not move"
 
 
+@pytest.mark.parametrize("start", ["uniform", "normal"])
+def test_a_tiny_or_zero_radius_bounds_the_start_too(trained, start):
+    """The start is a candidate iterate: at ε = 0 nothing may move (TRADES' 0.001·N(0, I) start
+    used to escape a ball smaller than its noise)."""
+    model, x, y = trained
+    for eps in (0.0, 1e-4):
+        delta, _ = common.pgd(model, x, y, eps, ALPHA, 2, start=start)
+        assert delta.abs().max() <= eps + 1e-6 * (eps > 0)  # (x + δ) − x rounds in fp32
+
+
 def test_pgd_raises_the_loss(trained):
     """On a trained model PGD-10 raises the loss well above the clean loss and above its own
     random start (steps=0, same seed); and its per-example loss is that of the returned δ."""
