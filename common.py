@@ -227,7 +227,8 @@ def eval_split(data_dir, name, n, device):
 class DeviceLoader:
     """The training set on the device as uint8; shuffling, random crop (4-px zero padding) and
     horizontal flip happen there per batch, drawn from a seeded device generator.
-    Under DDP each rank takes every world-th image of the shuffled order (equal-size batches)."""
+    Under DDP each rank takes every world-th image of the shuffled order and of its augmentations
+    (equal-size batches; the ranks' generators stay identical)."""
 
     def __init__(self, x, y, batch_size, device, seed, rank=0, world=1):
         self.x, self.y = x.to(device), y.to(device)
@@ -243,8 +244,9 @@ class DeviceLoader:
         g, n, b = self.generator, len(self.y), self.batch_size
         order = torch.randperm(n, device=self.device, generator=g)
         for i in range(len(self)):
-            idx = order[i * b:(i + 1) * b][self.rank::self.world]
-            yield augment_crop_flip(self.x[idx], g), self.y[idx]
+            idx = order[i * b:(i + 1) * b]  # the global batch, augmented whole so that every rank
+            x = augment_crop_flip(self.x[idx], g)  # draws differently but keeps the generator in step
+            yield x[self.rank::self.world], self.y[idx][self.rank::self.world]
 
 
 def augment_crop_flip(x_uint8, generator):
@@ -302,6 +304,8 @@ class AutoAugmentLoader:
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
         order = torch.randperm(len(self.y), generator=g)[: len(self) * self.batch_size][self.rank::self.world]
+        if self.world > 1:  # the order is shared; the workers' augmentation seeds must differ per rank
+            g.manual_seed(g.initial_seed() * 1009 + self.rank)
         loader = torch.utils.data.DataLoader(
             torch.utils.data.Subset(self, order.tolist()), batch_size=self.batch_size // self.world,
             num_workers=self.workers, generator=g, persistent_workers=False,
@@ -390,6 +394,8 @@ class ResNet18(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        nn.init.kaiming_normal_(self.linear.weight, nonlinearity="relu")  # fan_in, as the paper's code
+        nn.init.zeros_(self.linear.bias)
 
     def features(self, x):
         out = self.act(self.bn1(self.conv1(self.normalize(x))))

@@ -257,6 +257,19 @@ def test_device_loader_ranks_split_the_batch():
     assert sorted(per_rank[0] + per_rank[1]) == list(range(n))
 
 
+def test_device_loader_ranks_draw_their_own_augmentations():
+    """The ranks' crops and flips are the world-th slices of one global draw: 64 copies of one
+    image come out differently on the two ranks, and rank r's batch equals slice r of a
+    single-process loader's batch (so the generators stay in step across ranks)."""
+    image = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    x, y = image.expand(64, -1, -1, -1).contiguous(), torch.zeros(64, dtype=torch.long)
+    single = next(iter(common.DeviceLoader(x, y, 64, torch.device("cpu"), seed=1)))[0]
+    ranks = [next(iter(common.DeviceLoader(x, y, 64, torch.device("cpu"), seed=1, rank=r, world=2)))[0]
+             for r in range(2)]
+    assert not torch.equal(ranks[0], ranks[1])
+    assert torch.equal(ranks[0], single[0::2]) and torch.equal(ranks[1], single[1::2])
+
+
 def test_autoaugment_loader_visits_every_image_once():
     n = 40
     x, y = id_images(n), torch.arange(n) % 10

@@ -9,8 +9,13 @@ import common
 
 @pytest.fixture
 def model():
+    """A width-4 ResNet-18 whose head bias is not the initial zero (a trained model's is not; a zero
+    layer has a zero relative ball)."""
     torch.manual_seed(0)
-    return common.ResNet18(width=4)
+    net = common.ResNet18(width=4)
+    with torch.no_grad():
+        net.linear.bias.normal_(0, 0.1)
+    return net
 
 
 def test_resnet_layers_are_conv_and_linear_tensors(model):
