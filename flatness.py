@@ -502,7 +502,10 @@ def file_tag(args, mode):
         value = getattr(args, key)
         if value != getattr(following if key in ("samples", "random_scale", "adversarial_scale") else default, key):
             name = key.replace("_", "-")
-            parts.append(name if value is True else f"{name}{value:g}" if isinstance(value, float) else f"{name}{value}")
+            if value is True:  # a switch: its name alone
+                parts.append(name)
+            else:
+                parts.append(f"{name}{value:g}" if isinstance(value, float) else f"{name}{value}")
     parts += [args.tag] if args.tag else []
     return "_".join(parts) or None
 

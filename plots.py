@@ -235,7 +235,8 @@ def load_run(folder, log):
             continue
         kind = checkpoint_kind(obj, path, "flatness")
         flats.append({"kind": kind, "epoch": entry_epoch(obj, kind), "ema": uses_ema(obj, path), "data": obj,
-                      "file": path, "variant": is_variant(path), "n": obj.get("n"), "mode": mode, "loss": obj.get("loss", "robust"),
+                      "file": path, "variant": is_variant(path), "n": obj.get("n"), "mode": mode,
+                      "loss": obj.get("loss", "robust"),
                       "subset": obj.get("subset", "eval"), "xi": obj.get("xi"),
                       # a rescaled model (--scale α, §3.2) is a check of scale invariance, not a run's value
                       "scaled": is_number(obj.get("scale")) and obj["scale"] != 1})

@@ -91,8 +91,8 @@ def training_loss(logits, y, args):
 
 
 def train_step(model, attack_model, opt, sched, ema, x, y, args):
-    """One AT step: PGD on the current weights, CE on the adversarial batch (train-mode BN), SGD
-    update, then the per-step schedule, weight clipping and EMA. Returns the training logits."""
+    """One AT step: PGD on the current weights, CE on the adversarial batch (train-mode BN), the
+    optimiser step, then the per-step schedule, weight clipping and EMA. Returns the training logits."""
     x_adv = adversarial_batch(attack_model, x, y, args)
     with torch.autocast(x.device.type, torch.bfloat16, enabled=args.amp):
         logits = model(x_adv)
