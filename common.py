@@ -13,6 +13,7 @@ import math
 import os
 import platform
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -96,6 +97,15 @@ def resolve_device(flag):
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
     return device
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def teardown_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def setup_distributed(device_flag):
@@ -706,7 +716,7 @@ def versions(device):
     except (OSError, subprocess.SubprocessError):
         commit = None
     import torchvision
-    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+    return {"python": platform.python_version(), "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
             "numpy": np.__version__, "cuda": torch.version.cuda,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "git_commit": commit, "time": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -721,9 +731,20 @@ def write_json(path, obj):
     os.replace(tmp, path)
 
 
-def append_jsonl(path, obj):
-    with open(path, "a") as f:
-        f.write(json.dumps(obj) + "\n")
+def write_jsonl(path, rows):
+    """One JSON object per line, written atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def copy_file(src, dst):
+    """Copy atomically (temporary file + os.replace)."""
+    dst = Path(dst)
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
 
 
 def result_path(checkpoint, stem, tag=None):
@@ -846,136 +867,186 @@ def epoch_metrics(model, x, y, alpha, restarts, prefix, rank=0, world=1):
             f"{prefix}rloss_incorrect": (rl - rl_ok) / max(n - n_ok, 1), f"{prefix}n": int(n)}
 
 
-class Run:
-    """One training run (SPEC §1.8, §5.1-5.4): the run folder (args.json with versions,
-    metrics.jsonl, atomic checkpoints `ckpt_last.pt` every epoch, `ckpt_epoch{E:03d}.pt` snapshots,
-    `ckpt_best.pt`), exact resume, and the end-of-epoch evaluation. Only rank 0 writes."""
+# ---------------------------------------------------------------------------------------------
+# plumbing: the run folder and its crash safety (README "Run folder, early stopping, resume")
+# Per epoch, in this order: the snapshot ckpt_epoch{E:03d}.pt (snapshot epochs), ckpt_best.pt (a copy of
+# the best snapshot), ckpt_last.pt (THE COMMIT POINT: it holds everything, the metrics history too),
+# then metrics.jsonl rewritten from that history. Every file goes to <name>.tmp, then os.replace.
+# A kill at any moment leaves ckpt_last.pt at the last committed epoch; --resume restores it and
+# repairs what a kill after it may have left (torn or stale files, a ckpt_best.pt of a lost epoch).
+# ---------------------------------------------------------------------------------------------
+def holds_results(out):
+    """A folder holds a run once an epoch wrote a checkpoint or a metrics line (args.json alone, or an
+    empty folder, is not a run)."""
+    out = Path(out)
+    metrics = out / "metrics.jsonl"
+    return any(out.glob("ckpt_*.pt")) or (metrics.is_file() and metrics.stat().st_size > 0)
 
-    NOT_COMPARED = {"resume", "device", "out", "workers"}
 
-    def __init__(self, args, rank, world, device):
-        self.args, self.rank, self.world, self.device = args, rank, world, device
-        self.dir = Path(args.out)
-        self.last = self.dir / "ckpt_last.pt"
-        self.metrics = self.dir / "metrics.jsonl"
-        self.es_best = None
-        # an empty metrics.jsonl is a start that failed before its first epoch (e.g. a wrong
-        # --data-dir), or rank 0 of this very run having just created it: not a run to protect
-        has_run = self.last.exists() or (self.metrics.exists() and self.metrics.stat().st_size > 0)
-        check(args.resume or not has_run, f"{self.dir} already holds a run; pass --resume to continue it "
-              "or choose another --out")
-        if rank == 0:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            if not self.last.exists():
-                write_json(self.dir / "args.json", {**vars(args), "versions": versions(device)})
-                self.metrics.write_text("")
+def check_out(args):
+    """Before anything is loaded: a folder that holds a run is continued with --resume, never overwritten."""
+    check(args.resume or not holds_results(args.out),
+          f"{args.out} already holds a run; pass --resume to continue it or choose another --out")
 
-    def track(self, model, opt, sched, ema, loader, log_set, es_set, trained=None):
-        """What the run saves, resumes and evaluates: the classifier `model` (saved as 'model'),
-        optimiser, schedule, EMA (or None), the loader (its RNG), the logging and early-stopping
-        slices; `trained` is the module whose BN buffers are synchronised (default: model)."""
-        self.model, self.opt, self.sched, self.ema, self.loader = model, opt, sched, ema, loader
-        self.log_set, self.es_set, self.trained = log_set, es_set, trained if trained is not None else model
 
-    def resume(self):
-        """Load ckpt_last.pt if --resume finds one; returns the number of epochs already done."""
-        if not (self.args.resume and self.last.exists()):
-            return 0
-        ckpt = load_checkpoint(self.last, self.device)
-        saved = ckpt.get("args", {})
-        differ = sorted(k for k, v in vars(self.args).items()
-                        if k not in self.NOT_COMPARED and k in saved and saved[k] != v)
+def snapshot_path(out, epoch):
+    return Path(out) / f"ckpt_epoch{epoch:03d}.pt"
+
+
+def resume_checkpoint(args, device, rank=0):
+    """The checkpoint --resume continues from: ckpt_last.pt, else the newest readable snapshot (with a
+    warning); None for a new run (no --resume, or --resume in a folder without results). Flags that
+    differ from the saved run are refused."""
+    out = Path(args.out)
+    if not args.resume:
+        return None
+    snapshots = sorted(out.glob("ckpt_epoch*.pt"), key=lambda p: p.name, reverse=True)
+    for path in [out / "ckpt_last.pt", *snapshots]:
+        try:
+            ckpt = torch.load(path, map_location=device, weights_only=True)
+        except Exception:  # missing, torn by a disk failure, or not ours
+            continue
+        if not (isinstance(ckpt, dict) and "history" in ckpt):
+            continue
+        if path.name != "ckpt_last.pt" and rank == 0:
+            warn(f"{out / 'ckpt_last.pt'} is missing or unreadable; resuming from {path.name}")
+        saved, now = ckpt["args"], vars(args)
+        differ = sorted(k for k in now if k not in NOT_COMPARED and k in saved and saved[k] != now[k])
         check(not differ, "--resume with flags that differ from the saved run: "
-              + ", ".join(f"--{k.replace('_', '-')} {saved[k]} (now {vars(self.args)[k]})" for k in differ))
-        load_weights(self.model, ckpt["model"])
-        self.opt.load_state_dict(ckpt["optimizer"])
-        self.sched.load_state_dict(ckpt["scheduler"])
-        if self.ema is not None:
-            load_weights(self.ema.module, ckpt["ema"])
-            self.ema.n_averaged.fill_(max(int(ckpt["epoch"]), 1))
-        states = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]  # a list: one per rank (DDP)
-        if len(states) != self.world and self.rank == 0:
-            print(f"warning: {self.last} was saved by {len(states)} process(es) and resumes on {self.world}: "
-                  "the run continues, but not bit for bit as it would have uninterrupted", file=sys.stderr)
-        set_rng_state(states[self.rank % len(states)], self.loader)
-        self.es_best = ckpt.get("es_best")
-        if self.rank == 0:  # drop metric lines of epochs after the checkpoint (they are recomputed)
-            lines = [l for l in self.metrics.read_text().splitlines() if l.strip()]
-            kept = [l for l in lines if json.loads(l)["epoch"] <= ckpt["epoch"]]
-            self.metrics.write_text("".join(l + "\n" for l in kept))
-            print(f"resumed {self.dir} at epoch {ckpt['epoch']}")
-        return int(ckpt["epoch"])
+              + ", ".join(f"--{k.replace('_', '-')} {saved[k]} (now {now[k]})" for k in differ))
+        return ckpt
+    check(not holds_results(out), f"--resume: {out} holds results but no readable checkpoint of this codebase "
+          "(ckpt_last.pt or ckpt_epochNNN.pt); move the folder aside or choose another --out")
+    if rank == 0:
+        print(f"nothing to resume in {out}: starting a new run")
+    return None
 
-    def train_means(self, sums):
-        """Epoch means of the summed training statistics: train_<key> = sum / n (sum / n_labelled
-        for *_labelled keys), all-reduced over ranks."""
-        keys = sorted(sums)
-        totals = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32, device=self.device) for k in keys])
-        if self.world > 1:
-            dist.all_reduce(totals)
-        t = dict(zip(keys, totals.tolist()))
-        return {f"train_{k}": v / max(t["n_labelled" if k.endswith("_labelled") else "n"], 1)
-                for k, v in t.items() if not k.startswith("n")}
 
-    def end_epoch(self, epoch, sums, t0, logged=None, extra=None):
-        """The end of an epoch, in order: BN buffers from rank 0 (they drift apart under DDP); the
-        epoch's training means; test metrics on the logging slice (every --eval-every epochs); after
-        the last epoch, the EMA model's BN statistics re-estimated by a clean pass over the training
-        set; at snapshot epochs (every --es-every and the last) PGD-7 on the early-stopping slice;
-        then the metrics line and the checkpoints. `logged`: more metric entries; `extra`: more
-        checkpoint entries (e.g. train_misc.py's rotation head under 'aux', outside 'model')."""
-        from torch.optim.swa_utils import update_bn
-        args, world = self.args, self.world
-        if world > 1:
-            for b in self.trained.buffers():
-                dist.broadcast(b, 0)
-        metrics = {"epoch": epoch, "lr": self.opt.param_groups[0]["lr"], **self.train_means(sums),
-                   "train_time_s": time.time() - t0, **(logged or {})}
-        last = epoch == args.epochs
-        if epoch % args.eval_every == 0 or last:
-            metrics.update(epoch_metrics(self.model, *self.log_set, args.attack_step, 1, "test_", self.rank, world))
-        if last and self.ema is not None:
-            update_bn(self.loader, self.ema, device=self.device)
-            if world > 1:
-                for b in self.ema.buffers():
-                    dist.broadcast(b, 0)
-        snapshot = epoch % args.es_every == 0 or last
+NOT_COMPARED = {"resume", "device", "out", "workers"}  # flags that may change on --resume
+
+
+def restore(ckpt, args, net, opt, sched, ema, loader, rank=0, world=1, aux=None):
+    """Load a checkpoint into the training objects and return (epoch, history, best): the epochs done,
+    the per-epoch metrics and the early-stopping choice. Rank 0 repairs the run folder."""
+    load_weights(net, ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    sched.load_state_dict(ckpt["scheduler"])
+    if ema is not None:
+        load_weights(ema.module, ckpt["ema"])
+        ema.n_averaged.fill_(max(int(ckpt["epoch"]), 1))  # > 0: the next update averages instead of copying
+    if aux is not None:
+        aux.load_state_dict(ckpt["aux"])
+    states = ckpt["rng"]  # one per rank
+    if len(states) != world and rank == 0:
+        warn(f"the checkpoint was saved by {len(states)} process(es) and resumes on {world}: the run "
+             "continues, but not bit for bit as it would have uninterrupted")
+    set_rng_state(states[rank % len(states)], loader)
+    if rank == 0:
+        repair_run(ckpt, args.out)
+        print(f"resumed {args.out} at epoch {ckpt['epoch']}")
+    return int(ckpt["epoch"]), list(ckpt["history"]), ckpt["es_best"]
+
+
+def repair_run(ckpt, out):
+    """Make the folder what the committed epoch says: no temporary files, metrics.jsonl = the history
+    (a torn line is dropped with a warning), the committed snapshot present, and ckpt_best.pt = the
+    snapshot of the best epoch (a kill between the writes may have left one of a lost epoch)."""
+    out, epoch, best = Path(out), int(ckpt["epoch"]), ckpt["es_best"]
+    for tmp in out.glob("*.tmp"):
+        tmp.unlink()
+    metrics = out / "metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    torn = sum(1 for l in lines if l.strip() and not _is_json(l))
+    if torn:
+        warn(f"dropped {torn} torn line(s) of {metrics}; metrics.jsonl is rewritten from the checkpoint")
+    write_jsonl(metrics, ckpt["history"])
+    if "es_rerr" in ckpt["metrics"] and not snapshot_path(out, epoch).is_file():
+        save_checkpoint(snapshot_path(out, epoch), **ckpt)
+    if best is not None:
+        best_file = out / "ckpt_best.pt"
+        have = torch.load(best_file, map_location="cpu", weights_only=True)["epoch"] if best_file.is_file() else None
+        if have != best["epoch"]:
+            check(snapshot_path(out, best["epoch"]).is_file(), f"{best_file} must be epoch {best['epoch']}, "
+                  f"but its snapshot {snapshot_path(out, best['epoch']).name} is gone; restore it or start a new run")
+            copy_file(snapshot_path(out, best["epoch"]), best_file)
+
+
+def _is_json(line):
+    try:
+        json.loads(line)
+        return True
+    except ValueError:
+        return False
+
+
+def training_state(args, epoch, net, opt, sched, ema, loader, history, best, world=1, aux=None):
+    """Everything that determines the rest of the run, as one checkpoint dict (loads with
+    weights_only=True). Under DDP every rank's RNG state (attack starts and label noise differ per rank)."""
+    rng = [rng_state(loader)]
+    if world > 1:
+        rng = [None] * world
+        dist.all_gather_object(rng, rng_state(loader))
+    state = dict(model=net.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=epoch,
+                 args=vars(args), rng=rng, es_best=best, metrics=history[-1], history=history,
+                 versions=versions(next(net.parameters()).device))
+    if ema is not None:
+        state["ema"] = ema.module.state_dict()
+    if aux is not None:
+        state["aux"] = aux.state_dict()
+    return state
+
+
+def save_epoch(state, snapshot, is_best, rank=0):
+    """Write one epoch in the commit order above (rank 0; the others wait). args.json comes with the
+    first epoch, so a start that fails leaves no run folder."""
+    if rank == 0:
+        out, epoch = Path(state["args"]["out"]), state["epoch"]
+        out.mkdir(parents=True, exist_ok=True)
+        if not (out / "args.json").is_file():
+            write_json(out / "args.json", {**state["args"], "versions": state["versions"]})
         if snapshot:
-            es = epoch_metrics(self.model, *self.es_set, args.attack_step, args.es_restarts, "es_", self.rank, world)
-            metrics.update(es_rerr=es["es_rerr"], es_rloss=es["es_rloss"])
-            if self.es_best is None or es["es_rerr"] < self.es_best["es_rerr"]:  # the first minimum
-                self.es_best = {"epoch": epoch, "es_rerr": es["es_rerr"]}
-        metrics["time_s"] = time.time() - t0
-        self.save(metrics, epoch, snapshot, best=snapshot and self.es_best["epoch"] == epoch, extra=extra)
+            save_checkpoint(snapshot_path(out, epoch), **state)
+        if is_best:
+            copy_file(snapshot_path(out, epoch), out / "ckpt_best.pt")
+        save_checkpoint(out / "ckpt_last.pt", **state)  # the commit point
+        write_jsonl(out / "metrics.jsonl", state["history"])
+        shown = ("train_loss", "train_err", "test_clean_err", "test_rerr", "es_rerr", "time_s")
+        print(f"epoch {epoch:3d} " + " ".join(f"{k}={v:.4g}" for k, v in state["metrics"].items() if k in shown),
+              flush=True)
+    if dist.is_initialized():
+        dist.barrier()
 
-    def save(self, metrics, epoch, snapshot, best, extra=None):
-        """Append the metrics line, then write the checkpoints (so a crash in between only loses
-        a line that resume recomputes). Under DDP the RNG states of all ranks are saved: attack
-        starts and label noise differ per rank, and resume restores each rank's own."""
-        rng = rng_state(self.loader)
-        if self.world > 1:
-            ranks = [None] * self.world
-            dist.all_gather_object(ranks, rng)
-            rng = ranks
-        if self.rank == 0:
-            append_jsonl(self.metrics, metrics)
-            state = dict(model=self.model.state_dict(), optimizer=self.opt.state_dict(),
-                         scheduler=self.sched.state_dict(), epoch=epoch, args=vars(self.args),
-                         rng=rng, es_best=self.es_best, metrics=metrics)
-            if self.ema is not None:
-                state["ema"] = self.ema.module.state_dict()
-            state.update(extra or {})
-            save_checkpoint(self.last, **state)
-            if snapshot:
-                save_checkpoint(self.dir / f"ckpt_epoch{epoch:03d}.pt", **state)
-            if best:
-                save_checkpoint(self.dir / "ckpt_best.pt", **state)
-            shown = {k: v for k, v in metrics.items() if k in (
-                "train_loss", "train_err", "test_clean_err", "test_rloss", "test_rerr", "es_rerr", "time_s")}
-            print(f"epoch {epoch:3d} " + " ".join(f"{k}={v:.4g}" for k, v in shown.items()), flush=True)
-        if dist.is_initialized():
-            dist.barrier()
 
-    def finish(self):
-        if dist.is_initialized():
-            dist.destroy_process_group()
+def warn(message):
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# plumbing: what the epoch loop of every train_*.py calls (DDP-aware, stateless)
+# ---------------------------------------------------------------------------------------------
+def train_means(sums, world=1):
+    """Epoch means of the summed training statistics: train_<key> = sum / n (sum / n_labelled for
+    *_labelled keys), all-reduced over ranks."""
+    keys = sorted(sums)
+    device = next(v.device for v in sums.values() if torch.is_tensor(v))
+    totals = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32, device=device) for k in keys])
+    if world > 1:
+        dist.all_reduce(totals)
+    t = dict(zip(keys, totals.tolist()))
+    return {f"train_{k}": v / max(t["n_labelled" if k.endswith("_labelled") else "n"], 1)
+            for k, v in t.items() if not k.startswith("n")}
+
+
+def sync_buffers(module, world=1):
+    """BN running statistics from rank 0: under DDP each rank's drift apart (they see other images)."""
+    if world > 1:
+        for b in module.buffers():
+            dist.broadcast(b, 0)
+
+
+def reestimate_bn(ema, loader, world=1):
+    """The EMA model's BN statistics, re-estimated by one clean pass over the (augmented) training set:
+    averaged running statistics do not belong to the averaged weights."""
+    from torch.optim.swa_utils import update_bn
+    update_bn(loader, ema, device=next(ema.parameters()).device)
+    sync_buffers(ema, world)

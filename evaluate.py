@@ -1,4 +1,4 @@
-"""Robustness of a checkpoint: clean error, PGD-20 x 10 RLoss/RErr and AutoAttack RErr (SPEC §9).
+"""Robustness of a checkpoint: clean error, PGD-20 x 10 RLoss/RErr and AutoAttack RErr.
 
 Stutz, Hein & Schiele, ICCV 2021, §4 and Table 1:
 
@@ -235,7 +235,7 @@ def main(argv=None):
 
     # ---- model: ours (architecture from its args), an external state dict, or RobustBench
     model, info = common.load_model(args, device)
-    model = model.float().eval()  # every reported number is fp32 (SPEC §1.5)
+    model = model.float().eval()  # every reported number is fp32 (README 'Conventions')
     out = output_path(args)
     check(out.parent.is_dir(), f"output folder {out.parent} does not exist (choose --out)")
 

@@ -1,4 +1,4 @@
-"""Robust flatness of a checkpoint: the measures of Stutz, Hein & Schiele (ICCV 2021), §3.3 (SPEC §10).
+"""Robust flatness of a checkpoint: the measures of Stutz, Hein & Schiele (ICCV 2021), §3.3, Eq. 3-5.
 
 Weight perturbations ν live in the relative per-layer ball (Eq. 4), each conv/linear weight or bias
 tensor l being one "layer" (BatchNorm, the input normaliser and auxiliary heads are never perturbed):
@@ -32,7 +32,7 @@ settings other than the paper's defaults add to the name, in this order: `clean`
 non-default setting of the mode as `<flag><value>` (e.g. `n-eval100_samples3`, `per-batch`), then --tag.
 A result file is therefore only ever replaced, or skipped by --epochs, by a run with the same settings.
 
-Paper values (Table 1, SPEC §12): AT baseline average-case 1.21 (ξ = 0.5), worst-case 6.48 (ξ = 0.00075);
+Paper values (Table 1): AT baseline average-case 1.21 (ξ = 0.5), worst-case 6.48 (ξ = 0.00075);
 Hessian λ_max 1990 (505 at ×2, 7936 at ×0.5; their code sums 4 batch means, see --hessian-reduction).
 Cost (measured): CPU, 1 thread, width-16 ResNet-18, 100 test images, the CPU line above: 64 s
 (reference PGD-20 × 10: 47 s, 3 average-case draws: 7 s, 2 worst-case restarts: 7 s). GPU: not yet
@@ -189,7 +189,7 @@ def in_box(weights, nu, box):
 
 
 def frozen_weights(model):
-    """The perturbable tensors (SPEC §1.6), detached: the centre w of every perturbation."""
+    """The perturbable tensors (the layers l of Eq. 4), detached: the centre w of every perturbation."""
     return {k: p.detach() for k, p in common.perturbable_params(model).items()}
 
 
@@ -518,7 +518,7 @@ def output_path(args, checkpoint, mode):
 
 
 class Data:
-    """The fixed subsets (SPEC §2), loaded once and shared by every checkpoint of --epochs."""
+    """The paper's fixed subsets (README 'Data'), loaded once and shared by every checkpoint of --epochs."""
 
     def __init__(self, args, device):
         self.args, self.device, self.cache = args, device, {}
@@ -540,7 +540,7 @@ class Data:
 
 def measure_checkpoint(model, info, checkpoint, modes, args, data, device, progress):
     """Run every mode in `modes` on one model and write one JSON per mode."""
-    model = model.float().eval()  # every reported number is fp32 (SPEC §1.5)
+    model = model.float().eval()  # every reported number is fp32 (README 'Conventions')
     base = {"checkpoint": str(checkpoint) if checkpoint else f"robustbench:{args.robustbench}",
             "epoch": info["epoch"], "use_ema": args.use_ema, "source": info["source"], "model_args": info["args"],
             "seed": args.seed, "scale": args.scale, "data_dir": str(args.data_dir), "batch_size": args.batch_size,

@@ -1,5 +1,5 @@
 """Figures, Table 1 and the correlations of Stutz, Hein & Schiele, "Relating Adversarially Robust
-Generalization to Flat Minima" (ICCV 2021), redrawn from run folders (SPEC §11).
+Generalization to Flat Minima" (ICCV 2021), redrawn from run folders.
 
 Usage:   python plots.py runs/ --out figures/ [--baseline NAME]
 
@@ -45,7 +45,7 @@ import common  # noqa: E402
 from common import check  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
-# Run labels: method name + the flags that differ from the paper's AT baseline (SPEC §5-§8)
+# Run labels: method name + the flags that differ from the paper's AT baseline (the Table 1 rows)
 # ---------------------------------------------------------------------------------------------
 METHOD_NAMES = {"at": "AT", "trades": "TRADES", "mart": "MART", "awp": "AWP", "rotation": "AT+rotation",
                 "unlabeled": "AT+unlabeled", "entropy-sgd": "Entropy-SGD", "pgd-tau": "PGD-τ"}
@@ -66,7 +66,7 @@ SYMBOLS = {"beta": "β", "xi": "ξ", "rot_weight": "λ", "tau": "τ", "L": "L", 
            "grad_clip": "grad-clip", "adv_fraction": "adv-fraction", "epochs": "epochs", "batch_size": "batch",
            "lr": "lr"}
 FLATNESS_METHODS = ("awp", "entropy-sgd")  # "◆" in Fig. 1 (with weight averaging); AT variants "●"
-PAPER_XI = {"average": 0.5, "worst": 0.00075}  # SPEC §10 defaults, preferred when several ξ exist
+PAPER_XI = {"average": 0.5, "worst": 0.00075}  # the paper's ξ (§3.3, Eq. 3, 5), preferred when several ξ exist
 METHOD_ORDER = list(METHOD_NAMES)
 
 
@@ -339,8 +339,9 @@ def measures(run, kind):
 
 
 def es_epoch(run):
-    """The early-stopping epoch: first minimum of the per-snapshot es_rerr (SPEC §5.2), else the
-    epoch recorded in the best checkpoint's evaluation."""
+    """The early-stopping epoch: first minimum of the per-snapshot es_rerr (the paper's protocol;
+    README 'Run folder, early stopping, resume'), else the epoch recorded in the best checkpoint's
+    evaluation."""
     es = [(m["es_rerr"], m["epoch"]) for m in run["metrics"] if is_number(m.get("es_rerr"))]
     if es:
         return min(es, key=lambda t: (t[0], t[1]))[1]

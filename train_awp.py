@@ -140,18 +140,19 @@ def add_to_weights(weights, nu, alpha):
         weights[k].add_(v, alpha=alpha)
 
 
-def awp_step(net, model, x_adv, y, opt, xi, args, world=1):
-    """One AT-AWP update on the adversarial batch x' (SPEC §7 steps 2-3): ν from
-    weight_perturbation, w ← w + ν, forward/backward of the training loss at w + ν through `model`
-    (net itself, or its DDP wrapper) in train mode, optional element-wise gradient clipping,
-    optimiser step (momentum and weight decay act at w + ν, as in Wu et al.), w ← w − ν.
-    Returns the logits at w on x' in train-mode BN (the direction pass's; with xi = 0 the training
-    forward's, also at w), so the logged train RLoss is comparable with every other method's. With
-    xi = 0 it is train_at.py's AT step. The direction pass and the update at w + ν run in fp32.
-    The training forward updates the BN running statistics at w + ν (as Wu et al.; the paper's code
-    copies them from a forward at w instead)."""
+def train_step(model, attack_model, opt, sched, ema, x, y, args, xi):
+    """One AT-AWP step on the adversarial batch x' = x + δ (PGD at w, as AT; Wu et al. Alg. 1):
+    ν from weight_perturbation, w ← w + ν, the training loss at w + ν through `model` (the network, or
+    its DDP wrapper) in train-mode BN, optional element-wise gradient clipping, the optimiser step
+    (momentum and weight decay act at w + ν, as in Wu et al.), w ← w − ν with the same ν; then the
+    per-step schedule, weight clipping and EMA. With xi = 0 (--awp-warmup epochs) it is train_at.py's
+    step. The direction pass and the update at w + ν run in fp32. The training forward updates the BN
+    running statistics at w + ν (as Wu et al.; the paper's code copies them from a forward at w).
+    Returns the log sums at w (from the direction pass), comparable with every other method's."""
+    net = common.unwrap(model)
+    x_adv = adversarial_batch(attack_model, x, y, args)
     weights = common.perturbable_params(net, weights_only=True)
-    nu, logits_w = weight_perturbation(net, weights, x_adv, y, xi, world) if xi > 0 else ({}, None)
+    nu, logits_w = weight_perturbation(net, weights, x_adv, y, xi, common.world_size()) if xi > 0 else ({}, None)
     add_to_weights(weights, nu, +1)
     logits = model(x_adv)
     loss = training_loss(logits, y, args)
@@ -161,17 +162,22 @@ def awp_step(net, model, x_adv, y, opt, xi, args, world=1):
         torch.nn.utils.clip_grad_value_(net.parameters(), args.grad_clip)
     opt.step()
     add_to_weights(weights, nu, -1)
-    return logits if logits_w is None else logits_w
+    sched.step()
+    if args.clip:
+        common.clip_weights(net, args.clip)
+    if ema is not None:
+        ema.update_parameters(net)
+    return common.batch_stats(logits if logits_w is None else logits_w, y)
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     rank, world, device = common.setup_distributed(args.device)
     check(args.batch_size % world == 0, f"--batch-size {args.batch_size} must divide over {world} processes")
     common.seed_everything(args.seed + rank)  # attack starts and label noise differ per rank; DDP broadcasts rank 0's init
-    run = common.Run(args, rank, world, device)  # run folder, args.json, metrics.jsonl; checks --resume
+    common.check_out(args)  # a folder that holds a run needs --resume; nothing is written before epoch 1 ends
 
-    # ---- data: training set on the device; fixed logging / early-stopping subsets (SPEC §2)
+    # ---- data: training set on the device; fixed logging / early-stopping subsets (README "Data")
     x_train, y_train = common.load_cifar10(args.data_dir, train=True)
     if args.train_subset:
         idx = common.balanced_subset(y_train, args.train_subset)
@@ -181,7 +187,7 @@ def main():
     x_log, y_log = common.eval_split(args.data_dir, "log", args.n_log, device)
     x_es, y_es = common.eval_split(args.data_dir, "early-stop", args.n_early_stop, device)
 
-    # ---- model, optimiser, schedule (stepped per batch), EMA
+    # ---- model, optimiser, schedule (stepped per batch), EMA; --resume restores all of them
     net = common.build_model(vars(args)).to(device)
     if args.channels_last:
         net = net.to(memory_format=torch.channels_last)
@@ -189,30 +195,49 @@ def main():
         common.clip_weights(net, args.clip)
     opt, sched = common.make_optimizer(net, args, len(loader))
     ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
-    run.track(net, opt, sched, ema, loader, log_set=(x_log, y_log), es_set=(x_es, y_es))
-    start_epoch = run.resume()
+    epoch, history, best = 0, [], None  # epochs done, one metrics dict per epoch, early-stopping choice
+    ckpt = common.resume_checkpoint(args, device, rank)  # ckpt_last.pt, or the newest intact snapshot
+    if ckpt is not None:
+        epoch, history, best = common.restore(ckpt, args, net, opt, sched, ema, loader, rank, world)
     attack_model = torch.compile(net) if args.compile else net  # attacks run on the unwrapped module
     model = DistributedDataParallel(net) if world > 1 else net  # only the training forward goes through DDP
     if args.compile:
         model = torch.compile(model)
 
-    for epoch in range(start_epoch + 1, args.epochs + 1):
+    while epoch < args.epochs:
+        epoch += 1
+        last = epoch == args.epochs
         t0 = time.time()
         loader.epoch = epoch - 1  # AutoAugmentLoader seeds its workers by (seed, epoch)
         net.train()
         sums = {}
         for x, y in tqdm(loader, desc=f"epoch {epoch}", disable=None if rank == 0 else True, leave=False):
-            x_adv = adversarial_batch(attack_model, x, y, args)
             xi = args.xi if epoch > args.awp_warmup else 0.0  # --awp-warmup epochs of plain AT first
-            logits = awp_step(net, model, x_adv, y, opt, xi, args, world)
-            sched.step()
-            if args.clip:
-                common.clip_weights(net, args.clip)
-            if ema is not None:
-                ema.update_parameters(net)
-            common.add_stats(sums, common.batch_stats(logits, y))
-        run.end_epoch(epoch, sums, t0)  # fp32 test metrics, EMA BN statistics, early stopping, checkpoints
-    run.finish()
+            common.add_stats(sums, train_step(model, attack_model, opt, sched, ema, x, y, args, xi))
+        metrics = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], **common.train_means(sums, world),
+                   "train_time_s": time.time() - t0}
+        common.sync_buffers(net, world)  # BN statistics of rank 0 on every rank
+
+        # ---- test metrics (fp32): clean and PGD-7 on the first --n-log test images
+        if epoch % args.eval_every == 0 or last:
+            metrics.update(common.epoch_metrics(net, x_log, y_log, args.attack_step, 1, "test_", rank, world))
+        # ---- after the last epoch: the EMA model's BN statistics, re-estimated on the training set
+        if last and ema is not None:
+            common.reestimate_bn(ema, loader, world)
+        # ---- early stopping (paper §4): every --es-every epochs and the last, PGD-7 with --es-restarts
+        # restarts on the last --n-early-stop test images; the first minimum of RErr is the best epoch
+        snapshot = epoch % args.es_every == 0 or last
+        if snapshot:
+            es = common.epoch_metrics(net, x_es, y_es, args.attack_step, args.es_restarts, "es_", rank, world)
+            metrics.update(es_rerr=es["es_rerr"], es_rloss=es["es_rloss"])
+            if best is None or es["es_rerr"] < best["es_rerr"]:
+                best = {"epoch": epoch, "es_rerr": es["es_rerr"]}
+        # ---- checkpoints: snapshot, ckpt_best.pt, then ckpt_last.pt (the commit point), metrics.jsonl
+        metrics["time_s"] = time.time() - t0
+        history.append(metrics)
+        state = common.training_state(args, epoch, net, opt, sched, ema, loader, history, best, world)
+        common.save_epoch(state, snapshot, is_best=snapshot and best["epoch"] == epoch, rank=rank)
+    common.teardown_distributed()
 
 
 if __name__ == "__main__":

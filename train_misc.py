@@ -126,7 +126,7 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------------------------------------
 # The AT step of train_at.py: PGD on the current weights, then CE on the adversarial batch
-# (train-mode BN). unlabeled, entropy-sgd (each inner step) and pgd-tau (with its own attack) use it.
+# (train-mode BN). Every method below builds on it.
 # ----------------------------------------------------------------------------------------------
 def adversarial_batch(model, x, y, args):
     """x + δ with δ from PGD-`attack_steps` on true-label CE (eval-mode BN by default)."""
@@ -144,28 +144,24 @@ def training_loss(logits, y, args):
     return F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
 
 
-def at_loss(model, attack_model, x, y, args, labelled=None):
-    """(loss, sums for the log) of one AT step; the attack is PGD-τ for --method pgd-tau.
-    `labelled` (unlabeled method) marks the real CIFAR images, logged separately."""
-    stats = {}
-    if args.method == "pgd-tau" and args.attack_steps > 0:
-        delta, steps = pgd_tau(attack_model, x, y, args.epsilon, args.attack_step, args.attack_steps, args.tau,
-                               bn=args.attack_bn, autocast=args.amp)
-        x_adv = x + delta
-        stats["attack_steps"] = steps.sum().float()
-    else:
-        x_adv = adversarial_batch(attack_model, x, y, args)
-    with torch.autocast(x.device.type, torch.bfloat16, enabled=args.amp):
-        logits = model(x_adv)
-    loss = training_loss(logits, y, args)
-    with torch.no_grad():
-        ce = F.cross_entropy(logits.float(), y, reduction="none")
-        wrong = (logits.argmax(1) != y).float()
-        stats.update(loss=ce.sum(), err=wrong.sum(), n=torch.tensor(float(len(y)), device=x.device))
-        if labelled is not None:
-            stats.update(loss_labelled=(ce * labelled).sum(), err_labelled=(wrong * labelled).sum(),
-                         n_labelled=labelled.sum().float())
-    return loss, stats
+def update(model, opt, sched, ema, loss, args):
+    """The optimiser step on `loss`, then the per-step schedule, and weight clipping and EMA of the
+    classifier (a rotation head is neither clipped nor averaged)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    net = classifier(model)
+    if args.clip:
+        common.clip_weights(net, args.clip)
+    if ema is not None:
+        ema.update_parameters(net)
+
+
+def classifier(model):
+    """The ResNet-18 inside `model` (DDP/compile wrappers and a rotation head around it removed)."""
+    model = common.unwrap(model)
+    return getattr(model, "net", model)
 
 
 # ==============================================================================================
@@ -257,13 +253,44 @@ def rotation_loss(model, attack_model, x, y, x_rot, k, args):
                      rot_err=(rot_logits.argmax(1) != k).sum().float())
     return loss, stats
 
+def rotation_train_step(model, attack_model, opt, sched, ema, batch, args):
+    """One step of --method rotation on (x, y, x_rot, k) from RotationLoader. Returns the log sums."""
+    x, y, x_rot, k = batch
+    loss, stats = rotation_loss(model, attack_model, x, y, x_rot, k, args)
+    update(model, opt, sched, ema, loss, args)
+    return stats
+
+
+class RotationLoader(common.DeviceLoader):
+    """common.DeviceLoader's batches (x, y) plus the second set (x_rot, k) of as many images, drawn for
+    the global batch from the same generator and split by rank like the first."""
+
+    def __iter__(self):
+        for x, y in super().__iter__():
+            x_rot, k = rotation_batch(self.x, len(y) * self.world, self.generator)
+            yield x, y, x_rot[self.rank::self.world], k[self.rank::self.world]
+
 
 # ==============================================================================================
 # --method unlabeled: AT on batches mixing CIFAR-10 and pseudo-labelled images (Carmon et al. 2019)
 # ==============================================================================================
+class ArrayUnpickler(pickle.Unpickler):
+    """Reads numpy arrays and plain containers (dict, list, str, numbers) and nothing else. A pickle
+    reaches code only through find_class, so a crafted file is refused before anything runs."""
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype")} | {
+        (m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it asks for {module}.{name}; only numpy arrays and plain containers "
+                                         "are read (convert it to .npz)")
+        return super().find_class(module, name)
+
+
 def load_unlabeled(path):
     """(uint8 N×3×32×32, int64 N) from a pickle or .npz holding 'data' (uint8 N×32×32×3, HWC) and
-    'extrapolated_targets' (the pseudo-labels, int N): the format of ti_500K_pseudo_labeled.pickle."""
+    'extrapolated_targets' (the pseudo-labels, int N): the format of ti_500K_pseudo_labeled.pickle.
+    Nothing in the file is executed: .npz without pickled objects, pickles through ArrayUnpickler."""
     path = Path(path)
     check(path.is_file(), f"--unlabeled-data {path} does not exist")
     try:
@@ -272,7 +299,7 @@ def load_unlabeled(path):
                 content = {k: z[k] for k in z.files}
         else:
             with open(path, "rb") as f:
-                content = pickle.load(f)
+                content = ArrayUnpickler(f, encoding="latin1").load()
     except Exception as e:
         raise UsageError(f"--unlabeled-data {path} is not a readable pickle or .npz ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:200] if str(e) else ''})")
@@ -283,6 +310,7 @@ def load_unlabeled(path):
           f"(keys: {', '.join(map(str, content)) or 'none'}); it needs 'data' (uint8 N×32×32×3) and "
           "'extrapolated_targets' (int N pseudo-labels), as ti_500K_pseudo_labeled.pickle")
     x, y = np.asarray(content["data"]), np.asarray(content["extrapolated_targets"])
+    check(x.dtype != object and y.dtype != object, f"--unlabeled-data {path}: arrays of Python objects are not read")
     check(x.dtype == np.uint8 and x.ndim == 4 and x.shape[1:] == (32, 32, 3) and len(x) > 0,
           f"--unlabeled-data {path}: 'data' must be uint8 N×32×32×3, got {x.dtype} {'×'.join(map(str, x.shape))}")
     y = y.reshape(-1) if y.ndim == 2 and y.shape[1] == 1 else y
@@ -326,6 +354,22 @@ class MixedLoader(common.DeviceLoader):
             lab_idx = order[i * n_lab:(i + 1) * n_lab]
             x, y, is_unlabeled = mix_batch(self.x, self.y, lab_idx, self.x_unl, self.y_unl, self.n_unlabeled, g)
             yield x[self.rank::self.world], y[self.rank::self.world], is_unlabeled[self.rank::self.world]
+
+def unlabeled_train_step(model, attack_model, opt, sched, ema, batch, args):
+    """One AT step of --method unlabeled on a mixed batch (x, y, is_unlabeled) from MixedLoader; the
+    pseudo-labelled images are trained on like labelled ones. Returns the log sums, with the CIFAR
+    part also alone (*_labelled)."""
+    x, y, is_unlabeled = batch
+    x_adv = adversarial_batch(attack_model, x, y, args)
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=args.amp):
+        logits = model(x_adv)
+    update(model, opt, sched, ema, training_loss(logits, y, args), args)
+    stats = common.batch_stats(logits, y)
+    with torch.no_grad():
+        labelled = (~is_unlabeled).float()
+        stats.update(loss_labelled=(F.cross_entropy(logits.float(), y, reduction="none") * labelled).sum(),
+                     err_labelled=((logits.argmax(1) != y).float() * labelled).sum(), n_labelled=labelled.sum())
+    return stats
 
 
 # ==============================================================================================
@@ -395,6 +439,30 @@ def entropy_sgd_step(params, opt, inner_loss, L, gamma, noise, inner_lr, wd, mu_
     opt.step()
     return sums
 
+def entropy_sgd_train_step(model, attack_model, opt, sched, ema, batches, args):
+    """One outer step of --method entropy-sgd on L = --L fresh batches (outer_steps), each inner step
+    AT's loss on its PGD-7 batch; γ_t is scoped by the outer steps taken so far (the schedule's
+    count). Returns the log sums over the L inner batches and γ_t."""
+    gamma = scoped_gamma(args.esgd_gamma, args.esgd_scoping, sched.last_epoch, args.esgd_inner_lr)
+
+    def inner_loss(i):
+        x, y = batches[i]
+        x_adv = adversarial_batch(attack_model, x, y, args)
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=args.amp):
+            logits = model(x_adv)
+        return training_loss(logits, y, args), common.batch_stats(logits, y)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    sums = entropy_sgd_step(params, opt, inner_loss, args.L, gamma, args.esgd_noise, args.esgd_inner_lr, args.wd,
+                            world=common.world_size())
+    sched.step()
+    net = classifier(model)
+    if args.clip:
+        common.clip_weights(net, args.clip)
+    if ema is not None:
+        ema.update_parameters(net)
+    return {**sums, "esgd_gamma": gamma * sums["n"]}  # logged as the epoch's mean γ_t
+
 
 # ==============================================================================================
 # --method pgd-tau: early-stopped PGD (Zhang et al. 2020, "FAT"; SPEC §8)
@@ -435,86 +503,108 @@ def pgd_tau(model, x, y, eps, alpha, steps, tau, start="uniform", bn="eval", aut
             steps_taken += active
     return delta.detach(), steps_taken
 
+def pgd_tau_train_step(model, attack_model, opt, sched, ema, batch, args):
+    """One AT step of --method pgd-tau: PGD-τ instead of PGD-7, then AT's loss and update. Returns the
+    log sums with the number of attack steps each example took."""
+    x, y = batch
+    steps = torch.zeros_like(y)
+    if args.attack_steps > 0:
+        delta, steps = pgd_tau(attack_model, x, y, args.epsilon, args.attack_step, args.attack_steps, args.tau,
+                               bn=args.attack_bn, autocast=args.amp)
+        x = x + delta
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=args.amp):
+        logits = model(x)
+    update(model, opt, sched, ema, training_loss(logits, y, args), args)
+    return {**common.batch_stats(logits, y), "attack_steps": steps.sum().float()}
 
-def main():
-    args = parse_args()
+
+TRAIN_STEPS = {"rotation": rotation_train_step, "unlabeled": unlabeled_train_step,
+               "entropy-sgd": entropy_sgd_train_step, "pgd-tau": pgd_tau_train_step}
+
+
+def main(argv=None):
+    args = parse_args(argv)
     rank, world, device = common.setup_distributed(args.device)
     check(args.batch_size % world == 0, f"--batch-size {args.batch_size} must divide over {world} processes")
     common.seed_everything(args.seed + rank)  # attack starts and label noise differ per rank; DDP broadcasts rank 0's init
-    if args.method == "unlabeled":  # read and check the file before a run folder exists
-        x_unl, y_unl = load_unlabeled(args.unlabeled_data)
-    run = common.Run(args, rank, world, device)  # run folder, args.json, metrics.jsonl; checks --resume
+    common.check_out(args)  # a folder that holds a run needs --resume; nothing is written before epoch 1 ends
 
-    # ---- data: training set on the device; fixed logging / early-stopping subsets (SPEC §2)
+    # ---- data: training set on the device; fixed logging / early-stopping subsets (README "Data")
     x_train, y_train = common.load_cifar10(args.data_dir, train=True)
     if args.train_subset:
         idx = common.balanced_subset(y_train, args.train_subset)
         x_train, y_train = x_train[idx], y_train[idx]
     check(len(y_train) >= args.batch_size, f"{len(y_train)} training images < --batch-size {args.batch_size}")
-    if args.method == "unlabeled":
+    if args.method == "rotation":  # labelled batches plus as many rotated images
+        loader = RotationLoader(x_train, y_train, args.batch_size, device, args.seed, rank, world)
+    elif args.method == "unlabeled":  # batches mixed with pseudo-labelled images
+        x_unl, y_unl = load_unlabeled(args.unlabeled_data)
         loader = MixedLoader(x_train, y_train, x_unl, y_unl, args.batch_size, args.unlabeled_fraction, device,
                              args.seed, rank=rank, world=world)
     else:
         loader = common.training_loader(x_train, y_train, args, device, rank, world)
-    passes = args.L if args.method == "entropy-sgd" else 1  # passes over the training set per epoch
+    if args.method == "entropy-sgd":  # an outer step takes --L batches: an epoch makes L passes
+        passes, epoch_batches = args.L, lambda: outer_steps(loader, args.L)
+    else:
+        passes, epoch_batches = 1, lambda: loader
     x_log, y_log = common.eval_split(args.data_dir, "log", args.n_log, device)
     x_es, y_es = common.eval_split(args.data_dir, "early-stop", args.n_early_stop, device)
 
-    # ---- model (+ rotation head), optimiser, schedule (stepped per batch / outer step), EMA
+    # ---- model (+ rotation head), optimiser, schedule (stepped per batch / outer step), EMA; --resume
+    # restores all of them
     net = common.build_model(vars(args)).to(device)
     if args.channels_last:
         net = net.to(memory_format=torch.channels_last)
     if args.clip:
         common.clip_weights(net, args.clip)
     trained = WithRotationHead(net).to(device) if args.method == "rotation" else net  # what the optimiser trains
+    aux = trained.rotation_head if args.method == "rotation" else None  # saved as 'aux', outside 'model'
     opt, sched = common.make_optimizer(trained, args, len(loader))
     ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
-    run.track(net, opt, sched, ema, loader, log_set=(x_log, y_log), es_set=(x_es, y_es), trained=trained)
-    start_epoch = run.resume()
-    if start_epoch and args.method == "rotation":
-        trained.rotation_head.load_state_dict(common.load_checkpoint(run.last, device)["aux"])
+    epoch, history, best = 0, [], None  # epochs done, one metrics dict per epoch, early-stopping choice
+    ckpt = common.resume_checkpoint(args, device, rank)  # ckpt_last.pt, or the newest intact snapshot
+    if ckpt is not None:
+        epoch, history, best = common.restore(ckpt, args, net, opt, sched, ema, loader, rank, world, aux=aux)
     attack_model = torch.compile(trained) if args.compile else trained  # attacks run on the unwrapped module
     model = DistributedDataParallel(trained) if world > 1 else trained  # only training forwards go through DDP
     if args.compile:
         model = torch.compile(model)
+    train_step = TRAIN_STEPS[args.method]
 
-    for epoch in range(start_epoch + 1, args.epochs + 1):
+    while epoch < args.epochs:
+        epoch += 1
+        last = epoch == args.epochs
         t0 = time.time()
         loader.epoch = (epoch - 1) * passes  # AutoAugmentLoader seeds its workers by (seed, epoch)
         trained.train()
         sums = {}
-        batches = outer_steps(loader, args.L) if args.method == "entropy-sgd" else loader
-        for i, batch in enumerate(tqdm(batches, total=len(loader), desc=f"epoch {epoch}",
-                                       disable=None if rank == 0 else True, leave=False)):
-            if args.method == "entropy-sgd":
-                gamma = scoped_gamma(args.esgd_gamma, args.esgd_scoping, (epoch - 1) * len(loader) + i, args.esgd_inner_lr)
-                stats = entropy_sgd_step([p for p in trained.parameters() if p.requires_grad], opt,
-                                         lambda j: at_loss(model, attack_model, *batch[j], args), args.L, gamma,
-                                         args.esgd_noise, args.esgd_inner_lr, args.wd, world=world)
-            else:
-                if args.method == "rotation":  # a second set of as many images, rotated (drawn globally, split by rank)
-                    x, y = batch
-                    x_rot, k = rotation_batch(loader.x, len(y) * world, loader.generator)
-                    loss, stats = rotation_loss(model, attack_model, x, y, x_rot[rank::world], k[rank::world], args)
-                elif args.method == "unlabeled":
-                    x, y, is_unlabeled = batch
-                    loss, stats = at_loss(model, attack_model, x, y, args, labelled=(~is_unlabeled).float())
-                else:  # pgd-tau
-                    loss, stats = at_loss(model, attack_model, *batch, args)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            sched.step()
-            if args.clip:
-                common.clip_weights(net, args.clip)
-            if ema is not None:
-                ema.update_parameters(net)
-            common.add_stats(sums, stats)
+        for batch in tqdm(epoch_batches(), total=len(loader), desc=f"epoch {epoch}",
+                          disable=None if rank == 0 else True, leave=False):
+            common.add_stats(sums, train_step(model, attack_model, opt, sched, ema, batch, args))
+        metrics = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], **common.train_means(sums, world),
+                   "train_time_s": time.time() - t0}
+        common.sync_buffers(trained, world)  # BN statistics of rank 0 on every rank
 
-        logged = {"esgd_gamma": gamma} if args.method == "entropy-sgd" else None
-        aux = {"aux": trained.rotation_head.state_dict()} if args.method == "rotation" else None
-        run.end_epoch(epoch, sums, t0, logged=logged, extra=aux)  # test metrics, EMA BN, early stopping, checkpoints
-    run.finish()
+        # ---- test metrics (fp32): clean and PGD-7 on the first --n-log test images
+        if epoch % args.eval_every == 0 or last:
+            metrics.update(common.epoch_metrics(net, x_log, y_log, args.attack_step, 1, "test_", rank, world))
+        # ---- after the last epoch: the EMA model's BN statistics, re-estimated on the training set
+        if last and ema is not None:
+            common.reestimate_bn(ema, loader, world)
+        # ---- early stopping (paper §4): every --es-every epochs and the last, PGD-7 with --es-restarts
+        # restarts on the last --n-early-stop test images; the first minimum of RErr is the best epoch
+        snapshot = epoch % args.es_every == 0 or last
+        if snapshot:
+            es = common.epoch_metrics(net, x_es, y_es, args.attack_step, args.es_restarts, "es_", rank, world)
+            metrics.update(es_rerr=es["es_rerr"], es_rloss=es["es_rloss"])
+            if best is None or es["es_rerr"] < best["es_rerr"]:
+                best = {"epoch": epoch, "es_rerr": es["es_rerr"]}
+        # ---- checkpoints: snapshot, ckpt_best.pt, then ckpt_last.pt (the commit point), metrics.jsonl
+        metrics["time_s"] = time.time() - t0
+        history.append(metrics)
+        state = common.training_state(args, epoch, net, opt, sched, ema, loader, history, best, world, aux=aux)
+        common.save_epoch(state, snapshot, is_best=snapshot and best["epoch"] == epoch, rank=rank)
+    common.teardown_distributed()
 
 
 if __name__ == "__main__":

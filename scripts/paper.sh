@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce Table 1 and the figures of Stutz, Hein & Schiele, "Relating Adversarially Robust
-# Generalization to Flat Minima" (ICCV 2021): every Table 1 row of SPEC §12 with the paper's best
-# flags (SPEC §6-§8), then evaluation, flatness and plots.py.
+# Generalization to Flat Minima" (ICCV 2021): every Table 1 row with the paper's best flags, then
+# evaluation, flatness and plots.py.
 #
 # Usage:   bash scripts/paper.sh                            # everything, one row after the other
 #          JOBS=8 bash scripts/paper.sh                     # 8 rows at once, one GPU each (round robin)
@@ -78,7 +78,7 @@ measure() {
     }
 }
 
-# ---- Table 1 rows (SPEC §12), the paper's best flags. PARALLEL: every row is independent.
+# ---- Table 1 rows, the paper's best flags. PARALLEL: every row is independent.
 row_at()              { train at 150 train_at.py && measure at full && baseline_extras at; }
 row_unlabeled()       {
     if [ ! -f "$UNLABELED" ]; then echo "skip row unlabeled: $UNLABELED not found (set UNLABELED=path/to/ti_500K_pseudo_labeled.pickle)"; return 0; fi

@@ -63,12 +63,12 @@ import torch
 import common, {module}
 
 # record what rank 1 ends with (the scripts write files on rank 0 only)
-save = common.Run.save
-def record(self, *args, **kwargs):
-    save(self, *args, **kwargs)
-    if self.rank == 1:
-        torch.save(self.model.state_dict(), os.environ["RANK1_STATE"])
-common.Run.save = record
+save = common.save_epoch
+def record(state, *args, **kwargs):
+    save(state, *args, **kwargs)
+    if int(os.environ["RANK"]) == 1:
+        torch.save(state["model"], os.environ["RANK1_STATE"])
+common.save_epoch = record
 common.run_cli({module}.main)
 """
 

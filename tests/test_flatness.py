@@ -1,4 +1,4 @@
-"""flatness.py (SPEC §10; Eq. 3-5): where ν lives (‖ν_l‖ = ξ‖w_l‖ on the sphere, ≤ ξ‖w_l‖ after the
+"""flatness.py (paper §3.3, Eq. 3-5): where ν lives (‖ν_l‖ = ξ‖w_l‖ on the sphere, ≤ ξ‖w_l‖ after the
 joint attack, only conv/linear tensors), that every measure leaves the model bit-identical, the
 limits ξ = 0 and ξ growing, agreement with a plain independent implementation of Eq. 3, the
 BN-compensated rescaling (logits, flatness, Hessian ∝ 1/α²), the power iteration against an exact

@@ -1,4 +1,4 @@
-"""PGD (SPEC §4, common.pgd): the threat model's constraints, that the attack actually ascends,
+"""PGD (common.pgd; README 'Conventions'): the threat model's constraints, that the attack actually ascends,
 the best-iterate / best-restart bookkeeping, and that the caller's model is left as it was."""
 import pytest
 import torch
@@ -52,7 +52,7 @@ def ce(model, x, y):
 
 
 def reference_pgd(model, x, y, eps, alpha, steps):
-    """A plain PGD written from SPEC §4 (uniform start, sign steps, projections), returning the
+    """A plain PGD as Madry et al. 2018 define it (uniform start, sign steps, projections), returning the
     loss of every iterate, so the best and the last iterate can be compared with common.pgd."""
     delta = torch.empty_like(x).uniform_(-eps, eps)
     delta = (x + delta).clamp(0, 1) - x

@@ -19,7 +19,7 @@ from conftest import run_script
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # (folder, args, test RErr %, train RErr %, ES RErr %, RLoss, avg flatness, worst flatness, AutoAttack?)
-# Test RErr / train / ES / flatness are rows of the paper's Table 1 (SPEC §12).
+# Test RErr / train / ES / flatness are rows of the paper's Table 1.
 RUNS = [
     ("unlabeled", {"method": "unlabeled", "unlabeled_fraction": 0.7}, 48.9, 43.2, 48.9, 1.60, 0.32, 1.20, True),
     ("cyclic", {"lr_schedule": "cyclic", "epochs": 30}, 53.6, 35.4, 53.6, 1.75, 0.35, 1.50, True),

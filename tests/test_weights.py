@@ -1,4 +1,4 @@
-"""Per-layer weight helpers (SPEC §1.6, Eq. 3-4): which tensors are 'layers', and the relative
+"""Per-layer weight helpers (paper Eq. 3-4; README 'Conventions'): which tensors are 'layers', and the relative
 per-layer ball ‖ν_l‖ ≤ ξ‖w_l‖ that flatness and AWP perturb in."""
 import pytest
 import torch
