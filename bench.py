@@ -100,8 +100,7 @@ def our_at_step(net, opt, sched, loader_iter, args_at, sums):
     """One iteration of train_at.py's training loop: next device batch, train_at.train_step (PGD-7,
     update, schedule), the device-side epoch statistics."""
     x, y = next(loader_iter)
-    logits = train_at.train_step(net, net, opt, sched, None, x, y, args_at)
-    common.add_stats(sums, common.batch_stats(logits, y))
+    common.add_stats(sums, train_at.train_step(net, net, opt, sched, None, x, y, args_at))
 
 
 def reference_at_step(net, opt, loader_iter, device, eps=8 / 255, alpha=0.007, steps=7):

@@ -1,9 +1,8 @@
-"""Shared infrastructure for every script: data, ResNet-18, PGD, per-layer weight helpers,
-checkpoints, logging and the distributed setup (SPEC §1-§5).
-
-Method logic lives in the method files; what is here is what every script needs.
-Conventions: inputs in [0, 1]; the per-channel normaliser is the model's first module; every
-attack runs the model in eval mode (BN running statistics) and restores the caller's mode.
+"""Shared infrastructure for every script (README "Conventions"): data, the CIFAR ResNet-18, PGD, the per-layer
+weight helper, optimiser and schedule, checkpoints, the run folder and the distributed setup. Method logic lives in
+the method files. Blocks headed `# plumbing:` are infrastructure a reader of the method may skip.
+Conventions: inputs in [0, 1]; the per-channel normaliser is the model's first module; every attack runs the
+model in eval mode (BN running statistics) and restores the caller's mode.
 """
 import argparse
 import contextlib
@@ -13,10 +12,10 @@ import math
 import os
 import platform
 import random
+import re
 import shutil
 import subprocess
 import sys
-import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -31,15 +30,12 @@ CIFAR_STD = (0.2470, 0.2435, 0.2616)  # the correct CIFAR-10 std, not the widely
 NUM_CLASSES = 10
 
 
-# ---------------------------------------------------------------------------------------------
-# Errors and command-line helpers
-# ---------------------------------------------------------------------------------------------
+# plumbing: errors and the command line ----------------------------------------------------------------------------
 class UsageError(Exception):
-    """Bad input from the user: reported as one line and exit code 1, never as a traceback."""
+    """Bad input from the user: reported as one `error:` line and exit code 1, never as a traceback."""
 
 
 def run_cli(main):
-    """Run `main()` and turn a UsageError into one clear line on stderr and exit code 1."""
     try:
         main()
     except UsageError as e:
@@ -48,8 +44,8 @@ def run_cli(main):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with this codebase's error contract: a bad flag is one `error:` line and exit code 1
-    (argparse's default is the whole usage text and exit code 2); --help shows every default."""
+    """argparse with the same contract (a bad flag is one `error:` line and exit code 1, not the usage text and
+    exit code 2); --help shows every default."""
 
     def __init__(self, **kwargs):
         kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
@@ -61,7 +57,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def fraction(text):
-    """argparse type for values like `8/255`, `0.007` or `2e-4`."""
+    """argparse type for `8/255`, `0.007` or `2e-4`."""
     try:
         return float(Fraction(text)) if "/" in text else float(text)
     except (ValueError, ZeroDivisionError):
@@ -74,7 +70,6 @@ def check(condition, message):
 
 
 def add_runtime_args(parser):
-    """Flags every script shares: where data lives, which device, which seed, how fast."""
     g = parser.add_argument_group("runtime")
     g.add_argument("--data-dir", default="data", help="CIFAR-10 root (downloaded if missing) or an "
                    "ImageFolder tree with train/ and test/ (e.g. ../shared/data/cifar10-jpeg)")
@@ -83,9 +78,7 @@ def add_runtime_args(parser):
     return g
 
 
-# ---------------------------------------------------------------------------------------------
-# Device, seeds, distributed (SPEC §5.6)
-# ---------------------------------------------------------------------------------------------
+# plumbing: device, distributed setup, RNG state (README "Multi-GPU") ----------------------------------------------
 def resolve_device(flag):
     try:
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if flag == "auto" else flag)
@@ -93,9 +86,8 @@ def resolve_device(flag):
         raise UsageError(f"unknown --device {flag!r}; use auto, cpu, cuda or cuda:N")
     check(device.type != "cuda" or torch.cuda.is_available(),
           f"--device {flag} asked for CUDA but torch sees no GPU; use --device cpu")
-    if device.type == "cuda":  # fp32 means fp32: no TF32 (10-bit mantissa) convolutions or matmuls (SPEC §1.5)
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
+    if device.type == "cuda":  # fp32 means fp32: no TF32 (10-bit mantissa) convs or matmuls (README "Conventions")
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     return device
 
 
@@ -109,16 +101,15 @@ def teardown_distributed():
 
 
 def setup_distributed(device_flag):
-    """(rank, world, device). Under `torchrun --nproc_per_node=N` one process per device
-    (NCCL on GPUs, gloo on CPU); a plain `python script.py` is rank 0 of 1."""
+    """(rank, world, device): under `torchrun --nproc_per_node=N` one process per device (NCCL on GPUs, gloo on
+    CPU); a plain `python script.py` is rank 0 of 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, resolve_device(device_flag)
     device = resolve_device(device_flag)
+    if world == 1:
+        return 0, 1, device
     if device.type == "cuda":
-        local = int(os.environ["LOCAL_RANK"])
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), world, device
 
@@ -130,9 +121,9 @@ def seed_everything(seed):
 
 
 def rng_state(loader=None):
-    """All RNG states as tensors/ints, so a checkpoint loads with weights_only=True."""
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-             "python_pos": random.getstate()[2]}
+    """All RNG states as tensors and ints, so a checkpoint loads with weights_only=True."""
+    _, python, pos = random.getstate()
+    state = {"torch": torch.get_rng_state(), "python": list(python), "python_pos": pos}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     if loader is not None and hasattr(loader, "generator"):
@@ -141,8 +132,7 @@ def rng_state(loader=None):
 
 
 def set_rng_state(state, loader=None):
-    # RNG states must be CPU byte tensors, even for CUDA generators; a checkpoint loaded with
-    # map_location=cuda holds them on the GPU, hence the .cpu()
+    # RNG states must be CPU byte tensors, CUDA generators' too; map_location=cuda put them on the GPU
     torch.set_rng_state(state["torch"].cpu())
     random.setstate((3, tuple(state["python"]), state["python_pos"]))
     if "cuda" in state and torch.cuda.is_available():
@@ -151,15 +141,13 @@ def set_rng_state(state, loader=None):
         loader.generator.set_state(state["loader"].cpu())
 
 
-# ---------------------------------------------------------------------------------------------
-# Data (SPEC §2)
-# ---------------------------------------------------------------------------------------------
+# plumbing: data loading and caching (README "Data") ---------------------------------------------------------------
 def _imagefolder_arrays(root):
-    """Decode an ImageFolder split into uint8 N×32×32×3 + labels (folder order). Decoding 60k
-    JPEGs takes ~10 s, so the arrays are cached as .npz under ~/.cache (read-only trees work)."""
+    """An ImageFolder split as uint8 N×32×32×3 + labels (folder order). Decoding 60k JPEGs takes ~10 s, so the
+    arrays are cached as .npz under ~/.cache (read-only trees work)."""
     from torchvision.datasets import ImageFolder
     folder = ImageFolder(str(root))
-    key = f"{Path(root).resolve()}".replace(os.sep, "_").strip("_")
+    key = str(Path(root).resolve()).replace(os.sep, "_").strip("_")
     cache = Path(os.environ.get("ROBUST_FLATNESS_CACHE", Path.home() / ".cache" / "robust_flatness"))
     cache_file = cache / f"{key}_{len(folder.samples)}.npz"
     if cache_file.exists():
@@ -168,8 +156,7 @@ def _imagefolder_arrays(root):
     x = np.empty((len(folder.samples), 32, 32, 3), np.uint8)
     for i, (path, _) in enumerate(folder.samples):
         image = folder.loader(path)
-        if image.size != (32, 32):
-            raise UsageError(f"{path} is {image.size[0]}x{image.size[1]}; CIFAR images are 32x32")
+        check(image.size == (32, 32), f"{path} is {image.size[0]}x{image.size[1]}; CIFAR images are 32x32")
         x[i] = np.asarray(image.convert("RGB"))
     y = np.asarray(folder.targets, np.int64)
     cache.mkdir(parents=True, exist_ok=True)
@@ -180,20 +167,17 @@ def _imagefolder_arrays(root):
 
 
 def class_interleaved_order(labels):
-    """Indices that visit image i of every class in turn: 'the first N' is then class-balanced,
-    as it is for the real CIFAR-10 test set."""
+    """Indices visiting image i of every class in turn: 'the first N' is then class-balanced, as it is for the
+    real CIFAR-10 test set."""
     labels = torch.as_tensor(labels)
     per_class = [torch.nonzero(labels == c).flatten() for c in labels.unique(sorted=True)]
-    order = []
-    for i in range(max(len(p) for p in per_class)):
-        order.extend(int(p[i]) for p in per_class if i < len(p))
+    order = [int(p[i]) for i in range(max(len(p) for p in per_class)) for p in per_class if i < len(p)]
     return torch.tensor(order, dtype=torch.long)
 
 
 def load_cifar10(data_dir, train):
-    """The whole split as (uint8 N×3×32×32 tensor, int64 labels) in the canonical order."""
-    root = Path(data_dir)
-    split = "train" if train else "test"
+    """The whole split as (uint8 N×3×32×32, int64 labels) in the canonical order."""
+    root, split = Path(data_dir), "train" if train else "test"
     if (root / split).is_dir():  # ImageFolder tree, e.g. ../shared/data/cifar10-jpeg
         x, y = _imagefolder_arrays(root / split)
         order = class_interleaved_order(y)
@@ -224,9 +208,8 @@ def balanced_subset(labels, n):
 
 
 def eval_split(data_dir, name, n, device):
-    """A fixed evaluation subset (SPEC §2) as float [0, 1] tensors on `device`:
-    eval = test 0…n-1, train-eval = train 0…n-1, early-stop = the last n test images,
-    log = test 0…n-1 (per-epoch logging)."""
+    """A fixed evaluation subset as float [0, 1] tensors on `device` (README "Data"): eval and log = test
+    0…n-1, train-eval = train 0…n-1, early-stop = the last n test images."""
     check(name in ("eval", "train-eval", "early-stop", "log"), f"unknown subset {name!r}")
     x, y = load_cifar10(data_dir, train=(name == "train-eval"))
     check(0 < n <= len(y), f"subset {name} needs 1..{len(y)} images, got {n}")
@@ -235,10 +218,9 @@ def eval_split(data_dir, name, n, device):
 
 
 class DeviceLoader:
-    """The training set on the device as uint8; shuffling, random crop (4-px zero padding) and
-    horizontal flip happen there per batch, drawn from a seeded device generator.
-    Under DDP each rank takes every world-th image of the shuffled order and of its augmentations
-    (equal-size batches; the ranks' generators stay identical)."""
+    """The training set on the device as uint8; shuffle, random crop and flip happen there per batch, drawn from
+    a seeded device generator. Under DDP every rank augments the whole global batch (so the ranks' generators
+    stay in step) and keeps every world-th image; the last partial batch is dropped (equal-size batches)."""
 
     def __init__(self, x, y, batch_size, device, seed, rank=0, world=1):
         self.x, self.y = x.to(device), y.to(device)
@@ -247,66 +229,60 @@ class DeviceLoader:
         self.generator.manual_seed(seed)
 
     def __len__(self):
-        n = len(self.y)
-        return n // self.batch_size if self.world > 1 else math.ceil(n / self.batch_size)
+        return len(self.y) // self.batch_size if self.world > 1 else math.ceil(len(self.y) / self.batch_size)
 
     def __iter__(self):
-        g, n, b = self.generator, len(self.y), self.batch_size
-        order = torch.randperm(n, device=self.device, generator=g)
+        g, b = self.generator, self.batch_size
+        order = torch.randperm(len(self.y), device=self.device, generator=g)
         for i in range(len(self)):
-            idx = order[i * b:(i + 1) * b]  # the global batch, augmented whole so that every rank
-            x = augment_crop_flip(self.x[idx], g)  # draws differently but keeps the generator in step
+            idx = order[i * b:(i + 1) * b]
+            x = augment_crop_flip(self.x[idx], g)
             yield x[self.rank::self.world], self.y[idx][self.rank::self.world]
 
 
 def augment_crop_flip(x_uint8, generator):
-    """Random 32×32 crop of the 4-px zero-padded image and a random horizontal flip, batched:
-    one gather builds every crop, so there is no per-image Python loop."""
+    """Random 32×32 crop of the 4-px zero-padded image and random horizontal flip, batched: one gather builds
+    every crop (no per-image Python loop)."""
     n, _, h, w = x_uint8.shape
-    padded = F.pad(x_uint8, (4, 4, 4, 4))
-    dy = torch.randint(0, 9, (n, 1, 1), device=x_uint8.device, generator=generator)
-    dx = torch.randint(0, 9, (n, 1, 1), device=x_uint8.device, generator=generator)
-    flip = torch.rand(n, 1, 1, device=x_uint8.device, generator=generator) < 0.5
-    rows = torch.arange(h, device=x_uint8.device).view(1, h, 1) + dy                    # n×h×1
-    cols = torch.arange(w, device=x_uint8.device).view(1, 1, w)
-    cols = torch.where(flip, w - 1 - cols, cols) + dx                                 # n×1×w
+    device = x_uint8.device
+    dy = torch.randint(0, 9, (n, 1, 1), device=device, generator=generator)
+    dx = torch.randint(0, 9, (n, 1, 1), device=device, generator=generator)
+    flip = torch.rand(n, 1, 1, device=device, generator=generator) < 0.5
+    rows = torch.arange(h, device=device).view(1, h, 1) + dy  # n×h×1
+    cols = torch.arange(w, device=device).view(1, 1, w)
+    cols = torch.where(flip, w - 1 - cols, cols) + dx  # n×1×w
     flat = (rows * (w + 8) + cols).view(n, 1, h * w).expand(-1, 3, -1)
-    out = padded.flatten(2).gather(2, flat).view(n, 3, h, w)
-    return out.float().div_(255)
+    return F.pad(x_uint8, (4, 4, 4, 4)).flatten(2).gather(2, flat).view(n, 3, h, w).float().div_(255)
 
 
 class Cutout:
-    """One 16×16 hole (zeros) at a uniformly drawn centre, clipped at the border (DeVries & Taylor)."""
+    """One 16×16 hole (zeros) at a uniformly drawn centre, clipped at the border (DeVries & Taylor 2017)."""
 
     def __init__(self, size=16):
         self.size = size
 
     def __call__(self, img):
         _, h, w = img.shape
-        cy, cx = random.randrange(h), random.randrange(w)
-        y0, y1 = max(cy - self.size // 2, 0), min(cy + self.size // 2, h)
-        x0, x1 = max(cx - self.size // 2, 0), min(cx + self.size // 2, w)
+        cy, cx, s = random.randrange(h), random.randrange(w), self.size // 2
         img = img.clone()
-        img[:, y0:y1, x0:x1] = 0
+        img[:, max(cy - s, 0):min(cy + s, h), max(cx - s, 0):min(cx + s, w)] = 0
         return img
 
 
 class AutoAugmentLoader:
-    """`--autoaugment`: per image crop + flip + torchvision's CIFAR-10 AutoAugment policy + Cutout,
-    in DataLoader workers. Each epoch's draws come from a generator seeded by (seed, epoch), so
-    resume reproduces them."""
+    """`--autoaugment`: per image crop + flip + torchvision's CIFAR-10 AutoAugment policy + Cutout, in DataLoader
+    workers. Each epoch draws from a generator seeded by (seed, epoch), so resume reproduces it."""
 
     def __init__(self, x, y, batch_size, device, seed, workers=2, rank=0, world=1):
         from torchvision import transforms as T
-        self.transform = T.Compose([
-            T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(),
-            T.AutoAugment(T.AutoAugmentPolicy.CIFAR10), T.ConvertImageDtype(torch.float32), Cutout(16)])
+        self.transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(),
+                                    T.AutoAugment(T.AutoAugmentPolicy.CIFAR10), T.ConvertImageDtype(torch.float32),
+                                    Cutout(16)])
         self.x, self.y, self.batch_size, self.device = x, y, batch_size, device
         self.seed, self.workers, self.rank, self.world, self.epoch = seed, workers, rank, world, 0
 
     def __len__(self):
-        n = len(self.y)
-        return n // self.batch_size if self.world > 1 else math.ceil(n / self.batch_size)
+        return len(self.y) // self.batch_size if self.world > 1 else math.ceil(len(self.y) / self.batch_size)
 
     def __getitem__(self, i):
         return self.transform(self.x[i]), self.y[i]
@@ -318,30 +294,27 @@ class AutoAugmentLoader:
             g.manual_seed(g.initial_seed() * 1009 + self.rank)
         loader = torch.utils.data.DataLoader(
             torch.utils.data.Subset(self, order.tolist()), batch_size=self.batch_size // self.world,
-            num_workers=self.workers, generator=g, persistent_workers=False,
-            worker_init_fn=_seed_worker, pin_memory=self.device.type == "cuda")
+            num_workers=self.workers, generator=g, persistent_workers=False, worker_init_fn=_seed_worker,
+            pin_memory=self.device.type == "cuda")
         self.epoch += 1
         for x, y in loader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
+def _seed_worker(worker_id):
+    seed = torch.initial_seed() % 2**32  # torch seeds each worker; random (Cutout) and numpy follow it
+    random.seed(seed)
+    np.random.seed(seed)
+
+
 def training_loader(x, y, args, device, rank=0, world=1):
-    """The training batches of every train_*.py: crop/flip on the device, or with --autoaugment
-    AutoAugment + Cutout in --workers DataLoader workers."""
+    """Crop/flip on the device, or with --autoaugment AutoAugment + Cutout in --workers DataLoader workers."""
     if args.autoaugment:
         return AutoAugmentLoader(x, y, args.batch_size, device, args.seed, args.workers, rank=rank, world=world)
     return DeviceLoader(x, y, args.batch_size, device, args.seed, rank=rank, world=world)
 
 
-def _seed_worker(worker_id):
-    seed = torch.initial_seed() % 2**32
-    random.seed(seed)
-    np.random.seed(seed)
-
-
-# ---------------------------------------------------------------------------------------------
-# Model: CIFAR ResNet-18 with the normaliser inside (SPEC §3)
-# ---------------------------------------------------------------------------------------------
+# The model: CIFAR ResNet-18 with the normaliser inside (paper §4; README "Conventions") ---------------------------
 ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "mish": nn.Mish, "gelu": nn.GELU}
 
 
@@ -362,24 +335,20 @@ class BasicBlock(nn.Module):
 
     def __init__(self, c_in, c_out, stride, act):
         super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
+        self.conv1, self.bn1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out)
+        self.conv2, self.bn2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out)
         self.act = act()
-        self.shortcut = nn.Sequential()
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+        self.shortcut = (nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+                         if stride != 1 or c_in != c_out else nn.Sequential())
 
     def forward(self, x):
-        out = self.act(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+        out = self.bn2(self.conv2(self.act(self.bn1(self.conv1(x)))))
         return self.act(out + self.shortcut(x))
 
 
 class ResNet18(nn.Module):
-    """Key layout `conv1, bn1, layer1..4.{0,1}.{conv1,bn1,conv2,bn2,shortcut.0,shortcut.1}, linear`
-    (the widespread CIFAR layout), with `normalize.*` buffers in front when `normalize=True`."""
+    """Key layout `conv1, bn1, layer1..4.{0,1}.{conv1,bn1,conv2,bn2,shortcut.0,shortcut.1}, linear` (the
+    widespread CIFAR layout), with `normalize.*` buffers in front when `normalize=True`."""
 
     def __init__(self, width=64, act="relu", num_classes=NUM_CLASSES, normalize=True):
         super().__init__()
@@ -387,23 +356,17 @@ class ResNet18(nn.Module):
         check(width >= 1, f"--width must be positive, got {width}")
         a = ACTIVATIONS[act]
         self.normalize = Normalize() if normalize else nn.Identity()
-        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.act = a()
-        layers, c_in = [], width
+        self.conv1, self.bn1, self.act = nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), a()
+        stages, c_in = [], width
         for i, mult in enumerate((1, 2, 4, 8)):
             c_out = width * mult
-            stride = 1 if i == 0 else 2
-            layers.append(nn.Sequential(BasicBlock(c_in, c_out, stride, a), BasicBlock(c_out, c_out, 1, a)))
+            stages.append(nn.Sequential(BasicBlock(c_in, c_out, 1 if i == 0 else 2, a), BasicBlock(c_out, c_out, 1, a)))
             c_in = c_out
-        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.linear = nn.Linear(c_in, num_classes)
-        for m in self.modules():
+        for m in self.modules():  # BN keeps PyTorch's γ = 1, β = 0
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
         nn.init.kaiming_normal_(self.linear.weight, nonlinearity="relu")  # fan_in, as the paper's code
         nn.init.zeros_(self.linear.bias)
 
@@ -419,64 +382,24 @@ class ResNet18(nn.Module):
 def add_model_args(parser):
     g = parser.add_argument_group("model")
     g.add_argument("--width", type=int, default=64, help="channels of the first stage (paper: 64; 16 or 8 for CPU)")
-    g.add_argument("--act", default="relu", choices=tuple(ACTIVATIONS), help="every activation (Table 1 rows: silu, mish, gelu)")
+    g.add_argument("--act", default="relu", choices=tuple(ACTIVATIONS),
+                   help="every activation (Table 1 rows: silu, mish, gelu)")
     return g
 
 
 def build_model(args):
+    """The ResNet-18 a checkpoint's args (a dict) describe."""
     return ResNet18(width=args["width"], act=args["act"], normalize=not args.get("no_normalize", False))
 
 
-def strip_prefixes(state_dict):
-    """Drop `module.` (DDP/DataParallel), `model.` and `_orig_mod.` (torch.compile) prefixes."""
-    out = {}
-    for k, v in state_dict.items():
-        changed = True
-        while changed:
-            changed = False
-            for p in ("module.", "model.", "_orig_mod."):
-                if k.startswith(p):
-                    k, changed = k[len(p):], True
-        out[k] = v
-    return out
-
-
-def load_weights(model, state_dict):
-    """Load a state dict that may carry wrapper prefixes; a mismatch names the keys."""
-    state_dict = strip_prefixes(state_dict)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    shapes = sorted(k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape)
-    if missing or unexpected or shapes:
-        hint = []
-        if any(k.startswith("normalize.") for k in missing):
-            hint.append("--no-normalize if the checkpoint has no normalisation layer")
-        if shapes:
-            hint.append("the width of the checkpoint (--width for our scripts, --arch-width for external state dicts)")
-        raise UsageError(
-            "checkpoint does not fit the model: "
-            + (f"missing {_few(missing)}; " if missing else "")
-            + (f"unexpected {_few(unexpected)}; " if unexpected else "")
-            + (f"shape mismatch {_few(shapes)}; " if shapes else "")
-            + ("try " + " or ".join(hint) if hint else "is it a CIFAR ResNet-18 in the common key layout?"))
-    model.load_state_dict(state_dict)
-
-
-def _few(keys, n=4):
-    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
-
-
-# ---------------------------------------------------------------------------------------------
-# PGD (SPEC §4)
-# ---------------------------------------------------------------------------------------------
+# PGD (Madry et al. 2018; README "Conventions") --------------------------------------------------------------------
 def cross_entropy_each(logits, y):
     return F.cross_entropy(logits, y, reduction="none")
 
 
 @contextlib.contextmanager
 def bn_mode(model, mode="eval"):
-    """Put the model in eval (or train) mode for an attack and restore the caller's modes."""
+    """Eval (or train) mode for an attack; the caller's per-module modes come back after it."""
     was = [m.training for m in model.modules()]
     model.train(mode == "train")
     try:
@@ -488,10 +411,9 @@ def bn_mode(model, mode="eval"):
 
 @contextlib.contextmanager
 def frozen_params(model):
-    """The model's parameters temporarily not requiring grad. An attack differentiates w.r.t. its
-    input only; with the weights frozen, autograd records nothing for them (measured 10-13 % faster
-    PGD on CPU), `.backward()`-based attacks (AutoAttack) accumulate no weight gradients, and
-    torch.compile traces an input-only backward."""
+    """Parameters temporarily not requiring grad. An attack differentiates w.r.t. its input only: autograd then
+    records nothing for the weights (10-13 % faster PGD on CPU), `.backward()`-based attacks (AutoAttack)
+    accumulate no weight gradients, and torch.compile traces an input-only backward."""
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.requires_grad_(False)
@@ -504,16 +426,12 @@ def frozen_params(model):
 
 def pgd(model, x, y, eps, alpha, steps, restarts=1, loss_fn=cross_entropy_each, start="uniform",
         bn="eval", autocast=False, with_pred=False):
-    """L∞ PGD ascent on `loss_fn(model(x + δ), y)` (per-example losses).
-    Returns (δ, loss): per example the iterate with the highest loss over all steps and restarts,
-    the random start included, and that loss (computed in the attack's BN mode).
-    Restarts are batched by repeating the input; gradients are taken w.r.t. δ only (the weights
-    frozen meanwhile), with the summed loss (the sign step is scale-free). No host synchronisation
-    inside the loop.
-    `with_pred=True` also returns the predicted class at the returned iterate (saves a forward)."""
-    b = x.shape[0]
-    xr = x.repeat(restarts, *([1] * (x.dim() - 1)))
-    yr = y.repeat(restarts, *([1] * (y.dim() - 1)))
+    """L∞ PGD ascent on the per-example `loss_fn(model(x + δ), y)`. Returns (δ, loss): per example the iterate
+    with the highest loss over all steps and restarts, random start included, and that loss (in the attack's BN
+    mode); `with_pred=True` adds the prediction there (saves a forward). Restarts are batched by repeating the
+    input; the sign step of the summed loss is taken w.r.t. δ only (weights frozen); no host sync in the loop."""
+    b, ones = x.shape[0], [1] * (x.dim() - 1)
+    xr, yr = x.repeat(restarts, *ones), y.repeat(restarts, *([1] * (y.dim() - 1)))
     if start == "uniform":
         delta = torch.empty_like(xr).uniform_(-eps, eps)
     elif start == "normal":  # TRADES: x + 0.001·N(0, I), inside the ε-ball (it is a candidate iterate)
@@ -525,13 +443,13 @@ def pgd(model, x, y, eps, alpha, steps, restarts=1, loss_fn=cross_entropy_each, 
     best_loss = torch.full((xr.shape[0],), -float("inf"), device=x.device)
     best_pred = torch.zeros(xr.shape[0], dtype=torch.long, device=x.device)
     with bn_mode(model, bn), frozen_params(model):
-        for t in range(steps + 1):
+        for t in range(steps + 1):  # the last pass only scores the final iterate
             with torch.set_grad_enabled(t < steps), torch.autocast(x.device.type, torch.bfloat16, enabled=autocast):
                 logits = model(xr + delta)
                 loss = loss_fn(logits, yr).float()
             better = loss.detach() > best_loss
             best_loss = torch.where(better, loss.detach(), best_loss)
-            best_delta = torch.where(better.view(-1, *([1] * (x.dim() - 1))), delta.detach(), best_delta)
+            best_delta = torch.where(better.view(-1, *ones), delta.detach(), best_delta)
             if with_pred:
                 best_pred = torch.where(better, logits.detach().argmax(1), best_pred)
             if t == steps:
@@ -539,14 +457,11 @@ def pgd(model, x, y, eps, alpha, steps, restarts=1, loss_fn=cross_entropy_each, 
             (grad,) = torch.autograd.grad(loss.sum(), delta)
             with torch.no_grad():
                 delta = (delta + alpha * grad.sign()).clamp_(-eps, eps)
-                delta = (xr + delta).clamp_(0, 1) - xr
-            delta.requires_grad_(True)
+                delta = ((xr + delta).clamp_(0, 1) - xr).requires_grad_(True)
     best_loss, which = best_loss.view(restarts, b).max(0)
     index = (which, torch.arange(b, device=x.device))
     best_delta = best_delta.view(restarts, b, *x.shape[1:])[index]
-    if with_pred:
-        return best_delta, best_loss, best_pred.view(restarts, b)[index]
-    return best_delta, best_loss
+    return (best_delta, best_loss, best_pred.view(restarts, b)[index]) if with_pred else (best_delta, best_loss)
 
 
 @torch.no_grad()
@@ -562,9 +477,8 @@ def clean_metrics(model, x, y, batch_size=500):
 
 
 def robust_metrics(model, x, y, eps, alpha, steps, restarts=1, batch_size=128, progress=False, clean_ok=None):
-    """Per-example robust CE (max over iterates and restarts) and robust correctness (correct clean
-    and on the chosen adversarial example), in eval mode and fp32. Pass `clean_ok` when the clean
-    correctness is already known (saves a forward)."""
+    """Per-example robust CE (max over iterates and restarts) and robust correctness (correct on the clean input
+    and on the chosen adversarial one), in eval mode and fp32. `clean_ok`: the clean correctness, if known."""
     from tqdm import tqdm
     losses, correct = [], []
     for i in tqdm(range(0, len(y), batch_size), desc="PGD", disable=not progress, leave=False):
@@ -580,72 +494,33 @@ def robust_metrics(model, x, y, eps, alpha, steps, restarts=1, batch_size=128, p
     return torch.cat(losses), torch.cat(correct)
 
 
-# ---------------------------------------------------------------------------------------------
-# Per-layer weight helpers (SPEC §1.6, §7 AWP, §10 flatness)
-# ---------------------------------------------------------------------------------------------
+# The per-layer weight helper: the layers l of the paper's Eq. 4 (AWP and the flatness measures) -------------------
 def perturbable_params(model, weights_only=False):
-    """{name: parameter} of the 'layers' a weight perturbation acts on: conv/linear weights and
-    biases, each tensor its own layer. Normalisation layers (identified by module type) and any
-    auxiliary head (a module flagged `auxiliary = True`) are excluded; `weights_only` keeps only
-    tensors with dim > 1 (AWP)."""
+    """{name: parameter} of the 'layers' a weight perturbation acts on: conv/linear weights and biases, each
+    tensor its own layer. Normalisation layers and any auxiliary head (a module flagged `auxiliary = True`, with
+    everything under it) are excluded; `weights_only` keeps only tensors with dim > 1 (AWP)."""
     norm_types = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, Normalize)
     out = {}
     for mname, module in model.named_modules():
-        if getattr(module, "auxiliary", False) or any(
-                getattr(model.get_submodule(p), "auxiliary", False) for p in _parents(mname)):
+        parts = mname.split(".")  # the module itself and every module above it
+        if any(getattr(model.get_submodule(".".join(parts[:i])), "auxiliary", False)
+               for i in range(1, len(parts) + 1)):
             continue
         if isinstance(module, norm_types) or not isinstance(module, (nn.Conv2d, nn.Linear)):
             continue
         for pname, p in module.named_parameters(recurse=False):
-            if weights_only and p.dim() <= 1:
-                continue
-            out[f"{mname}.{pname}" if mname else pname] = p
+            if not (weights_only and p.dim() <= 1):
+                out[f"{mname}.{pname}" if mname else pname] = p
     return out
 
 
-def _parents(name):
-    parts = name.split(".")
-    return [".".join(parts[:i]) for i in range(1, len(parts))]
-
-
-def layer_norms(tensors):
-    """{name: ‖t‖₂} per tensor (each tensor is one layer)."""
-    return {k: v.detach().norm() for k, v in tensors.items()}
-
-
-def relative_random(weights, xi, generator=None, on_sphere=True, norms=None):
-    """ν_l = ξ‖w_l‖ · g_l/‖g_l‖ with g_l ~ N(0, I) (on the sphere, Eq. 3); with on_sphere=False
-    the radius is additionally scaled by U(0, 1) (the worst-case start, SPEC §10). `norms`: the
-    precomputed ‖w_l‖ (layer_norms), when the same weights are perturbed many times."""
-    norms = layer_norms(weights) if norms is None else norms
-    nu = {}
-    for k, w in weights.items():
-        g = torch.randn(w.shape, device=w.device, dtype=w.dtype, generator=generator)
-        radius = xi * norms[k]
-        if not on_sphere:
-            radius = radius * torch.rand((), device=w.device, generator=generator)
-        nu[k] = g.mul_(radius / g.norm().clamp_min(1e-12))  # g is fresh: scaled in place
-    return nu
-
-
-def project_relative(nu, weights, xi, norms=None):
-    """Project each ν_l onto the relative ball ‖ν_l‖ ≤ ξ‖w_l‖ (Eq. 4). New tensors; `norms` as in
-    relative_random."""
-    norms = layer_norms(weights) if norms is None else norms
-    return {k: v * torch.clamp(xi * norms[k] / v.norm().clamp_min(1e-12), max=1.0) for k, v in nu.items()}
-
-
-# ---------------------------------------------------------------------------------------------
-# Training plumbing shared by train_*.py (SPEC §5, §6)
-# ---------------------------------------------------------------------------------------------
+# Optimiser, learning-rate schedule and the regularisers of Table 1 (paper §4) -------------------------------------
 LR_SCHEDULES = ("multistep", "late", "cyclic", "const", "cosine")
 
 
 def lr_factor(schedule, step, total_steps, cyclic_peak=4.0):
-    """Multiplier of the base lr at iteration `step` of `total_steps` (schedules step per batch).
-    multistep: ×0.1 at 2/5, 3/5, 4/5 of training (epochs 60, 90, 120 of 150);
-    late: ×0.1 at 14/15 and 29/30 (epochs 140, 145 of 150);
-    cyclic: triangular 0 → peak → 0 (peak = cyclic_peak × base lr; 0.2 for lr 0.05)."""
+    """Multiplier of the base lr at iteration `step` of `total_steps` (schedules step per batch). multistep: ×0.1
+    at epochs 60, 90, 120 of 150; late: ×0.1 at 140, 145 of 150; cyclic: 0 → cyclic_peak × base lr → 0."""
     frac = step / max(total_steps, 1)
     if schedule == "multistep":
         return 0.1 ** sum(frac >= m for m in (0.4, 0.6, 0.8))
@@ -669,26 +544,26 @@ def add_optim_args(parser):
     g.add_argument("--wd", type=fraction, default=5e-4,
                    help="coupled L2 on all parameters (released code 5e-4; the text says 5e-3; Table 1 row: 0.05)")
     g.add_argument("--lr-schedule", default="multistep", choices=LR_SCHEDULES,
-                   help="multistep (x0.1 at 60/90/120 of 150) | late (140/145) | cyclic (0 -> 0.2 -> 0) | const | cosine")
+                   help="multistep (x0.1 at 60/90/120 of 150) | late (140/145) | cyclic (0 -> 0.2 -> 0) | const | "
+                   "cosine")
     g.add_argument("--cyclic-peak", type=fraction, default=0.2, help="peak lr of --lr-schedule cyclic (paper: 0.2)")
     return g
 
 
 def make_optimizer(model, args, steps_per_epoch):
+    """(optimiser, LambdaLR stepped per batch)."""
     if args.optimizer == "adam":
         opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.wd)
     else:
-        opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                              nesterov=args.nesterov, weight_decay=args.wd)
-    total = args.epochs * steps_per_epoch
-    peak = args.cyclic_peak / args.lr
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(args.lr_schedule, s, total, peak))
-    return opt, sched
+        opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
+                              weight_decay=args.wd)
+    total, peak = args.epochs * steps_per_epoch, args.cyclic_peak / args.lr
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(args.lr_schedule, s, total, peak))
 
 
 def clip_weights(model, w):
-    """Weight clipping (Table 1): conv/linear weights and biases to [−w, w]; BN γ to [1−w, 1+w]
-    and β to [−w, w] (the paper's re-parameterised BN scale 1 + γ, expressed for standard BN)."""
+    """Weight clipping (Table 1): conv/linear weights and biases to [−w, w]; BN γ to [1−w, 1+w] and β to
+    [−w, w] (the paper's re-parameterised BN scale 1 + γ, expressed for standard BN)."""
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
@@ -700,15 +575,13 @@ def clip_weights(model, w):
 
 
 def noisy_labels(y, p, num_classes=NUM_CLASSES):
-    """Label noise: each label is replaced with probability p by a uniformly drawn class
-    (the true one included), so the label actually changes with probability p·(K−1)/K."""
+    """Label noise: each label is replaced with probability p by a uniformly drawn class (the true one
+    included), so the label actually changes with probability p·(K−1)/K."""
     replace = torch.rand(y.shape, device=y.device) < p
     return torch.where(replace, torch.randint_like(y, num_classes), y)
 
 
-# ---------------------------------------------------------------------------------------------
-# Run folder, metrics, checkpoints (SPEC §1.8)
-# ---------------------------------------------------------------------------------------------
+# plumbing: result files, checkpoint I/O, loading models (README "Run folder, early stopping, resume") -------------
 def versions(device):
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
@@ -716,53 +589,43 @@ def versions(device):
     except (OSError, subprocess.SubprocessError):
         commit = None
     import torchvision
-    return {"python": platform.python_version(), "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
-            "numpy": np.__version__, "cuda": torch.version.cuda,
+    return {"python": platform.python_version(), "torch": str(torch.__version__),
+            "torchvision": str(torchvision.__version__), "numpy": np.__version__, "cuda": torch.version.cuda,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-            "git_commit": commit, "time": datetime.datetime.now().isoformat(timespec="seconds"),
-            "argv": sys.argv}
+            "git_commit": commit, "time": datetime.datetime.now().isoformat(timespec="seconds"), "argv": sys.argv}
+
+
+def _atomic(path, write):
+    """`write(tmp)` to <name>.tmp, then os.replace: a crash never leaves a torn file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
 
 
 def write_json(path, obj):
-    """Write JSON atomically (temporary file + os.replace)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    _atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
 
 
 def write_jsonl(path, rows):
-    """One JSON object per line, written atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
+    _atomic(path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in rows)))
 
 
 def copy_file(src, dst):
-    """Copy atomically (temporary file + os.replace)."""
-    dst = Path(dst)
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    _atomic(dst, lambda tmp: shutil.copyfile(src, tmp))
+
+
+def save_checkpoint(path, **state):
+    _atomic(path, lambda tmp: torch.save(state, tmp))
 
 
 def result_path(checkpoint, stem, tag=None):
-    """Where a measurement of `checkpoint` goes: beside it, `<stem>.json` for ckpt_last.pt and
-    `<stem>_<name>.json` for ckpt_<name>.pt (e.g. eval_best.json, flatness_average_epoch045.json);
-    an explicit tag is appended."""
+    """Where a measurement of `checkpoint` goes: beside it, `<stem>.json` for ckpt_last.pt, `<stem>_<name>.json`
+    for ckpt_<name>.pt (e.g. eval_best.json), with an explicit tag appended."""
     checkpoint = Path(checkpoint)
     name = checkpoint.stem[len("ckpt_"):] if checkpoint.stem.startswith("ckpt_") else checkpoint.stem
     parts = [stem] + ([] if name == "last" else [name]) + ([tag] if tag else [])
     return checkpoint.with_name("_".join(parts) + ".json")
-
-
-def save_checkpoint(path, **state):
-    """torch.save to a temporary file, then os.replace: a crash never leaves a torn checkpoint."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
 
 
 def load_checkpoint(path, device="cpu"):
@@ -778,6 +641,30 @@ def load_checkpoint(path, device="cpu"):
     return ckpt
 
 
+def strip_prefixes(state_dict):
+    """Drop `module.` (DDP/DataParallel), `model.` and `_orig_mod.` (torch.compile) prefixes."""
+    return {re.sub(r"^(module\.|model\.|_orig_mod\.)+", "", k): v for k, v in state_dict.items()}
+
+
+def load_weights(model, state_dict):
+    """Load a state dict that may carry wrapper prefixes; a mismatch names the keys and the flag to fix it."""
+    state_dict, own = strip_prefixes(state_dict), model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
+    shapes = sorted(k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape)
+    if missing or unexpected or shapes:
+        found = "".join(f"{what} {', '.join(keys[:4])}" + (f" (+{len(keys) - 4} more); " if len(keys) > 4 else "; ")
+                        for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
+                        if keys)
+        hint = []
+        if any(k.startswith("normalize.") for k in missing):
+            hint.append("--no-normalize if the checkpoint has no normalisation layer")
+        if shapes:
+            hint.append("the width of the checkpoint (--width for our scripts, --arch-width for external state dicts)")
+        raise UsageError(f"checkpoint does not fit the model: {found}" + (
+            "try " + " or ".join(hint) if hint else "is it a CIFAR ResNet-18 in the common key layout?"))
+    model.load_state_dict(state_dict)
+
+
 def model_from_checkpoint(path, device, use_ema=False):
     """Rebuild the model from a checkpoint of ours (its args hold the architecture)."""
     ckpt = load_checkpoint(path, device)
@@ -790,8 +677,8 @@ def model_from_checkpoint(path, device, use_ema=False):
 
 
 def add_model_source_args(parser):
-    """Where evaluate.py / flatness.py take their model from: a checkpoint of ours (architecture
-    from its args), an external state dict (architecture from these flags), or RobustBench."""
+    """evaluate.py / flatness.py: a checkpoint of ours (architecture from its args), an external state dict
+    (architecture from these flags), or a RobustBench model."""
     parser.add_argument("checkpoint", nargs="?", help="checkpoint of ours, or an external ResNet-18 state dict")
     g = parser.add_argument_group("model source")
     g.add_argument("--use-ema", action="store_true", help="evaluate the EMA weights saved with train_*.py --ema")
@@ -830,6 +717,7 @@ def load_model(args, device):
                           "args": {"width": args.arch_width, "act": args.arch_act, "no_normalize": not normalize}}
 
 
+# plumbing: per-batch and per-epoch statistics of every train_*.py (DDP-aware) -------------------------------------
 def unwrap(model):
     """The plain module under DDP and torch.compile wrappers (what is saved and attacked)."""
     model = getattr(model, "module", model)
@@ -837,9 +725,8 @@ def unwrap(model):
 
 
 def batch_stats(logits, y):
-    """Sums for the training log of one batch, as device tensors (no host sync): the CE with the
-    true labels on the method's adversarial batch (the train RLoss for CE-PGD attacks; TRADES'
-    batch maximises the KL instead), the error count and n."""
+    """Sums for the training log of one batch, as device tensors (no host sync): CE with the true labels on the
+    method's adversarial batch (TRADES' batch maximises the KL instead), the error count and n."""
     logits = logits.detach().float()
     return {"loss": F.cross_entropy(logits, y, reduction="sum"), "err": (logits.argmax(1) != y).sum().float(),
             "n": torch.tensor(float(len(y)), device=y.device)}
@@ -852,8 +739,8 @@ def add_stats(sums, stats):
 
 
 def epoch_metrics(model, x, y, alpha, restarts, prefix, rank=0, world=1):
-    """Clean and PGD-7 (ε = 8/255) metrics of a fixed test slice, sharded over ranks with summed
-    counts; the robust loss is also split by clean correctness (Fig. 2)."""
+    """Clean and PGD-7 (ε = 8/255) metrics of a fixed test slice, sharded over ranks with summed counts; the
+    robust loss is also split by clean correctness (Fig. 2)."""
     x, y = x[rank::world], y[rank::world]
     clean_loss, clean_ok = clean_metrics(model, x, y)
     rloss, robust_ok = robust_metrics(model, x, y, 8 / 255, alpha, 7, restarts, clean_ok=clean_ok)
@@ -861,9 +748,9 @@ def epoch_metrics(model, x, y, alpha, restarts, prefix, rank=0, world=1):
                         rloss.sum(), (~robust_ok).sum(), clean_ok.sum(), (rloss * clean_ok).sum()])
     if world > 1:
         dist.all_reduce(sums)
-    n, cl, ce, rl, re, n_ok, rl_ok = sums.tolist()
+    n, cl, ce, rl, rerr, n_ok, rl_ok = sums.tolist()
     return {f"{prefix}clean_loss": cl / n, f"{prefix}clean_err": ce / n, f"{prefix}rloss": rl / n,
-            f"{prefix}rerr": re / n, f"{prefix}rloss_correct": rl_ok / max(n_ok, 1),
+            f"{prefix}rerr": rerr / n, f"{prefix}rloss_correct": rl_ok / max(n_ok, 1),
             f"{prefix}rloss_incorrect": (rl - rl_ok) / max(n - n_ok, 1), f"{prefix}n": int(n)}
 
 
@@ -969,6 +856,8 @@ def repair_run(ckpt, out):
             check(snapshot_path(out, best["epoch"]).is_file(), f"{best_file} must be epoch {best['epoch']}, "
                   f"but its snapshot {snapshot_path(out, best['epoch']).name} is gone; restore it or start a new run")
             copy_file(snapshot_path(out, best["epoch"]), best_file)
+    if not (out / "ckpt_last.pt").is_file():  # resumed from a snapshot: its epoch's commit point, last
+        save_checkpoint(out / "ckpt_last.pt", **ckpt)
 
 
 def _is_json(line):
@@ -1002,7 +891,9 @@ def save_epoch(state, snapshot, is_best, rank=0):
     if rank == 0:
         out, epoch = Path(state["args"]["out"]), state["epoch"]
         out.mkdir(parents=True, exist_ok=True)
-        if not (out / "args.json").is_file():
+        if epoch == 1 or not (out / "args.json").is_file():  # a new run replaces a failed start's
+            for tmp in out.glob("*.tmp"):  # ... and the half-written files a kill in its writes left
+                tmp.unlink()
             write_json(out / "args.json", {**state["args"], "versions": state["versions"]})
         if snapshot:
             save_checkpoint(snapshot_path(out, epoch), **state)

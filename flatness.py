@@ -193,6 +193,33 @@ def frozen_weights(model):
     return {k: p.detach() for k, p in common.perturbable_params(model).items()}
 
 
+def layer_norms(tensors):
+    """{name: ‖t‖₂} per tensor (each tensor is one layer)."""
+    return {k: v.detach().norm() for k, v in tensors.items()}
+
+
+def relative_random(weights, xi, generator=None, on_sphere=True, norms=None):
+    """ν_l = ξ‖w_l‖ · g_l/‖g_l‖ with g_l ~ N(0, I) (on the sphere, Eq. 3); with on_sphere=False
+    the radius is additionally scaled by U(0, 1) (the worst-case start, README "flatness.py"). `norms`: the
+    precomputed ‖w_l‖ (layer_norms), when the same weights are perturbed many times."""
+    norms = layer_norms(weights) if norms is None else norms
+    nu = {}
+    for k, w in weights.items():
+        g = torch.randn(w.shape, device=w.device, dtype=w.dtype, generator=generator)
+        radius = xi * norms[k]
+        if not on_sphere:
+            radius = radius * torch.rand((), device=w.device, generator=generator)
+        nu[k] = g.mul_(radius / g.norm().clamp_min(1e-12))  # g is fresh: scaled in place
+    return nu
+
+
+def project_relative(nu, weights, xi, norms=None):
+    """Project each ν_l onto the relative ball ‖ν_l‖ ≤ ξ‖w_l‖ (Eq. 4). New tensors; `norms` as in
+    relative_random."""
+    norms = layer_norms(weights) if norms is None else norms
+    return {k: v * torch.clamp(xi * norms[k] / v.norm().clamp_min(1e-12), max=1.0) for k, v in nu.items()}
+
+
 def nu_generator(seed, device):
     g = torch.Generator(device=device)
     g.manual_seed(seed + NU_SEED_OFFSET)
@@ -227,10 +254,10 @@ def average_case(model, x, y, xi=0.5, samples=10, loss="robust", eps=8 / 255, al
     common.seed_everything(seed)  # the PGD starts
     generator = nu_generator(seed, x.device)
     weights = frozen_weights(model)
-    norms = common.layer_norms(weights)
+    norms = layer_norms(weights)
     losses, errors = [], []
     for _ in trange(samples, desc=f"average-case ξ={xi:g}", disable=not progress, leave=False):
-        nu = common.relative_random(weights, xi, generator, norms=norms)  # Eq. 3: ν on the sphere
+        nu = relative_random(weights, xi, generator, norms=norms)  # Eq. 3: ν on the sphere
         if on_sample is not None:
             on_sample(nu)
         ce, ok = loss_of(Perturbed(model, plus(weights, in_box(weights, nu, box))), x, y, loss, eps, alpha, steps,
@@ -256,12 +283,12 @@ def joint_ascent(model, x, y, xi, passes=20, weight_step=0.01, batch_size=128, e
     the ball projection keeps w + ν in the box (both sets are convex and contain w). The final iterates are returned
     (no best tracking): (list of ν per batch group, δ, per-example CE, per-example correctness)."""
     weights = frozen_weights(model)
-    norms = common.layer_norms(weights)
+    norms = layer_norms(weights)
     batches = [slice(i, i + batch_size) for i in range(0, len(y), batch_size)]
-    nus = [common.relative_random(weights, xi, generator, on_sphere=False, norms=norms)
+    nus = [relative_random(weights, xi, generator, on_sphere=False, norms=norms)
            for _ in (batches if per_batch else batches[:1])]
     if box:
-        nus = [common.project_relative(in_box(weights, nu, box), weights, xi, norms) for nu in nus]
+        nus = [project_relative(in_box(weights, nu, box), weights, xi, norms) for nu in nus]
     if attack_inputs:
         delta = torch.empty_like(x).uniform_(-eps, eps)
         delta = (x + delta).clamp_(0, 1) - x
@@ -282,7 +309,7 @@ def joint_ascent(model, x, y, xi, passes=20, weight_step=0.01, batch_size=128, e
                     # (the gradients are fresh tensors: scaled in place)
                     stepped = {k: g.mul_(weight_step * norms[k] / g.norm().clamp_min(1e-12)).add_(nu[k])
                                for k, g in zip(nu, grads)}
-                    nus[j] = common.project_relative(in_box(weights, stepped, box), weights, xi, norms)
+                    nus[j] = project_relative(in_box(weights, stepped, box), weights, xi, norms)
                     if attack_inputs:
                         step = (d + alpha * grads[-1].sign()).clamp_(-eps, eps)
                         delta[sl] = (x[sl] + step).clamp_(0, 1) - x[sl]
@@ -332,7 +359,7 @@ def landscape_directions(model, x, y, kind, count, args, generator):
     inside the ball; the final ν is the direction)."""
     weights = frozen_weights(model)
     if kind == "random":
-        raw = [common.relative_random(weights, 1.0, generator) for _ in range(count)]
+        raw = [relative_random(weights, 1.0, generator) for _ in range(count)]
         c = args.random_scale
     else:
         delta, _ = common.pgd(model, x, y, args.epsilon, args.attack_step, args.landscape_steps)

@@ -1,5 +1,5 @@
 """Adversarial training (AT, Madry et al. 2018) — the baseline of Stutz, Hein & Schiele (ICCV 2021), §4,
-with every regulariser / hyper-parameter row of Table 1 as a flag (SPEC §5, §6).
+with every regulariser / hyper-parameter row of Table 1 as a flag.
 
     min_w  E_(x,y) [ max_{‖δ‖∞ ≤ ε} CE(f(x + δ; w), y) ]          (inner max: PGD-7, step 0.007, ε = 8/255)
 
@@ -10,7 +10,7 @@ Multi-GPU: torchrun --nproc_per_node=4 train_at.py ...           # global batch 
 
 Cost (measured by bench.py, see README "Speed"): on 2 CPU cores at width 64 and batch 16, one step
 takes 0.84 s, 1.38x faster than a reference-style step and at 0.94 of the bare passes it needs; not
-yet measured on a GPU. Paper: AutoAttack RErr 62.8 % at epoch 150, 54.6 % early-stopped (SPEC §12).
+yet measured on a GPU. Paper: AutoAttack RErr 62.8 % at epoch 150, 54.6 % early-stopped (paper Table 1).
 """
 import time
 

@@ -1,5 +1,5 @@
 """Adversarial weight perturbation (AT-AWP, Wu et al. 2020) — a Table 1 row of Stutz, Hein & Schiele (ICCV
-2021), SPEC §7, on the AT baseline's data, model, optimiser, schedule, snapshots, logging (diff with train_at.py).
+2021), on the AT baseline's data, model, optimiser, schedule, snapshots, logging (diff with train_at.py).
 
     min_w  E_(x,y) [ max_{‖ν_l‖ ≤ ξ‖w_l‖} max_{‖δ‖∞ ≤ ε} CE(f(x + δ; w + ν), y) ]     (Wu et al. Eq. 6, per layer l)
 
@@ -17,7 +17,7 @@ Resume:  python train_awp.py --out runs/awp --resume             # continues fro
 Multi-GPU: torchrun --nproc_per_node=4 train_awp.py ...          # global batch stays --batch-size
 
 Cost (measured, see README "Speed"): not yet measured on a GPU; per batch one forward/backward more
-than AT (the direction g). Paper: AutoAttack RErr 54.3 % at epoch 150, 53.6 % early-stopped (SPEC §12).
+than AT (the direction g). Paper: AutoAttack RErr 54.3 % at epoch 150, 53.6 % early-stopped (paper Table 1).
 """
 import time
 

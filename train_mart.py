@@ -1,4 +1,4 @@
-"""MART (Wang et al. 2020) — a Table 1 row of Stutz, Hein & Schiele (ICCV 2021), SPEC §7, on the AT
+"""MART (Wang et al. 2020) — a Table 1 row of Stutz, Hein & Schiele (ICCV 2021), on the AT
 baseline's data, model, optimiser, schedule, snapshots and logging (train_at.py; diff the two files).
 
     min_w  E_(x,y) [ BCE(p(x'), y) + β · KL(p(x) ‖ p(x')) · (1 − p_y(x)) ],   p = softmax ∘ f   (MART Eq. 9)
@@ -14,7 +14,7 @@ Multi-GPU: torchrun --nproc_per_node=4 train_mart.py ...         # global batch 
 
 Cost (measured, see README "Speed"): not yet measured on a GPU; per batch one clean training
 forward/backward more than AT. Paper: AutoAttack RErr 61.0 % at epoch 150, 54.7 % early-stopped
-(SPEC §12); PGD-CE overestimates MART's robustness, report AutoAttack.
+(paper Table 1); PGD-CE overestimates MART's robustness, report AutoAttack.
 """
 import time
 

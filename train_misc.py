@@ -1,5 +1,5 @@
 """The Table 1 AT variants that change the data, the optimiser or the attack rather than the loss
-(Stutz, Hein & Schiele, ICCV 2021, §4, Table 1; SPEC §8), one clearly separated section each:
+(Stutz, Hein & Schiele, ICCV 2021, §4, Table 1), one clearly separated section each:
 
   --method rotation     AT + rotation self-supervision (Hendrycks et al. 2019)    Table 1 "Self-supervision"
   --method unlabeled    AT on batches mixed with pseudo-labelled images (Carmon et al. 2019)    "+Unlabeled"
@@ -20,7 +20,7 @@ Resume:  python train_misc.py --method rotation --out runs/rotation --resume
 Cost per epoch relative to train_at.py: rotation ≈ 2× (B labelled + B rotated images per step),
 unlabeled 1×, entropy-sgd L× (an epoch is len(loader) outer steps of L batches each), pgd-tau ≤ 1×
 (examples stop early); measured on 1 CPU thread (width 16, 2,000 images): 2.0×, 1.0×, 1.9× (L = 2),
-0.8× (τ = 2: 2.2 of 7 steps on average). Not yet measured on a GPU. Paper (SPEC §12), AutoAttack RErr at epoch 150:
+0.8× (τ = 2: 2.2 of 7 steps on average). Not yet measured on a GPU. Paper (Table 1), AutoAttack RErr at epoch 150:
 +Unlabeled 48.9 %, Self-supervision 57.1 %, Entropy-SGD 58.6 % (AT baseline 62.8 %).
 """
 import itertools
@@ -65,7 +65,7 @@ def parse_args(argv=None):
     g.add_argument("--label-noise", type=fraction, default=0.0, help="p: labels resampled uniformly w.p. p per step (best 0.4)")
     g.add_argument("--clip", type=fraction, default=0.0, help="w: clamp weights to [−w, w] after each step (best 0.005)")
     g.add_argument("--ema", type=fraction, default=0.0, help="τ: EMA of the weights per step, saved as 'ema' (paper 0.9975)")
-    g = p.add_argument_group("method (SPEC §8)")
+    g = p.add_argument_group("method (Table 1 rows)")
     g.add_argument("--method", required=True, choices=METHODS, help="which variant; recorded in args.json for plots.py")
     g = p.add_argument_group("--method rotation (Hendrycks et al.; Table 1 'Self-supervision')")
     g.add_argument("--rot-weight", type=fraction, default=4.0,
@@ -165,7 +165,7 @@ def classifier(model):
 
 
 # ==============================================================================================
-# --method rotation: AT with rotation self-supervision (Hendrycks et al. 2019; SPEC §8)
+# --method rotation: AT with rotation self-supervision (Hendrycks et al. 2019)
 #   loss = CE_class(f(x'), y) + λ · CE_rot(h(x'_rot), k),   x'_rot = adversarial rot90^k(augmented image)
 # ==============================================================================================
 class RotationHead(nn.Module):
@@ -278,7 +278,8 @@ class ArrayUnpickler(pickle.Unpickler):
     """Reads numpy arrays and plain containers (dict, list, str, numbers) and nothing else. A pickle
     reaches code only through find_class, so a crafted file is refused before anything runs."""
     ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype")} | {
-        (m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")}
+        (m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")} | {
+        (m, "_frombuffer") for m in ("numpy.core.numeric", "numpy._core.numeric")}  # protocol 5 (3.14's default)
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
@@ -374,7 +375,7 @@ def unlabeled_train_step(model, attack_model, opt, sched, ema, batch, args):
 
 # ==============================================================================================
 # --method entropy-sgd: Entropy-SGD on the adversarial loss (Chaudhari et al. 2017, Alg. 1, with
-# the update of the authors' PyTorch port that the paper's code copied; SPEC §8)
+# the update of the authors' PyTorch port that the paper's code copied)
 # ==============================================================================================
 def outer_steps(loader, L):
     """An epoch of Entropy-SGD = len(loader) outer steps (the paper's count: 391 on CIFAR-10), each on
@@ -465,7 +466,7 @@ def entropy_sgd_train_step(model, attack_model, opt, sched, ema, batches, args):
 
 
 # ==============================================================================================
-# --method pgd-tau: early-stopped PGD (Zhang et al. 2020, "FAT"; SPEC §8)
+# --method pgd-tau: early-stopped PGD (Zhang et al. 2020, "FAT")
 # ==============================================================================================
 def pgd_tau(model, x, y, eps, alpha, steps, tau, start="uniform", bn="eval", autocast=False):
     """PGD-`steps` in which example i stops at its (τ+1)-th misclassified iterate — τ steps after it is

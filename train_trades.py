@@ -1,4 +1,4 @@
-"""TRADES (Zhang et al. 2019) — a Table 1 row of Stutz, Hein & Schiele (ICCV 2021), SPEC §7, on the
+"""TRADES (Zhang et al. 2019) — a Table 1 row of Stutz, Hein & Schiele (ICCV 2021), on the
 AT baseline's data, model, optimiser, schedule, snapshots and logging (train_at.py; diff the two files).
 
     min_w  E_(x,y) [ CE(f(x), y) + β · max_{‖δ‖∞ ≤ ε} KL(p(x) ‖ p(x + δ)) ],   p = softmax ∘ f   (TRADES Eq. 5)
@@ -14,7 +14,7 @@ Multi-GPU: torchrun --nproc_per_node=4 train_trades.py ...       # global batch 
 
 Cost (measured, see README "Speed"): not yet measured on a GPU; per batch one clean forward (the
 attack's target) and one clean training forward/backward more than AT. Paper (β = 9): AutoAttack RErr
-56.7 % at epoch 150, 53.4 % early-stopped (SPEC §12).
+56.7 % at epoch 150, 53.4 % early-stopped (paper Table 1).
 """
 import time
 

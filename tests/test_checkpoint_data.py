@@ -1,4 +1,4 @@
-"""Checkpoints (SPEC §1.8, §5.4) and data (SPEC §2): weights_only round trips, exact resume,
+"""Checkpoints and data (README "Run folder, early stopping, resume", "Data"): weights_only round trips, exact resume,
 clear errors for bad files, the class-interleaved order, the balanced subset, the on-device
 crop/flip and the loader's epoch coverage."""
 import json
@@ -94,7 +94,7 @@ def _metrics(path):
 
 
 def test_resume_equals_uninterrupted_run(tiny_data, tmp_path):
-    """2 epochs straight vs. the epoch-1 checkpoint + `--resume` for epoch 2 (SPEC §5.4): the
+    """2 epochs straight vs. the epoch-1 checkpoint + `--resume` for epoch 2: the
     same metrics apart from timings and bit-identical weights on CPU. Label noise and the EMA
     make the check cover the global torch RNG and the averaged model too."""
     flags = [*TINY, "--data-dir", tiny_data, "--epochs", 2, "--es-every", 1, "--label-noise", 0.2,

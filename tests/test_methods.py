@@ -159,6 +159,12 @@ def test_mart_loss_equals_hand_computation():
 # ------------------------------------------------------------------------------------------------
 # AWP
 # ------------------------------------------------------------------------------------------------
+def sgd_constant_lr(net, lr, momentum=0.0, wd=0.0):
+    """Plain SGD and a schedule that keeps its lr (train_step steps the schedule once per call)."""
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=wd)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+
 @pytest.mark.parametrize("grad_clip,wd", [(0.0, 0.0), (0.02, 0.0), (0.0, 0.1)])
 def test_awp_step_equals_manual_update(grad_clip, wd):
     """SGD without momentum: every parameter ends at p − lr·∇L(w + ξd) (clipped with --grad-clip),
@@ -168,14 +174,14 @@ def test_awp_step_equals_manual_update(grad_clip, wd):
     xi, lr = 0.01, 0.5
     net, x, y = tiny_batch()
     ref = copy.deepcopy(net)
-    args = train_awp.parse_args(["--xi", str(xi), "--grad-clip", str(grad_clip)])
-    opt = torch.optim.SGD(net.parameters(), lr=lr, weight_decay=wd)
-    logged = train_awp.awp_step(net, net, x, y, opt, xi, args)
+    args = train_awp.parse_args(["--xi", str(xi), "--grad-clip", str(grad_clip), "--attack-steps", "0"])
+    opt, sched = sgd_constant_lr(net, lr, wd=wd)
+    logged = train_awp.train_step(net, net, opt, sched, None, x, y, args, xi)  # --attack-steps 0: x' = x
 
     probe = copy.deepcopy(ref)  # direction: train-mode CE gradient at w (on a throwaway copy)
     logits_w = probe(x)
     g = torch.autograd.grad(F.cross_entropy(logits_w, y), [probe.get_parameter(k) for k in PERTURBED])
-    torch.testing.assert_close(logged, logits_w.detach())  # the logged train statistics are at w, as AT's
+    torch.testing.assert_close(logged, common.batch_stats(logits_w, y))  # the logged train statistics are at w, as AT's
     shifted = copy.deepcopy(ref)
     with torch.no_grad():
         for k, gk in zip(PERTURBED, g):
@@ -203,11 +209,11 @@ def test_awp_xi_zero_is_the_at_step():
     """ξ = 0 (also the --awp-warmup epochs) is train_at.py's step: no gradient clipping either."""
     net, x, y = tiny_batch()
     at = copy.deepcopy(net)
-    args = train_awp.parse_args(["--xi", "0", "--grad-clip", "0.001"])
-    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    args = train_awp.parse_args(["--xi", "0", "--grad-clip", "0.001", "--attack-steps", "0"])
+    opt, sched = sgd_constant_lr(net, 0.1, momentum=0.9, wd=5e-4)
     at_opt = torch.optim.SGD(at.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     for _ in range(2):
-        train_awp.awp_step(net, net, x, y, opt, 0.0, args)
+        train_awp.train_step(net, net, opt, sched, None, x, y, args, 0.0)
         loss = F.cross_entropy(at(x), y)  # train_at.py's step
         at_opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -219,11 +225,11 @@ def test_awp_xi_zero_is_the_at_step():
 def test_awp_amp_leaves_the_direction_and_the_update_in_fp32():
     """--amp autocasts the training attack only: bf16 rounding (2^-8) is of the order of ξ."""
     net, x, y = tiny_batch()
-    args = train_awp.parse_args(["--xi", "0.01", "--amp"])
+    args = train_awp.parse_args(["--xi", "0.01", "--amp", "--attack-steps", "1"])
     autocast = []
     net.register_forward_pre_hook(lambda m, inp: autocast.append(torch.is_autocast_enabled("cpu")))
-    train_awp.awp_step(net, net, x, y, torch.optim.SGD(net.parameters(), lr=0.1), 0.01, args)
-    assert autocast == [False, False]
+    train_awp.train_step(net, net, *sgd_constant_lr(net, 0.1), None, x, y, args, 0.01)
+    assert autocast == [True, True, False, False]  # PGD-1 (2 forwards), then the direction and the update
 
 
 def test_awp_perturbs_only_conv_linear_weights_and_restores_with_the_same_vector():
@@ -241,9 +247,9 @@ def test_awp_perturbs_only_conv_linear_weights_and_restores_with_the_same_vector
 
     seen = []  # the parameters each forward sees (the direction pass, then the training forward)
     net.register_forward_pre_hook(lambda m, inp: seen.append({k: p.detach().clone() for k, p in m.named_parameters()}))
-    args = train_awp.parse_args(["--xi", str(xi)])
-    opt = torch.optim.SGD(net.parameters(), lr=0.0)  # the step changes nothing: only perturb + restore
-    train_awp.awp_step(net, net, x, y, opt, xi, args)
+    args = train_awp.parse_args(["--xi", str(xi), "--attack-steps", "0"])
+    opt, sched = sgd_constant_lr(net, 0.0)  # the step changes nothing: only perturb + restore
+    train_awp.train_step(net, net, opt, sched, None, x, y, args, xi)
     assert len(seen) == 2
     for k in seen[0]:
         assert torch.equal(seen[0][k], before[k]), k  # direction at the unperturbed weights

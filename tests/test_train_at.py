@@ -146,28 +146,17 @@ def test_errors(tiny_data, tmp_path):
     line = error_line(run_script("train_at.py", *base, "--epsilon", "8/x", "--out", tmp_path / "d", check=False, env=env))
     assert "--epsilon" in line and "8/x" in line
 
-    # an existing run: a ckpt_last.pt saved with the flags of `base`
+    # an existing run: a ckpt_last.pt saved with the flags of `base` (--resume takes a checkpoint with a
+    # metrics history, and compares the flags before it uses anything else of it)
     out = tmp_path / "existing"
     out.mkdir()
     saved = vars(train_at.parse_args([*map(str, base), "--out", str(out)]))
-    common.save_checkpoint(out / "ckpt_last.pt", args=saved, epoch=1)
+    common.save_checkpoint(out / "ckpt_last.pt", args=saved, epoch=1, history=[{"epoch": 1}])
     line = error_line(run_script("train_at.py", *base, "--out", out, check=False, env=env))
     assert "already holds a run" in line and "--resume" in line
 
     line = error_line(run_script("train_at.py", *base, "--lr", "0.1", "--out", out, "--resume", check=False, env=env))
     assert "--lr 0.05 (now 0.1)" in line
-
-
-def test_failed_start_does_not_block_the_run_folder(tmp_path):
-    """A start that fails before epoch 1 (e.g. a wrong --data-dir) leaves an empty metrics.jsonl;
-    rerunning with the same --out must work without --resume. A folder with a metrics line must not."""
-    args = train_at.parse_args(["--out", str(tmp_path / "run")])
-    common.Run(args, 0, 1, torch.device("cpu"))
-    assert (tmp_path / "run" / "metrics.jsonl").read_text() == ""
-    common.Run(args, 0, 1, torch.device("cpu"))
-    common.append_jsonl(tmp_path / "run" / "metrics.jsonl", {"epoch": 1})
-    with pytest.raises(common.UsageError, match="already holds a run"):
-        common.Run(args, 0, 1, torch.device("cpu"))
 
 
 def test_ddp_two_cpu_ranks(tiny_data, tmp_path):

@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 
 import common
+import flatness
 
 
 @pytest.fixture
@@ -61,7 +62,7 @@ def test_weights_only_keeps_dim_above_one():
 
 def test_layer_norms(model):
     params = common.perturbable_params(model)
-    norms = common.layer_norms(params)
+    norms = flatness.layer_norms(params)
     for k, p in params.items():
         assert torch.allclose(norms[k], torch.sqrt((p.detach() ** 2).sum()))
         assert not norms[k].requires_grad
@@ -73,7 +74,7 @@ def test_project_relative_onto_the_relative_ball(model):
     g = torch.Generator().manual_seed(0)
     scale = {k: s for k, s in zip(weights, torch.linspace(0.001, 0.05, len(weights)))}  # some inside, some out
     nu = {k: torch.randn(w.shape, generator=g) * scale[k] for k, w in weights.items()}
-    out = common.project_relative(nu, weights, xi)
+    out = flatness.project_relative(nu, weights, xi)
     inside = outside = 0
     for k, w in weights.items():
         radius = xi * w.detach().norm()
@@ -93,20 +94,20 @@ def test_relative_random_radius(model):
     weights = common.perturbable_params(model)
     before = {k: w.detach().clone() for k, w in weights.items()}
     xi = 0.5
-    nu = common.relative_random(weights, xi, torch.Generator().manual_seed(0))
+    nu = flatness.relative_random(weights, xi, torch.Generator().manual_seed(0))
     assert set(nu) == set(weights)
     for k, w in weights.items():
         assert nu[k].shape == w.shape and not nu[k].requires_grad
         torch.testing.assert_close(nu[k].norm(), xi * w.detach().norm(), rtol=1e-5, atol=0)
 
-    inner = common.relative_random(weights, xi, torch.Generator().manual_seed(0), on_sphere=False)
+    inner = flatness.relative_random(weights, xi, torch.Generator().manual_seed(0), on_sphere=False)
     ratios = torch.stack([inner[k].norm() / (xi * w.detach().norm()) for k, w in weights.items()])
     assert (ratios <= 1 + 1e-5).all()
     assert ratios.min() < 0.9 and ratios.std() > 0.05, "on_sphere=False must draw the radius too"
 
-    again = common.relative_random(weights, xi, torch.Generator().manual_seed(0))
+    again = flatness.relative_random(weights, xi, torch.Generator().manual_seed(0))
     assert all(torch.equal(nu[k], again[k]) for k in nu), "a seeded generator must reproduce ν"
-    other = common.relative_random(weights, xi, torch.Generator().manual_seed(1))
+    other = flatness.relative_random(weights, xi, torch.Generator().manual_seed(1))
     assert not torch.equal(nu["conv1.weight"], other["conv1.weight"])
     assert all(torch.equal(w, before[k]) for k, w in weights.items()), "drawing ν must not move w"
 
@@ -116,6 +117,6 @@ def test_relative_random_directions_are_isotropic():
     has variance 1/d (a non-centred or non-Gaussian draw fails this)."""
     w = {"w": torch.ones(4, 5)}
     g = torch.Generator().manual_seed(0)
-    draws = torch.stack([common.relative_random(w, 1.0, g)["w"].flatten() / w["w"].norm() for _ in range(4000)])
+    draws = torch.stack([flatness.relative_random(w, 1.0, g)["w"].flatten() / w["w"].norm() for _ in range(4000)])
     assert draws.mean(0).abs().max() < 0.03
     torch.testing.assert_close(draws.pow(2).mean(0), torch.full((20,), 1 / 20), atol=0.01, rtol=0)
