@@ -1,4 +1,4 @@
-"""TRADES, MART and AT-AWP (train_trades.py, train_mart.py, train_awp.py; SPEC §7): the losses against
+"""TRADES, MART and AT-AWP (train_trades.py, train_mart.py, train_awp.py; paper Table 1): the losses against
 hand computations, the AWP step against a manual update, and each script end to end (incl. resume
 and a 2-process DDP run on CPU)."""
 import copy

@@ -1,4 +1,4 @@
-"""train_at.py end to end on the tiny generated ImageFolder (SPEC §1.8, §5, §6): the run folder
+"""train_at.py end to end on the tiny generated ImageFolder: the run folder
 under every Table 1 flag, the one-line errors, and DDP under torchrun on CPU (gloo)."""
 import json
 import math
@@ -208,7 +208,7 @@ def test_ddp_resume_equals_uninterrupted_run(tiny_data, tmp_path):
 
 
 def test_a_cuda_device_turns_tf32_off(monkeypatch):
-    """Every number is fp32 (SPEC §1.5): on a GPU, cuDNN convolutions and matmuls must not use TF32
+    """Every number is fp32 (README "Conventions"): on a GPU, cuDNN convolutions and matmuls must not use TF32
     (PyTorch's default for cuDNN). Checked without a GPU by pretending one is there."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
