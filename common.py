@@ -12,7 +12,6 @@ import math
 import os
 import platform
 import random
-import re
 import shutil
 import subprocess
 import sys
@@ -619,15 +618,6 @@ def save_checkpoint(path, **state):
     _atomic(path, lambda tmp: torch.save(state, tmp))
 
 
-def result_path(checkpoint, stem, tag=None):
-    """Where a measurement of `checkpoint` goes: beside it, `<stem>.json` for ckpt_last.pt, `<stem>_<name>.json`
-    for ckpt_<name>.pt (e.g. eval_best.json), with an explicit tag appended."""
-    checkpoint = Path(checkpoint)
-    name = checkpoint.stem[len("ckpt_"):] if checkpoint.stem.startswith("ckpt_") else checkpoint.stem
-    parts = [stem] + ([] if name == "last" else [name]) + ([tag] if tag else [])
-    return checkpoint.with_name("_".join(parts) + ".json")
-
-
 def load_checkpoint(path, device="cpu"):
     """torch.load(weights_only=True) with one clear error for a missing or unreadable file."""
     path = Path(path)
@@ -639,82 +629,6 @@ def load_checkpoint(path, device="cpu"):
                          f"{str(e).splitlines()[0][:200] if str(e) else ''})")
     check(isinstance(ckpt, dict), f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
     return ckpt
-
-
-def strip_prefixes(state_dict):
-    """Drop `module.` (DDP/DataParallel), `model.` and `_orig_mod.` (torch.compile) prefixes."""
-    return {re.sub(r"^(module\.|model\.|_orig_mod\.)+", "", k): v for k, v in state_dict.items()}
-
-
-def load_weights(model, state_dict):
-    """Load a state dict that may carry wrapper prefixes; a mismatch names the keys and the flag to fix it."""
-    state_dict, own = strip_prefixes(state_dict), model.state_dict()
-    missing, unexpected = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
-    shapes = sorted(k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape)
-    if missing or unexpected or shapes:
-        found = "".join(f"{what} {', '.join(keys[:4])}" + (f" (+{len(keys) - 4} more); " if len(keys) > 4 else "; ")
-                        for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
-                        if keys)
-        hint = []
-        if any(k.startswith("normalize.") for k in missing):
-            hint.append("--no-normalize if the checkpoint has no normalisation layer")
-        if shapes:
-            hint.append("the width of the checkpoint (--width for our scripts, --arch-width for external state dicts)")
-        raise UsageError(f"checkpoint does not fit the model: {found}" + (
-            "try " + " or ".join(hint) if hint else "is it a CIFAR ResNet-18 in the common key layout?"))
-    model.load_state_dict(state_dict)
-
-
-def model_from_checkpoint(path, device, use_ema=False):
-    """Rebuild the model from a checkpoint of ours (its args hold the architecture)."""
-    ckpt = load_checkpoint(path, device)
-    check("model" in ckpt and "args" in ckpt, f"{path} is not a checkpoint of this codebase "
-          "(no 'model'/'args'); for external state dicts use evaluate.py's --arch flags")
-    check(not use_ema or "ema" in ckpt, f"{path} has no EMA weights (train with --ema to get them)")
-    model = build_model(ckpt["args"]).to(device)
-    load_weights(model, ckpt["ema"] if use_ema else ckpt["model"])
-    return model.eval(), ckpt
-
-
-def add_model_source_args(parser):
-    """evaluate.py / flatness.py: a checkpoint of ours (architecture from its args), an external state dict
-    (architecture from these flags), or a RobustBench model."""
-    parser.add_argument("checkpoint", nargs="?", help="checkpoint of ours, or an external ResNet-18 state dict")
-    g = parser.add_argument_group("model source")
-    g.add_argument("--use-ema", action="store_true", help="evaluate the EMA weights saved with train_*.py --ema")
-    g.add_argument("--arch-width", type=int, default=64, help="external state dicts: ResNet-18 width")
-    g.add_argument("--arch-act", default="relu", choices=tuple(ACTIVATIONS), help="external state dicts: activation")
-    g.add_argument("--no-normalize", action="store_true",
-                   help="external state dicts: the model has no input normaliser (auto-detected from the keys)")
-    g.add_argument("--robustbench", metavar="NAME", help="a RobustBench CIFAR-10 Linf model instead of a checkpoint")
-    g.add_argument("--model-dir", default="models", help="RobustBench model cache folder")
-    return g
-
-
-def load_model(args, device):
-    """(model in eval mode, info dict for result files) from the flags of add_model_source_args."""
-    if args.robustbench:
-        try:
-            from robustbench.utils import load_model as rb_load
-        except ImportError:
-            raise UsageError("--robustbench needs the robustbench package: pip install robustbench")
-        model = rb_load(model_name=args.robustbench, model_dir=args.model_dir, dataset="cifar10",
-                        threat_model="Linf").to(device).eval()
-        return model, {"source": "robustbench", "name": args.robustbench, "epoch": None, "args": None}
-    check(args.checkpoint, "give a checkpoint path (or --robustbench NAME)")
-    ckpt = load_checkpoint(args.checkpoint, device)
-    if "model" in ckpt and "args" in ckpt:  # ours
-        model, ckpt = model_from_checkpoint(args.checkpoint, device, use_ema=args.use_ema)
-        return model, {"source": "ours", "epoch": ckpt.get("epoch"), "args": ckpt["args"]}
-    check(not args.use_ema, "--use-ema needs a checkpoint of this codebase")
-    state = ckpt.get("state_dict", ckpt)
-    check(all(torch.is_tensor(v) for v in state.values()), f"{args.checkpoint} is not a state dict of tensors")
-    state = strip_prefixes(state)
-    normalize = not args.no_normalize and "normalize.mean" in state
-    model = ResNet18(width=args.arch_width, act=args.arch_act, normalize=normalize).to(device)
-    load_weights(model, state)
-    return model.eval(), {"source": "external", "epoch": None, "normalize": normalize,
-                          "args": {"width": args.arch_width, "act": args.arch_act, "no_normalize": not normalize}}
 
 
 # plumbing: per-batch and per-epoch statistics of every train_*.py (DDP-aware) -------------------------------------
@@ -815,11 +729,11 @@ NOT_COMPARED = {"resume", "device", "out", "workers"}  # flags that may change o
 def restore(ckpt, args, net, opt, sched, ema, loader, rank=0, world=1, aux=None):
     """Load a checkpoint into the training objects and return (epoch, history, best): the epochs done,
     the per-epoch metrics and the early-stopping choice. Rank 0 repairs the run folder."""
-    load_weights(net, ckpt["model"])
+    net.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
     sched.load_state_dict(ckpt["scheduler"])
     if ema is not None:
-        load_weights(ema.module, ckpt["ema"])
+        ema.module.load_state_dict(ckpt["ema"])
         ema.n_averaged.fill_(max(int(ckpt["epoch"]), 1))  # > 0: the next update averages instead of copying
     if aux is not None:
         aux.load_state_dict(ckpt["aux"])

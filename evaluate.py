@@ -25,6 +25,7 @@ AT, --n-eval 100, clean on all 10,000 test images: 57 s wall (PGD-20 x 10: 42 s;
 APGD-CE broke every correct point); 2 min 49 s when the machine was busy. Not yet measured on a GPU.
 """
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -42,7 +43,7 @@ AA_ATTACKS = {"standard": ["apgd-ce", "apgd-t", "fab-t", "square"],
 
 def parse_args(argv=None):
     p = common.ArgumentParser(description=__doc__.split("\n")[0])
-    common.add_model_source_args(p)
+    add_model_source_args(p)
     common.add_runtime_args(p)
     g = p.add_argument_group("evaluation subsets")
     g.add_argument("--n-eval", type=int, default=1000, help="test images 0…N-1 for PGD and AutoAttack (paper: 1000)")
@@ -80,7 +81,96 @@ def output_path(args):
         return Path(args.out)
     if args.robustbench:
         return Path(args.model_dir) / ("_".join(["eval", args.robustbench] + ([args.tag] if args.tag else [])) + ".json")
-    return common.result_path(args.checkpoint, "eval", args.tag)
+    return result_path(args.checkpoint, "eval", args.tag)
+
+
+# ----------------------------------------------------------------------------------------------
+# plumbing: the model under test (a checkpoint of ours, an external state dict, a RobustBench model)
+# and where its results go; flatness.py uses the same functions
+# ----------------------------------------------------------------------------------------------
+def result_path(checkpoint, stem, tag=None):
+    """Where a measurement of `checkpoint` goes: beside it, `<stem>.json` for ckpt_last.pt, `<stem>_<name>.json`
+    for ckpt_<name>.pt (e.g. eval_best.json), with an explicit tag appended."""
+    checkpoint = Path(checkpoint)
+    name = checkpoint.stem[len("ckpt_"):] if checkpoint.stem.startswith("ckpt_") else checkpoint.stem
+    parts = [stem] + ([] if name == "last" else [name]) + ([tag] if tag else [])
+    return checkpoint.with_name("_".join(parts) + ".json")
+
+
+def strip_prefixes(state_dict):
+    """Drop `module.` (DDP/DataParallel), `model.` and `_orig_mod.` (torch.compile) prefixes."""
+    return {re.sub(r"^(module\.|model\.|_orig_mod\.)+", "", k): v for k, v in state_dict.items()}
+
+
+def load_weights(model, state_dict):
+    """Load a state dict that may carry wrapper prefixes; a mismatch names the keys and the flag to fix it."""
+    state_dict, own = strip_prefixes(state_dict), model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
+    shapes = sorted(k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape)
+    if missing or unexpected or shapes:
+        found = "".join(f"{what} {', '.join(keys[:4])}" + (f" (+{len(keys) - 4} more); " if len(keys) > 4 else "; ")
+                        for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
+                        if keys)
+        hint = []
+        if any(k.startswith("normalize.") for k in missing):
+            hint.append("--no-normalize if the checkpoint has no normalisation layer")
+        if shapes:
+            hint.append("the width of the checkpoint (--width for our scripts, --arch-width for external state dicts)")
+        raise UsageError(f"checkpoint does not fit the model: {found}" + (
+            "try " + " or ".join(hint) if hint else "is it a CIFAR ResNet-18 in the common key layout?"))
+    model.load_state_dict(state_dict)
+
+
+def model_from_checkpoint(path, device, use_ema=False):
+    """Rebuild the model from a checkpoint of ours (its args hold the architecture)."""
+    ckpt = common.load_checkpoint(path, device)
+    check("model" in ckpt and "args" in ckpt, f"{path} is not a checkpoint of this codebase "
+          "(no 'model'/'args'); for external state dicts use evaluate.py's --arch flags")
+    check(not use_ema or "ema" in ckpt, f"{path} has no EMA weights (train with --ema to get them)")
+    model = common.build_model(ckpt["args"]).to(device)
+    load_weights(model, ckpt["ema"] if use_ema else ckpt["model"])
+    return model.eval(), ckpt
+
+
+def add_model_source_args(parser):
+    """evaluate.py / flatness.py: a checkpoint of ours (architecture from its args), an external state dict
+    (architecture from these flags), or a RobustBench model."""
+    parser.add_argument("checkpoint", nargs="?", help="checkpoint of ours, or an external ResNet-18 state dict")
+    g = parser.add_argument_group("model source")
+    g.add_argument("--use-ema", action="store_true", help="evaluate the EMA weights saved with train_*.py --ema")
+    g.add_argument("--arch-width", type=int, default=64, help="external state dicts: ResNet-18 width")
+    g.add_argument("--arch-act", default="relu", choices=tuple(common.ACTIVATIONS), help="external state dicts: activation")
+    g.add_argument("--no-normalize", action="store_true",
+                   help="external state dicts: the model has no input normaliser (auto-detected from the keys)")
+    g.add_argument("--robustbench", metavar="NAME", help="a RobustBench CIFAR-10 Linf model instead of a checkpoint")
+    g.add_argument("--model-dir", default="models", help="RobustBench model cache folder")
+    return g
+
+
+def load_model(args, device):
+    """(model in eval mode, info dict for result files) from the flags of add_model_source_args."""
+    if args.robustbench:
+        try:
+            from robustbench.utils import load_model as rb_load
+        except ImportError:
+            raise UsageError("--robustbench needs the robustbench package: pip install robustbench")
+        model = rb_load(model_name=args.robustbench, model_dir=args.model_dir, dataset="cifar10",
+                        threat_model="Linf").to(device).eval()
+        return model, {"source": "robustbench", "name": args.robustbench, "epoch": None, "args": None}
+    check(args.checkpoint, "give a checkpoint path (or --robustbench NAME)")
+    ckpt = common.load_checkpoint(args.checkpoint, device)
+    if "model" in ckpt and "args" in ckpt:  # ours
+        model, ckpt = model_from_checkpoint(args.checkpoint, device, use_ema=args.use_ema)
+        return model, {"source": "ours", "epoch": ckpt.get("epoch"), "args": ckpt["args"]}
+    check(not args.use_ema, "--use-ema needs a checkpoint of this codebase")
+    state = ckpt.get("state_dict", ckpt)
+    check(all(torch.is_tensor(v) for v in state.values()), f"{args.checkpoint} is not a state dict of tensors")
+    state = strip_prefixes(state)
+    normalize = not args.no_normalize and "normalize.mean" in state
+    model = common.ResNet18(width=args.arch_width, act=args.arch_act, normalize=normalize).to(device)
+    load_weights(model, state)
+    return model.eval(), {"source": "external", "epoch": None, "normalize": normalize,
+                          "args": {"width": args.arch_width, "act": args.arch_act, "no_normalize": not normalize}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,7 +324,7 @@ def main(argv=None):
     progress = sys.stderr.isatty()
 
     # ---- model: ours (architecture from its args), an external state dict, or RobustBench
-    model, info = common.load_model(args, device)
+    model, info = load_model(args, device)
     model = model.float().eval()  # every reported number is fp32 (README 'Conventions')
     out = output_path(args)
     check(out.parent.is_dir(), f"output folder {out.parent} does not exist (choose --out)")

@@ -51,6 +51,7 @@ from tqdm import tqdm, trange
 
 import common
 from common import check, fraction
+from evaluate import add_model_source_args, load_model, result_path
 
 MODES = ("average", "worst", "both", "landscape", "hessian")
 DEFAULT_XI = {"average": 0.5, "worst": 0.00075}      # the paper's ξ (Table 1)
@@ -59,7 +60,7 @@ NU_SEED_OFFSET = 1_000_003  # ν draws use their own generator, seeded apart fro
 
 def parse_args(argv=None):
     p = common.ArgumentParser(description=__doc__.split("\n")[0])
-    common.add_model_source_args(p)
+    add_model_source_args(p)
     common.add_runtime_args(p)
     p.add_argument("--epochs", metavar="RUN_DIR", default=None,
                    help="measure every ckpt_epoch*.pt snapshot of this run folder (Fig. 6), skipping those "
@@ -541,7 +542,7 @@ def output_path(args, checkpoint, mode):
     tag = file_tag(args, mode)
     if checkpoint is None:  # RobustBench: into --model-dir
         return Path(args.model_dir) / ("_".join([f"flatness_{mode}", args.robustbench] + ([tag] if tag else [])) + ".json")
-    return common.result_path(checkpoint, f"flatness_{mode}", tag)
+    return result_path(checkpoint, f"flatness_{mode}", tag)
 
 
 class Data:
@@ -662,7 +663,7 @@ def main(argv=None):
     modes = selected_modes(args)
 
     if args.epochs is None:
-        model, info = common.load_model(args, device)
+        model, info = load_model(args, device)
         checkpoint = None if args.robustbench else Path(args.checkpoint)
         out = output_path(args, checkpoint, modes[0])
         check(out.parent.is_dir(), f"output folder {out.parent} does not exist")
@@ -680,7 +681,7 @@ def main(argv=None):
             print(f"skip {checkpoint.name}: {', '.join(output_path(args, checkpoint, m).name for m in modes)} exist")
             continue
         args.checkpoint = str(checkpoint)
-        model, info = common.load_model(args, device)
+        model, info = load_model(args, device)
         print(f"{checkpoint} (epoch {info['epoch']})")
         measure_checkpoint(model, info, checkpoint, todo, args, data, device, progress)
 

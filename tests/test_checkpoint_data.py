@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import common
+import evaluate
 from conftest import CLASSES, TINY, run_script
 
 NO_NETWORK = {"HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
@@ -43,7 +44,7 @@ def test_checkpoint_round_trip_weights_only(tmp_path):
     state = model.state_dict()
     assert all(torch.equal(ckpt["model"][k], state[k]) for k in state)
     fresh = common.ResNet18(width=4)
-    common.load_weights(fresh, ckpt["model"])
+    evaluate.load_weights(fresh, ckpt["model"])
     assert all(torch.equal(fresh.state_dict()[k], state[k]) for k in state)
     opt2 = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
     opt2.load_state_dict(ckpt["optimizer"])
@@ -80,13 +81,13 @@ def test_bad_checkpoint_files_give_usage_errors(tmp_path):
 def test_load_weights_mismatch_names_keys():
     wide, narrow = common.ResNet18(width=8), common.ResNet18(width=4)
     with pytest.raises(common.UsageError, match=r"shape mismatch bn1\.bias, .* \(\+\d+ more\); try the width of the checkpoint \(--width"):
-        common.load_weights(narrow, wide.state_dict())
+        evaluate.load_weights(narrow, wide.state_dict())
     state = {k: v for k, v in narrow.state_dict().items() if k != "linear.bias"}
     state["head.weight"] = torch.zeros(1)
     with pytest.raises(common.UsageError, match=r"missing linear\.bias; unexpected head\.weight"):
-        common.load_weights(narrow, state)
+        evaluate.load_weights(narrow, state)
     # wrapper prefixes (DDP, torch.compile) are stripped
-    common.load_weights(narrow, {f"module._orig_mod.{k}": v for k, v in common.ResNet18(width=4).state_dict().items()})
+    evaluate.load_weights(narrow, {f"module._orig_mod.{k}": v for k, v in common.ResNet18(width=4).state_dict().items()})
 
 
 def _metrics(path):

@@ -16,6 +16,7 @@ from conftest import ROOT, fit, run_script
 
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
+import evaluate  # noqa: E402
 import flatness  # noqa: E402
 
 EPS, ALPHA = 8 / 255, 0.007
@@ -461,7 +462,7 @@ def test_cli_landscape_and_scaled_hessian(run_dir, tiny_data):
     r = json.loads(written(ckpt, "landscape", *flags).read_text())
     assert r["mode"] == "landscape" and r["s"] == [-1.0, 0.0, 1.0] and r["direction_norm"] == "max-abs"
     assert (r["random_scale"], r["adversarial_scale"]) == (0.5, 0.01)
-    model, _ = common.model_from_checkpoint(ckpt, "cpu")
+    model, _ = evaluate.model_from_checkpoint(ckpt, "cpu")
     x, y = common.eval_split(tiny_data, "early-stop", 10, "cpu")
     clean = common.clean_metrics(model, x, y)[0].mean().item()
     for kind in ("random", "adversarial"):

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import common
+import evaluate
 import train_misc as tm
 from conftest import TINY, run_ddp, run_script
 
@@ -718,7 +719,7 @@ def test_main_wires_each_method(monkeypatch, tiny_data, tmp_path, method):
     if method == "entropy-sgd":  # the epoch's mean γ_t over outer steps t = 0, 1
         assert math.isclose(m["train_esgd_gamma"], 1e-4 * (1 + 1.5) / 2, rel_tol=1e-6)
     assert json.loads((out / "args.json").read_text())["method"] == method
-    model, ckpt = common.model_from_checkpoint(out / "ckpt_last.pt", "cpu")  # evaluate.py's loader
+    model, ckpt = evaluate.model_from_checkpoint(out / "ckpt_last.pt", "cpu")  # evaluate.py's loader
     assert isinstance(model, common.ResNet18) and ckpt["args"]["width"] == 4
     assert not any("rotation" in k for k in ckpt["model"]) and set(ckpt["ema"]) == set(ckpt["model"])
     assert ("aux" in ckpt) == (method == "rotation")

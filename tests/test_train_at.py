@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 import common
+import evaluate
 import train_at
 from conftest import TINY, run_ddp, run_script
 
@@ -68,7 +69,7 @@ def test_run_folder(tiny_data, tmp_path, name):
     for other in ("ckpt_epoch001.pt", "ckpt_best.pt"):
         c = common.load_checkpoint(out / other)
         assert all(torch.equal(c["model"][k], v) for k, v in ckpt["model"].items())
-    model, _ = common.model_from_checkpoint(out / "ckpt_last.pt", torch.device("cpu"))
+    model, _ = evaluate.model_from_checkpoint(out / "ckpt_last.pt", torch.device("cpu"))
     x, y = common.eval_split(tiny_data, "log", 40, torch.device("cpu"))  # the logged test metrics are of these weights
     loss, ok = common.clean_metrics(model, x, y)
     assert m["test_clean_loss"] == pytest.approx(loss.mean().item(), rel=1e-5)
@@ -89,7 +90,7 @@ def test_run_folder(tiny_data, tmp_path, name):
     if "--ema" in flags:
         assert set(ckpt["ema"]) == set(ckpt["model"])
         assert not torch.equal(ckpt["ema"]["conv1.weight"], ckpt["model"]["conv1.weight"])
-        ema, _ = common.model_from_checkpoint(out / "ckpt_last.pt", torch.device("cpu"), use_ema=True)
+        ema, _ = evaluate.model_from_checkpoint(out / "ckpt_last.pt", torch.device("cpu"), use_ema=True)
         assert torch.equal(ema.conv1.weight, ckpt["ema"]["conv1.weight"])
     else:
         assert "ema" not in ckpt
