@@ -254,65 +254,6 @@ def augment_crop_flip(x_uint8, generator):
     return F.pad(x_uint8, (4, 4, 4, 4)).flatten(2).gather(2, flat).view(n, 3, h, w).float().div_(255)
 
 
-class Cutout:
-    """One 16×16 hole (zeros) at a uniformly drawn centre, clipped at the border (DeVries & Taylor 2017)."""
-
-    def __init__(self, size=16):
-        self.size = size
-
-    def __call__(self, img):
-        _, h, w = img.shape
-        cy, cx, s = random.randrange(h), random.randrange(w), self.size // 2
-        img = img.clone()
-        img[:, max(cy - s, 0):min(cy + s, h), max(cx - s, 0):min(cx + s, w)] = 0
-        return img
-
-
-class AutoAugmentLoader:
-    """`--autoaugment`: per image crop + flip + torchvision's CIFAR-10 AutoAugment policy + Cutout, in DataLoader
-    workers. Each epoch draws from a generator seeded by (seed, epoch), so resume reproduces it."""
-
-    def __init__(self, x, y, batch_size, device, seed, workers=2, rank=0, world=1):
-        from torchvision import transforms as T
-        self.transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(),
-                                    T.AutoAugment(T.AutoAugmentPolicy.CIFAR10), T.ConvertImageDtype(torch.float32),
-                                    Cutout(16)])
-        self.x, self.y, self.batch_size, self.device = x, y, batch_size, device
-        self.seed, self.workers, self.rank, self.world, self.epoch = seed, workers, rank, world, 0
-
-    def __len__(self):
-        return len(self.y) // self.batch_size if self.world > 1 else math.ceil(len(self.y) / self.batch_size)
-
-    def __getitem__(self, i):
-        return self.transform(self.x[i]), self.y[i]
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-        order = torch.randperm(len(self.y), generator=g)[: len(self) * self.batch_size][self.rank::self.world]
-        if self.world > 1:  # the order is shared; the workers' augmentation seeds must differ per rank
-            g.manual_seed(g.initial_seed() * 1009 + self.rank)
-        loader = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(self, order.tolist()), batch_size=self.batch_size // self.world,
-            num_workers=self.workers, generator=g, persistent_workers=False, worker_init_fn=_seed_worker,
-            pin_memory=self.device.type == "cuda")
-        self.epoch += 1
-        for x, y in loader:
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-
-
-def _seed_worker(worker_id):
-    seed = torch.initial_seed() % 2**32  # torch seeds each worker; random (Cutout) and numpy follow it
-    random.seed(seed)
-    np.random.seed(seed)
-
-
-def training_loader(x, y, args, device, rank=0, world=1):
-    """Crop/flip on the device, or with --autoaugment AutoAugment + Cutout in --workers DataLoader workers."""
-    if args.autoaugment:
-        return AutoAugmentLoader(x, y, args.batch_size, device, args.seed, args.workers, rank=rank, world=world)
-    return DeviceLoader(x, y, args.batch_size, device, args.seed, rank=rank, world=world)
-
-
 # The model: CIFAR ResNet-18 with the normaliser inside (paper §4; README "Conventions") ---------------------------
 ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "mish": nn.Mish, "gelu": nn.GELU}
 

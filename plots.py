@@ -48,15 +48,15 @@ from common import check  # noqa: E402
 # Run labels: method name + the flags that differ from the paper's AT baseline (the Table 1 rows)
 # ---------------------------------------------------------------------------------------------
 METHOD_NAMES = {"at": "AT", "trades": "TRADES", "mart": "MART", "awp": "AWP", "rotation": "AT+rotation",
-                "unlabeled": "AT+unlabeled", "entropy-sgd": "Entropy-SGD", "pgd-tau": "PGD-τ"}
+                "unlabeled": "AT+unlabeled", "entropy-sgd": "Entropy-SGD", "pgd-tau": "PGD-τ",
+                "autoaugment": "AT+AutoAugment"}
 # The method's own hyper-parameter, always part of the label ("TRADES β=9").
 METHOD_FLAGS = {"trades": ["beta"], "mart": ["beta"], "awp": ["xi"], "rotation": ["rot_weight"],
                 "unlabeled": ["unlabeled_fraction"], "entropy-sgd": ["L"], "pgd-tau": ["tau"]}
 # Flags Table 1 varies, with the baseline's value: a run whose value differs gets "flag=value".
 BASELINE = {"wd": 5e-4, "label_smoothing": 0.0, "label_noise": 0.0, "clip": 0.0, "ema": 0.0, "act": "relu",
-            "autoaugment": False, "lr_schedule": "multistep", "optimizer": "sgd", "epsilon": 8 / 255,
-            "attack_steps": 7, "momentum": 0.9, "nesterov": False, "awp_warmup": 0, "grad_clip": 0.0,
-            "adv_fraction": 1.0}
+            "lr_schedule": "multistep", "optimizer": "sgd", "epsilon": 8 / 255, "attack_steps": 7, "momentum": 0.9,
+            "nesterov": False, "awp_warmup": 0, "grad_clip": 0.0, "adv_fraction": 1.0}
 # Flags whose reference is the value most runs share (a CPU reproduction shrinks them all alike).
 RUN_SCALE = ("epochs", "batch_size", "lr")
 SYMBOLS = {"beta": "β", "xi": "ξ", "rot_weight": "λ", "tau": "τ", "L": "L", "unlabeled_fraction": "fraction",

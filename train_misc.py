@@ -5,27 +5,30 @@
   --method unlabeled    AT on batches mixed with pseudo-labelled images (Carmon et al. 2019)    "+Unlabeled"
   --method entropy-sgd  Entropy-SGD (Chaudhari et al. 2017) on the adversarial loss             "Entropy-SGD"
   --method pgd-tau      AT with early-stopped PGD-τ (Zhang et al. 2020, "FAT")
+  --method autoaugment  AT on AutoAugment + Cutout images (Cubuk et al. 2019; DeVries & Taylor 2017)   "AutoAugment"
 
 Everything else — data, ResNet-18, optimiser, schedule, the PGD-7 training attack, the Table 1
 regulariser flags, logging, snapshots, early stopping, resume, DDP — is train_at.py's, in the same
-block order, so `diff train_at.py train_misc.py` shows the four methods and little else.
+block order, so `diff train_at.py train_misc.py` shows the five methods and little else.
 
 Usage:   python train_misc.py --method rotation --rot-weight 4                       # runs/rotation
          python train_misc.py --method unlabeled --unlabeled-data ti_500K_pseudo_labeled.pickle
          python train_misc.py --method entropy-sgd --L 2 --epochs 75                  # paper: epochs 150/L
          python train_misc.py --method pgd-tau --tau 2
+         python train_misc.py --method autoaugment --workers 4
 CPU:     python train_misc.py --method rotation --data-dir ../shared/data/cifar10-jpeg --width 16 --train-subset 2000 --epochs 2
 Resume:  python train_misc.py --method rotation --out runs/rotation --resume
 
 Cost per epoch relative to train_at.py: rotation ≈ 2× (B labelled + B rotated images per step),
 unlabeled 1×, entropy-sgd L× (an epoch is len(loader) outer steps of L batches each), pgd-tau ≤ 1×
-(examples stop early); measured on 1 CPU thread (width 16, 2,000 images): 2.0×, 1.0×, 1.9× (L = 2),
+(examples stop early), autoaugment 1× on the GPU if --workers keep up; measured on 1 CPU thread (width 16, 2,000 images): 2.0×, 1.0×, 1.9× (L = 2),
 0.8× (τ = 2: 2.2 of 7 steps on average). Not yet measured on a GPU. Paper (Table 1), AutoAttack RErr at epoch 150:
 +Unlabeled 48.9 %, Self-supervision 57.1 %, Entropy-SGD 58.6 % (AT baseline 62.8 %).
 """
 import itertools
 import math
 import pickle
+import random
 import time
 from pathlib import Path
 
@@ -41,7 +44,7 @@ from tqdm import tqdm
 import common
 from common import NUM_CLASSES, UsageError, check, fraction
 
-METHODS = ("rotation", "unlabeled", "entropy-sgd", "pgd-tau")
+METHODS = ("rotation", "unlabeled", "entropy-sgd", "pgd-tau", "autoaugment")
 
 
 def parse_args(argv=None):
@@ -49,9 +52,6 @@ def parse_args(argv=None):
     common.add_runtime_args(p)
     g = p.add_argument_group("data")
     g.add_argument("--train-subset", type=int, default=0, help="class-balanced subset of N training images (0 = all)")
-    g.add_argument("--autoaugment", action="store_true", help="AutoAugment + Cutout on top of crop/flip "
-                   "(entropy-sgd and pgd-tau only)")
-    g.add_argument("--workers", type=int, default=2, help="DataLoader workers (--autoaugment only)")
     common.add_model_args(p)
     common.add_optim_args(p)
     g = p.add_argument_group("training attack")
@@ -89,6 +89,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("--method pgd-tau (Zhang et al. 2020, FAT)")
     g.add_argument("--tau", type=int, default=2, help="an example stops τ steps after it is first misclassified "
                    "(paper sweep 0-4, best not recorded; FAT's final τ: 2; τ >= --attack-steps is plain PGD)")
+    g = p.add_argument_group("--method autoaugment (Table 1 'AutoAugment')")
+    g.add_argument("--workers", type=int, default=2, help="DataLoader workers that augment the images")
     g = p.add_argument_group("logging, evaluation, checkpoints")
     g.add_argument("--out", default=None, help="run folder (default runs/<method>)")
     g.add_argument("--resume", action="store_true", help="continue from <out>/ckpt_last.pt")
@@ -117,9 +119,6 @@ def parse_args(argv=None):
     check(args.L >= 1 and args.esgd_inner_lr > 0, "--L must be >= 1 and --esgd-inner-lr > 0")
     check(min(args.esgd_gamma, args.esgd_scoping, args.esgd_noise) >= 0, "--esgd-gamma/-scoping/-noise must be >= 0")
     check(args.tau >= 0, f"--tau must be >= 0, got {args.tau}")
-    check(not (args.autoaugment and args.method in ("rotation", "unlabeled")),
-          f"--autoaugment is not supported with --method {args.method} (its second image set is augmented on the "
-          "device with crop/flip only)")
     args.out = args.out or f"runs/{args.method}"
     return args
 
@@ -519,8 +518,77 @@ def pgd_tau_train_step(model, attack_model, opt, sched, ema, batch, args):
     return {**common.batch_stats(logits, y), "attack_steps": steps.sum().float()}
 
 
+# ==============================================================================================
+# --method autoaugment: AT on images augmented by AutoAugment's CIFAR-10 policy and Cutout
+# (Cubuk et al. 2019; DeVries & Taylor 2017) on top of crop and flip
+# ==============================================================================================
+class Cutout:
+    """One 16×16 hole (zeros) at a uniformly drawn centre, clipped at the border (DeVries & Taylor 2017)."""
+
+    def __init__(self, size=16):
+        self.size = size
+
+    def __call__(self, img):
+        _, h, w = img.shape
+        cy, cx, s = random.randrange(h), random.randrange(w), self.size // 2
+        img = img.clone()
+        img[:, max(cy - s, 0):min(cy + s, h), max(cx - s, 0):min(cx + s, w)] = 0
+        return img
+
+
+class AutoAugmentLoader:
+    """Per image: random crop + flip, torchvision's CIFAR-10 AutoAugment policy, Cutout, in --workers DataLoader
+    workers (on uint8 tensors). Each epoch's order and worker seeds come from a generator seeded by (seed, epoch),
+    so resume reproduces it (with --workers 0 the transforms draw from the process's RNG, which checkpoints
+    restore); under DDP the ranks share the order and split each global batch."""
+
+    def __init__(self, x, y, batch_size, device, seed, workers=2, rank=0, world=1):
+        from torchvision import transforms as T
+        self.transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(),
+                                    T.AutoAugment(T.AutoAugmentPolicy.CIFAR10), T.ConvertImageDtype(torch.float32),
+                                    Cutout(16)])
+        self.x, self.y, self.batch_size, self.device = x, y, batch_size, device
+        self.seed, self.workers, self.rank, self.world, self.epoch = seed, workers, rank, world, 0
+
+    def __len__(self):
+        return len(self.y) // self.batch_size if self.world > 1 else math.ceil(len(self.y) / self.batch_size)
+
+    def __getitem__(self, i):
+        return self.transform(self.x[i]), self.y[i]
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        order = torch.randperm(len(self.y), generator=g)[: len(self) * self.batch_size][self.rank::self.world]
+        if self.world > 1:  # the order is shared; the workers' augmentation seeds must differ per rank
+            g.manual_seed(g.initial_seed() * 1009 + self.rank)
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(self, order.tolist()), batch_size=self.batch_size // self.world,
+            num_workers=self.workers, generator=g, persistent_workers=False, worker_init_fn=_seed_worker,
+            pin_memory=self.device.type == "cuda")
+        self.epoch += 1
+        for x, y in loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def _seed_worker(worker_id):
+    seed = torch.initial_seed() % 2**32  # torch seeds each worker; random (Cutout) and numpy follow it
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def autoaugment_train_step(model, attack_model, opt, sched, ema, batch, args):
+    """One AT step of --method autoaugment: train_at.py's step on AutoAugmentLoader's batches."""
+    x, y = batch
+    x_adv = adversarial_batch(attack_model, x, y, args)
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=args.amp):
+        logits = model(x_adv)
+    update(model, opt, sched, ema, training_loss(logits, y, args), args)
+    return common.batch_stats(logits, y)
+
+
 TRAIN_STEPS = {"rotation": rotation_train_step, "unlabeled": unlabeled_train_step,
-               "entropy-sgd": entropy_sgd_train_step, "pgd-tau": pgd_tau_train_step}
+               "entropy-sgd": entropy_sgd_train_step, "pgd-tau": pgd_tau_train_step,
+               "autoaugment": autoaugment_train_step}
 
 
 def main(argv=None):
@@ -542,12 +610,12 @@ def main(argv=None):
         x_unl, y_unl = load_unlabeled(args.unlabeled_data)
         loader = MixedLoader(x_train, y_train, x_unl, y_unl, args.batch_size, args.unlabeled_fraction, device,
                              args.seed, rank=rank, world=world)
+    elif args.method == "autoaugment":  # AutoAugment + Cutout in DataLoader workers
+        loader = AutoAugmentLoader(x_train, y_train, args.batch_size, device, args.seed, args.workers, rank, world)
     else:
-        loader = common.training_loader(x_train, y_train, args, device, rank, world)
-    if args.method == "entropy-sgd":  # an outer step takes --L batches: an epoch makes L passes
-        passes, epoch_batches = args.L, lambda: outer_steps(loader, args.L)
-    else:
-        passes, epoch_batches = 1, lambda: loader
+        loader = common.DeviceLoader(x_train, y_train, args.batch_size, device, args.seed, rank, world)
+    # an outer step of Entropy-SGD takes --L batches: its epoch makes L passes over the loader
+    epoch_batches = (lambda: outer_steps(loader, args.L)) if args.method == "entropy-sgd" else (lambda: loader)
     x_log, y_log = common.eval_split(args.data_dir, "log", args.n_log, device)
     x_es, y_es = common.eval_split(args.data_dir, "early-stop", args.n_early_stop, device)
 
@@ -576,7 +644,7 @@ def main(argv=None):
         epoch += 1
         last = epoch == args.epochs
         t0 = time.time()
-        loader.epoch = (epoch - 1) * passes  # AutoAugmentLoader seeds its workers by (seed, epoch)
+        loader.epoch = epoch - 1  # AutoAugmentLoader seeds its workers by (seed, epoch)
         trained.train()
         sums = {}
         for batch in tqdm(epoch_batches(), total=len(loader), desc=f"epoch {epoch}",

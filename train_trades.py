@@ -35,8 +35,6 @@ def parse_args(argv=None):
     common.add_runtime_args(p)
     g = p.add_argument_group("data")
     g.add_argument("--train-subset", type=int, default=0, help="class-balanced subset of N training images (0 = all)")
-    g.add_argument("--autoaugment", action="store_true", help="AutoAugment + Cutout on top of crop/flip (Table 1 row)")
-    g.add_argument("--workers", type=int, default=2, help="DataLoader workers (--autoaugment only)")
     common.add_model_args(p)
     common.add_optim_args(p)
     g = p.add_argument_group("training attack")
@@ -153,7 +151,7 @@ def main(argv=None):
         idx = common.balanced_subset(y_train, args.train_subset)
         x_train, y_train = x_train[idx], y_train[idx]
     check(len(y_train) >= args.batch_size, f"{len(y_train)} training images < --batch-size {args.batch_size}")
-    loader = common.training_loader(x_train, y_train, args, device, rank, world)
+    loader = common.DeviceLoader(x_train, y_train, args.batch_size, device, args.seed, rank, world)
     x_log, y_log = common.eval_split(args.data_dir, "log", args.n_log, device)
     x_es, y_es = common.eval_split(args.data_dir, "early-stop", args.n_early_stop, device)
 
@@ -178,7 +176,6 @@ def main(argv=None):
         epoch += 1
         last = epoch == args.epochs
         t0 = time.time()
-        loader.epoch = epoch - 1  # AutoAugmentLoader seeds its workers by (seed, epoch)
         net.train()
         sums = {}
         for x, y in tqdm(loader, desc=f"epoch {epoch}", disable=None if rank == 0 else True, leave=False):

@@ -2,7 +2,7 @@
 ignores a flag, flips a comparison) in a scratch copy of the repository and runs the tests that must
 then fail. A mutant that leaves them green is a test gap.
 
-Usage:   python scripts/mutants.py                 # every mutant (about 10 minutes on 2 CPU cores)
+Usage:   python scripts/mutants.py                 # every mutant (37: about 2.5 minutes on 2 CPU cores)
          python scripts/mutants.py --only ema      # the mutants whose name contains 'ema'
          python scripts/mutants.py --list          # the table, nothing run
 Exit code 1 if a mutant survives or no longer applies (its line changed: update the table).
@@ -18,20 +18,87 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # (name, file, exact original text, mutated text, tests that must fail)
+W = "tests/test_wiring.py"
+STEP = (W + "::test_train_step_equals_hand_formula[{}]").format  # one scenario of the hand-formula test
+MAIN = (W + "::test_main_wiring[{}]").format
+MISC = "tests/test_misc.py::{}".format
 MUTANTS = [
-    # ---- train_at.py
+    # ---- train_at.py: the step
     ("at-clean-inputs", "train_at.py", "x_adv = adversarial_batch(attack_model, x, y, args)", "x_adv = x",
-     "tests/test_wiring.py"),
+     STEP("at-pgd-eval-bn")),
+    ("at-attack-bn-ignored", "train_at.py", "bn=args.attack_bn, autocast=args.amp)", 'bn="eval", autocast=args.amp)',
+     STEP("at-pgd-train-bn")),
+    ("at-label-smoothing-ignored", "train_at.py", "label_smoothing=args.label_smoothing)", "label_smoothing=0.0)",
+     STEP("at-adam-smoothing")),
+    ("at-label-noise-ignored", "train_at.py", "y = common.noisy_labels(y, args.label_noise)", "y = y",
+     STEP("at-no-attack-smoothing-noise")),
+    ("at-step-clip-ignored", "train_at.py", "common.clip_weights(common.unwrap(model), args.clip)", "pass",
+     STEP("at-clip-ema")),
+    ("at-ema-update-skipped", "train_at.py", "ema.update_parameters(common.unwrap(model))", "pass",
+     STEP("at-clip-ema")),
+    ("at-sched-step-dropped", "train_at.py", "sched.step()", "pass", STEP("at-pgd-eval-bn")),
+    # ---- train_at.py: main
+    ("at-init-clip-dropped", "train_at.py", "common.clip_weights(net, args.clip)", "pass", MAIN("at")),
     ("at-ema-inverted", "train_at.py", "get_ema_multi_avg_fn(args.ema)", "get_ema_multi_avg_fn(1 - args.ema)",
-     "tests/test_wiring.py"),
+     MAIN("at")),
+    ("at-ema-bn-not-reestimated", "train_at.py", "common.reestimate_bn(ema, loader, world)", "pass", MAIN("at")),
     ("at-es-keeps-worst", "train_at.py", 'es["es_rerr"] < best["es_rerr"]', 'es["es_rerr"] > best["es_rerr"]',
-     "tests/test_wiring.py"),
+     MAIN("at")),
     ("at-es-keeps-last-minimum", "train_at.py", 'es["es_rerr"] < best["es_rerr"]', 'es["es_rerr"] <= best["es_rerr"]',
-     "tests/test_wiring.py"),
+     MAIN("at")),
+    ("at-es-restarts-ignored", "train_at.py", 'args.attack_step, args.es_restarts, "es_"', 'args.attack_step, 1, "es_"',
+     MAIN("at")),
+    # ---- train_trades.py
+    ("trades-beta-ignored", "train_trades.py", "trades_loss(logits_clean, logits, y, args.beta,",
+     "trades_loss(logits_clean, logits, y, 6.0,", STEP("trades-beta")),
+    ("trades-kl-direction-swapped", "train_trades.py",
+     "F.kl_div(F.log_softmax(logits_adv, 1), F.softmax(logits_clean, 1),",
+     "F.kl_div(F.log_softmax(logits_clean, 1), F.softmax(logits_adv, 1),", STEP("trades-beta")),
+    ("trades-kl-target-detached", "train_trades.py", "F.softmax(logits_clean, 1), reduction",
+     "F.softmax(logits_clean.detach(), 1), reduction", STEP("trades-beta")),
+    ("trades-clean-ce-dropped", "train_trades.py", "return natural + beta * robust", "return beta * robust",
+     STEP("trades-beta")),
+    ("trades-attack-on-ce", "train_trades.py",
+     "common.pgd(model, x, p_clean, args.epsilon, args.attack_step, args.attack_steps, loss_fn=kl_each,",
+     "common.pgd(model, x, y, args.epsilon, args.attack_step, args.attack_steps,", STEP("trades-beta")),
+    ("trades-attack-start-uniform", "train_trades.py", 'start="normal"', 'start="uniform"', STEP("trades-beta")),
+    ("trades-clean-probs-eval-bn", "train_trades.py", "common.bn_mode(model, args.attack_bn)",
+     'common.bn_mode(model, "eval")', STEP("trades-train-bn-smoothing-noise")),
+    # ---- train_mart.py
+    ("mart-beta-ignored", "train_mart.py", "mart_loss(logits_clean, logits, y, args.beta,",
+     "mart_loss(logits_clean, logits, y, 6.0,", STEP("mart-beta")),
+    ("mart-weight-dropped", "train_mart.py", "(kl * (1.0000001 - p_true)).mean()", "kl.mean()", STEP("mart-beta")),
+    ("mart-margin-dropped", "train_mart.py", " - torch.log(1.0001 - p_wrong + 1e-12).mean()", "",
+     STEP("mart-beta")),
+    # ---- train_awp.py
+    ("awp-perturbation-not-applied", "train_awp.py", "add_to_weights(weights, nu, +1)", "pass", STEP("awp-xi")),
+    ("awp-restore-dropped", "train_awp.py", "add_to_weights(weights, nu, -1)", "pass", STEP("awp-xi")),
+    ("awp-direction-flipped", "train_awp.py", "nu = {k: xi * g *", "nu = {k: -xi * g *", STEP("awp-xi")),
+    ("awp-grad-clip-in-warmup", "train_awp.py", "if args.grad_clip and xi > 0:", "if args.grad_clip:",
+     STEP("awp-warmup-step-clip-ema")),
+    ("awp-xi-ignored", "train_awp.py", "xi = args.xi if epoch", "xi = 0.005 if epoch", MAIN("awp")),
+    ("awp-warmup-ignored", "train_awp.py", "if epoch > args.awp_warmup else", "if epoch > 0 else", MAIN("awp")),
+    # ---- train_misc.py
+    ("misc-rot-weight-ignored", "train_misc.py", "class_loss + args.rot_weight * rot_loss", "class_loss + 4.0 * rot_loss",
+     MISC("test_rotation_step_by_hand")),
+    ("misc-unlabeled-fraction-ignored", "train_misc.py", "args.batch_size, args.unlabeled_fraction, device",
+     "args.batch_size, 0.7, device", MISC("test_main_wires_each_method[unlabeled]")),
+    ("misc-esgd-gamma-ignored", "train_misc.py", "scoped_gamma(args.esgd_gamma,", "scoped_gamma(1e-4,",
+     MISC("test_entropy_sgd_step_by_hand")),
+    ("misc-esgd-L-ignored-in-step", "train_misc.py", "inner_loss, args.L, gamma", "inner_loss, 1, gamma",
+     MISC("test_entropy_sgd_step_by_hand")),
+    ("misc-esgd-L-ignored-in-main", "train_misc.py", "outer_steps(loader, args.L)", "outer_steps(loader, 1)",
+     MISC("test_main_wires_each_method[entropy-sgd]")),
+    ("misc-pgd-tau-ignored", "train_misc.py", "args.attack_steps, args.tau,", "args.attack_steps, 2,",
+     MISC("test_pgd_tau_step_by_hand")),
+    # ---- common.py (only inside functions whose text is fixed: pgd, clip_weights, noisy_labels, ...)
+    ("common-clip-bn-scale-to-zero", "common.py", "m.weight.clamp_(1 - w, 1 + w)", "m.weight.clamp_(-w, w)",
+     STEP("at-clip-ema")),
     # ---- bench.py: row 1 must time the training loop's own step
     ("bench-own-step", "bench.py",
      "common.add_stats(sums, train_at.train_step(net, net, opt, sched, None, x, y, args_at))",
-     "common.add_stats(sums, {'n': torch.tensor(float(len(y)))})", "tests/test_bench.py"),
+     "common.add_stats(sums, {'n': torch.tensor(float(len(y)))})",
+     "tests/test_bench.py::test_timed_step_is_the_training_loops_step"),
 ]
 
 

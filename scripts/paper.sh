@@ -84,7 +84,7 @@ row_unlabeled()       {
     if [ ! -f "$UNLABELED" ]; then echo "skip row unlabeled: $UNLABELED not found (set UNLABELED=path/to/ti_500K_pseudo_labeled.pickle)"; return 0; fi
     train unlabeled 150 train_misc.py --method unlabeled --unlabeled-data "$UNLABELED" --unlabeled-fraction 0.7 && measure unlabeled full; }
 row_cyclic()          { train cyclic 30 train_at.py --lr-schedule cyclic --cyclic-peak 0.2 && measure cyclic full; }
-row_autoaugment()     { train autoaugment 150 train_at.py --autoaugment && measure autoaugment full; }
+row_autoaugment()     { train autoaugment 150 train_misc.py --method autoaugment && measure autoaugment full; }
 row_awp()             { train awp 150 train_awp.py --xi 0.005 && measure awp full; }
 row_label_noise()     { train label_noise 150 train_at.py --label-noise 0.4 && measure label_noise full; }
 row_clip()            { train clip 150 train_at.py --clip 0.005 && measure clip full; }

@@ -269,14 +269,3 @@ def test_device_loader_ranks_draw_their_own_augmentations():
              for r in range(2)]
     assert not torch.equal(ranks[0], ranks[1])
     assert torch.equal(ranks[0], single[0::2]) and torch.equal(ranks[1], single[1::2])
-
-
-def test_autoaugment_loader_visits_every_image_once():
-    n = 40
-    x, y = id_images(n), torch.arange(n) % 10
-    loader = common.AutoAugmentLoader(x, y, 10, torch.device("cpu"), seed=0, workers=0)
-    assert len(loader) == 4
-    labels = torch.cat([yb for _, yb in loader])
-    assert sorted(labels.tolist()) == sorted(y.tolist())
-    xb, _ = next(iter(loader))
-    assert xb.dtype == torch.float32 and xb.shape == (10, 3, 32, 32) and xb.max() <= 1

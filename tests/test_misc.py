@@ -15,6 +15,7 @@ import json
 import math
 import os
 import pickle
+import random
 import shutil
 
 import numpy as np
@@ -589,6 +590,67 @@ def test_pgd_tau_step_by_hand(monkeypatch, steps):
     assert sched.last_epoch == 1 and _clipped(model, 0.1)
 
 
+def test_autoaugment_step_by_hand(monkeypatch):
+    """--method autoaugment trains as train_at.py does: the training forward sees x + PGD's δ, on the
+    noisy labels with smoothing, then SGD, clipping, EMA and one schedule step."""
+    args, model, opt, sched, ema = _setup("autoaugment", "--attack-steps", 2)
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(10, (8,))
+    spies = _spies(monkeypatch)
+    before, ema_before = copy.deepcopy(model), _float_params(ema.module)
+    seen, hook = _record_training_forwards(model, spies)
+    tm.autoaugment_train_step(model, model, opt, sched, ema, (x, y), args)
+    hook.remove()
+
+    (call,) = spies["pgd"].calls
+    _check_attack_call(call, args, x, y)
+    x_adv = x + call["out"][0]
+    assert len(seen) == 1 and torch.equal(seen[0][0], x_adv)
+    (noise,) = spies["noise"].calls
+    assert torch.equal(noise["y"], y) and noise["p"] == 0.6
+    expected = _expected_sgd(before, lambda m: _smoothed_ce(m(x_adv), noise["out"], 0.2), LR, 0.1)
+    _check_update_and_ema(model, expected, ema, ema_before)
+    assert sched.last_epoch == 1 and _clipped(model, 0.1)
+
+
+def test_autoaugment_loader_augments_every_image_once_per_epoch_and_replays_an_epoch():
+    """An epoch visits every image once (labels a permutation), the images are augmented (not the raw
+    ones, and Cutout zeroes a hole), and in workers setting .epoch replays that epoch's draws (what
+    resume does; with --workers 0 the draws come from the process's RNG, which checkpoints restore)."""
+    n = 40
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(30, 226, (n, 3, 32, 32), dtype=torch.uint8, generator=g), torch.arange(n) % 10
+    loader = tm.AutoAugmentLoader(x, y, 10, torch.device("cpu"), seed=0, workers=1)
+    assert len(loader) == 4
+    first = list(loader)
+    assert sorted(torch.cat([yb for _, yb in first]).tolist()) == sorted(y.tolist())
+    xb = torch.cat([b for b, _ in first])
+    assert xb.dtype == torch.float32 and xb.shape == (n, 3, 32, 32) and 0 <= xb.min() and xb.max() <= 1
+    raw = x.float() / 255
+    assert all(not any(torch.equal(img, r) for r in raw) for img in xb)  # no image comes through unchanged
+    names = [type(s).__name__ for s in loader.transform.transforms]
+    assert names == ["RandomCrop", "RandomHorizontalFlip", "AutoAugment", "ConvertImageDtype", "Cutout"], names
+    assert loader.transform.transforms[2].policy.name == "CIFAR10" and loader.transform.transforms[0].padding == 4
+    second = list(loader)  # epoch 1 draws differently
+    assert not torch.equal(torch.cat([b for b, _ in second]), xb)
+    loader.epoch = 0
+    replay = list(loader)
+    assert all(torch.equal(a, b) and torch.equal(ya, yb) for (a, ya), (b, yb) in zip(replay, first))
+
+
+def test_cutout_zeroes_one_square_clipped_at_the_border():
+    """Cutout(16): one 16×16 hole of zeros centred at a uniformly drawn pixel, clipped at the border."""
+    random.seed(0)
+    areas = set()
+    for _ in range(200):
+        hole = tm.Cutout(16)(torch.ones(3, 32, 32)) == 0
+        assert torch.equal(hole[0], hole[1]) and torch.equal(hole[0], hole[2])
+        rows, cols = hole[0].any(1).nonzero().flatten(), hole[0].any(0).nonzero().flatten()
+        assert hole[0].sum() == len(rows) * len(cols)  # a rectangle
+        assert 8 <= len(rows) <= 16 and 8 <= len(cols) <= 16  # clipped at most to half of 16
+        areas.add(int(hole[0].sum()))
+    assert 256 in areas and min(areas) < 256  # whole holes inside, clipped ones at the border
+
+
 def test_pgd_tau_changes_delta():
     """What τ does to the δ the step trains on (so a τ that is passed but ignored shows)."""
     model = nn.Linear(4, 2)
@@ -651,7 +713,8 @@ def test_entropy_sgd_step_by_hand(monkeypatch):
 MAIN_FLAGS = ["--width", "4", "--batch-size", "20", "--train-subset", "40", "--epochs", "1", "--n-log", "10",
               "--n-early-stop", "10", "--es-restarts", "1", "--attack-steps", "1", "--device", "cpu"]
 METHOD_FLAGS = {"rotation": [], "unlabeled": ["--unlabeled-fraction", "0.25"],
-                "entropy-sgd": ["--L", "2", "--esgd-scoping", "0.5"], "pgd-tau": ["--tau", "1"]}
+                "entropy-sgd": ["--L", "2", "--esgd-scoping", "0.5"], "pgd-tau": ["--tau", "1"],
+                "autoaugment": ["--workers", "0"]}
 
 
 def _run_main(monkeypatch, method, argv):
@@ -708,12 +771,15 @@ def test_main_wires_each_method(monkeypatch, tiny_data, tmp_path, method):
         elif method == "entropy-sgd":
             assert len(batch) == 2 and all(len(y) == 20 for _, y in batch)  # --L 2 fresh batches
             assert math.isclose(float(rec["out"]["esgd_gamma"] / rec["out"]["n"]), 1e-4 * 1.5 ** s, rel_tol=1e-6)
-        else:
+        elif method == "pgd-tau":
             assert 0 <= float(rec["out"]["attack_steps"]) <= 20
+        else:  # AutoAugmentLoader's float images of the global batch
+            x, y = batch
+            assert x.dtype == torch.float32 and x.shape == (20, 3, 32, 32) and 0 <= x.min() and x.max() <= 1
 
     (m,) = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     keys = {"rotation": ["train_rot_loss", "train_rot_err"], "unlabeled": ["train_loss_labelled", "train_err_labelled"],
-            "entropy-sgd": ["train_esgd_gamma"], "pgd-tau": ["train_attack_steps"]}[method]
+            "entropy-sgd": ["train_esgd_gamma"], "pgd-tau": ["train_attack_steps"], "autoaugment": []}[method]
     for k in ["train_loss", "train_err", "test_rloss", "test_rerr", "es_rerr", *keys]:
         assert math.isfinite(m[k]), (k, m)
     if method == "entropy-sgd":  # the epoch's mean γ_t over outer steps t = 0, 1

@@ -26,8 +26,7 @@ COMBOS = {
                                 0.05 * 0.1 ** 3),
     "late-silu-smoothing-std": (["--lr-schedule", "late", "--act", "silu", "--label-smoothing", "0.3",
                                  "--attack-steps", "0"], 0.05 * 0.1 ** 2),
-    "cyclic-mish-noise-aa": (["--lr-schedule", "cyclic", "--act", "mish", "--label-noise", "0.4",
-                              "--autoaugment", "--workers", "0"], 0.0),
+    "cyclic-mish-noise": (["--lr-schedule", "cyclic", "--act", "mish", "--label-noise", "0.4"], 0.0),
     "cosine-gelu-ema": (["--lr-schedule", "cosine", "--act", "gelu", "--ema", "0.9"], 0.0),
     "const-adam": (["--lr-schedule", "const", "--optimizer", "adam", "--lr", "1e-3"], 1e-3),
 }

@@ -9,7 +9,8 @@ A. One call of each script's `train_step` (args from the script's own parse_args
    restore, the first optimiser step (SGD: w − lr·(g + wd·w), momentum buffer g + wd·w; Adam), gradient
    clipping, weight clipping, the EMA and the schedule.
 B. Each script's `main()` in-process on the tiny ImageFolder with a spy around its train_step and a
-   scripted common.epoch_metrics: the EMA decay, the schedule and the init clipping of main, the
+   scripted common.epoch_metrics: the EMA decay, the schedule and the init clipping of main, the EMA's
+   BN statistics re-estimated after the last epoch (what its BN layer saw, averaged by hand), the
    --awp-warmup epochs, the early-stopping rule and its data (last --n-early-stop test images,
    --es-restarts), the per-epoch test data (first --n-log), the checkpoints, and --resume.
 """
@@ -376,12 +377,19 @@ def state_of(module):
 
 
 def install_spies(monkeypatch, method, es_rerr):
-    """A spy around the script's train_step (lr, weights, EMA and xi per call) and a scripted
-    common.epoch_metrics (its arguments and the weights it was given, per call)."""
-    calls, evals = [], []
+    """A spy around the script's train_step (lr, weights, EMA and xi per call), a scripted
+    common.epoch_metrics (its arguments and the weights it was given, per call), and a record of what the
+    EMA model's first BN layer sees (its input, BN mode, and the steps taken by then): the EMA model has
+    no forward of its own but the BN re-estimation."""
+    calls, evals, ema_bn_inputs = [], [], []
     module, real = MODULES[method], TRAIN_STEPS[method]
 
+    def record_ema_bn(bn, inputs):
+        ema_bn_inputs.append({"input": inputs[0].detach().clone(), "train": bn.training, "after_steps": len(calls)})
+
     def step(model, attack_model, opt, sched, ema, x, y, args, *rest):
+        if ema is not None and not calls:
+            ema.module.bn1.register_forward_pre_hook(record_ema_bn)
         rec = {"lr": opt.param_groups[0]["lr"], "model": model, "attack_model": attack_model, "rest": rest,
                "w_before": state_of(model), "ema_before": state_of(ema.module) if ema is not None else None}
         out = real(model, attack_model, opt, sched, ema, x, y, args, *rest)
@@ -400,7 +408,7 @@ def install_spies(monkeypatch, method, es_rerr):
 
     monkeypatch.setattr(module, "train_step", step)
     monkeypatch.setattr(common, "epoch_metrics", epoch_metrics)
-    return calls, evals
+    return calls, evals, ema_bn_inputs
 
 
 def main_flags(method, tiny_data, out):
@@ -427,7 +435,7 @@ def test_main_wiring(method, tiny_data, tmp_path, monkeypatch):
     module = MODULES[method]
     out = tmp_path / "run"
     flags = main_flags(method, tiny_data, out)
-    calls, evals = install_spies(monkeypatch, method, ES_RERR)
+    calls, evals, ema_bn_inputs = install_spies(monkeypatch, method, ES_RERR)
     module.main(flags)
     args = module.parse_args(flags)
     steps = len(calls)
@@ -459,6 +467,15 @@ def test_main_wiring(method, tiny_data, tmp_path, monkeypatch):
     for k, _ in net.named_parameters():  # (the EMA's BN statistics are re-estimated after the last epoch)
         assert torch.equal(last["ema"][k], calls[-1]["ema_after"][k]), k
         assert torch.equal(last["model"][k], calls[-1]["w_after"][k]), k
+
+    # ---- after the last epoch, the EMA's BN statistics: one train-mode pass over the training batches and
+    # the plain average of their batch statistics (mean; unbiased variance), not the averaged buffers
+    assert [(f["after_steps"], f["train"], len(f["input"])) for f in ema_bn_inputs] == [(steps, True, 20)] * SPE
+    batch_means = torch.stack([f["input"].mean((0, 2, 3)) for f in ema_bn_inputs])
+    batch_vars = torch.stack([f["input"].var((0, 2, 3), unbiased=True) for f in ema_bn_inputs])
+    assert close(last["ema"]["bn1.running_mean"], batch_means.mean(0))
+    assert close(last["ema"]["bn1.running_var"], batch_vars.mean(0))
+    assert not close(last["ema"]["bn1.running_mean"], calls[-1]["ema_after"]["bn1.running_mean"])
 
     # ---- --awp-warmup 1: epoch 1 is plain AT (xi = 0), then xi = --xi
     if method == "awp":
@@ -495,7 +512,7 @@ def test_main_wiring(method, tiny_data, tmp_path, monkeypatch):
     shutil.copy(out / "ckpt_epoch002.pt", part / "ckpt_epoch002.pt")
     shutil.copy(out / "ckpt_epoch002.pt", part / "ckpt_last.pt")
     (part / "metrics.jsonl").write_text("".join(l + "\n" for l in (out / "metrics.jsonl").read_text().splitlines()[:2]))
-    calls2, _ = install_spies(monkeypatch, method, ES_RERR[2:])
+    calls2, _, _ = install_spies(monkeypatch, method, ES_RERR[2:])
     module.main([*main_flags(method, tiny_data, part), "--resume"])
     assert len(calls2) == 2 * SPE
     assert [c["lr"] for c in calls2] == pytest.approx([c["lr"] for c in calls[2 * SPE:]])
