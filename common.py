@@ -1,6 +1,6 @@
-"""Shared infrastructure for every script (README "Conventions"): data, the CIFAR ResNet-18, PGD, the per-layer
-weight helper, optimiser and schedule, checkpoints, the run folder and the distributed setup. Method logic lives in
-the method files. Blocks headed `# plumbing:` are infrastructure a reader of the method may skip.
+"""What every script needs (README "Conventions"): data, the CIFAR ResNet-18, PGD, the per-layer weight helper,
+optimiser and schedules, checkpoints and the run folder, the distributed setup. Method logic lives in the method
+files; blocks headed `# plumbing:` are infrastructure a reader of a method may skip.
 Conventions: inputs in [0, 1]; the per-channel normaliser is the model's first module; every attack runs the
 model in eval mode (BN running statistics) and restores the caller's mode.
 """
@@ -47,8 +47,7 @@ class ArgumentParser(argparse.ArgumentParser):
     exit code 2); --help shows every default."""
 
     def __init__(self, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
-        super().__init__(**kwargs)
+        super().__init__(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
 
     def error(self, message):
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
@@ -68,13 +67,16 @@ def check(condition, message):
         raise UsageError(message)
 
 
+def warn(message):
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 def add_runtime_args(parser):
     g = parser.add_argument_group("runtime")
     g.add_argument("--data-dir", default="data", help="CIFAR-10 root (downloaded if missing) or an "
                    "ImageFolder tree with train/ and test/ (e.g. ../shared/data/cifar10-jpeg)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--seed", type=int, default=0, help="seeds every random draw; recorded in results")
-    return g
 
 
 # plumbing: device, distributed setup, RNG state (README "Multi-GPU") ----------------------------------------------
@@ -90,20 +92,10 @@ def resolve_device(flag):
     return device
 
 
-def world_size():
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def teardown_distributed():
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def setup_distributed(device_flag):
     """(rank, world, device): under `torchrun --nproc_per_node=N` one process per device (NCCL on GPUs, gloo on
     CPU); a plain `python script.py` is rank 0 of 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = resolve_device(device_flag)
+    world, device = int(os.environ.get("WORLD_SIZE", "1")), resolve_device(device_flag)
     if world == 1:
         return 0, 1, device
     if device.type == "cuda":
@@ -111,6 +103,15 @@ def setup_distributed(device_flag):
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), world, device
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def teardown_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def seed_everything(seed):
@@ -125,7 +126,7 @@ def rng_state(loader=None):
     state = {"torch": torch.get_rng_state(), "python": list(python), "python_pos": pos}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
-    if loader is not None and hasattr(loader, "generator"):
+    if hasattr(loader, "generator"):
         state["loader"] = loader.generator.get_state()
     return state
 
@@ -136,7 +137,7 @@ def set_rng_state(state, loader=None):
     random.setstate((3, tuple(state["python"]), state["python_pos"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-    if loader is not None and "loader" in state:
+    if "loader" in state and hasattr(loader, "generator"):
         loader.generator.set_state(state["loader"].cpu())
 
 
@@ -198,11 +199,9 @@ def balanced_subset(labels, n):
     """The first n // K indices of every class (class-balanced `--train-subset`)."""
     labels = torch.as_tensor(labels)
     classes = labels.unique(sorted=True)
-    check(n % len(classes) == 0 and n > 0,
-          f"--train-subset {n} must be a positive multiple of the {len(classes)} classes")
+    check(n % len(classes) == 0 and n > 0, f"--train-subset {n} must be a positive multiple of the {len(classes)} classes")
     picked = [torch.nonzero(labels == c).flatten()[: n // len(classes)] for c in classes]
-    check(all(len(p) == n // len(classes) for p in picked),
-          f"--train-subset {n} asks for more images per class than the data has")
+    check(all(len(p) == n // len(classes) for p in picked), f"--train-subset {n} asks for more images per class than the data has")
     return torch.sort(torch.cat(picked)).values
 
 
@@ -322,9 +321,7 @@ class ResNet18(nn.Module):
 def add_model_args(parser):
     g = parser.add_argument_group("model")
     g.add_argument("--width", type=int, default=64, help="channels of the first stage (paper: 64; 16 or 8 for CPU)")
-    g.add_argument("--act", default="relu", choices=tuple(ACTIVATIONS),
-                   help="every activation (Table 1 rows: silu, mish, gelu)")
-    return g
+    g.add_argument("--act", default="relu", choices=tuple(ACTIVATIONS), help="every activation (Table 1 rows: silu, mish, gelu)")
 
 
 def build_model(args):
@@ -439,18 +436,15 @@ def perturbable_params(model, weights_only=False):
     """{name: parameter} of the 'layers' a weight perturbation acts on: conv/linear weights and biases, each
     tensor its own layer. Normalisation layers and any auxiliary head (a module flagged `auxiliary = True`, with
     everything under it) are excluded; `weights_only` keeps only tensors with dim > 1 (AWP)."""
-    norm_types = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, Normalize)
     out = {}
     for mname, module in model.named_modules():
         parts = mname.split(".")  # the module itself and every module above it
-        if any(getattr(model.get_submodule(".".join(parts[:i])), "auxiliary", False)
-               for i in range(1, len(parts) + 1)):
+        if any(getattr(model.get_submodule(".".join(parts[:i])), "auxiliary", False) for i in range(1, len(parts) + 1)):
             continue
-        if isinstance(module, norm_types) or not isinstance(module, (nn.Conv2d, nn.Linear)):
-            continue
-        for pname, p in module.named_parameters(recurse=False):
-            if not (weights_only and p.dim() <= 1):
-                out[f"{mname}.{pname}" if mname else pname] = p
+        if isinstance(module, (nn.Conv2d, nn.Linear)):  # never a normalisation layer or the normaliser
+            for pname, p in module.named_parameters(recurse=False):
+                if not (weights_only and p.dim() <= 1):
+                    out[f"{mname}.{pname}" if mname else pname] = p
     return out
 
 
@@ -484,10 +478,8 @@ def add_optim_args(parser):
     g.add_argument("--wd", type=fraction, default=5e-4,
                    help="coupled L2 on all parameters (released code 5e-4; the text says 5e-3; Table 1 row: 0.05)")
     g.add_argument("--lr-schedule", default="multistep", choices=LR_SCHEDULES,
-                   help="multistep (x0.1 at 60/90/120 of 150) | late (140/145) | cyclic (0 -> 0.2 -> 0) | const | "
-                   "cosine")
+                   help="multistep (x0.1 at 60/90/120 of 150) | late (140/145) | cyclic (0 -> 0.2 -> 0) | const | cosine")
     g.add_argument("--cyclic-peak", type=fraction, default=0.2, help="peak lr of --lr-schedule cyclic (paper: 0.2)")
-    return g
 
 
 def make_optimizer(model, args, steps_per_epoch):
@@ -521,7 +513,7 @@ def noisy_labels(y, p, num_classes=NUM_CLASSES):
     return torch.where(replace, torch.randint_like(y, num_classes), y)
 
 
-# plumbing: result files, checkpoint I/O, loading models (README "Run folder, early stopping, resume") -------------
+# plumbing: result files and checkpoint I/O (README "Run folder, early stopping, resume") --------------------------
 def versions(device):
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
@@ -537,8 +529,7 @@ def versions(device):
 
 def _atomic(path, write):
     """`write(tmp)` to <name>.tmp, then os.replace: a crash never leaves a torn file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
     write(tmp)
     os.replace(tmp, path)
 
@@ -551,18 +542,13 @@ def write_jsonl(path, rows):
     _atomic(path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in rows)))
 
 
-def copy_file(src, dst):
-    _atomic(dst, lambda tmp: shutil.copyfile(src, tmp))
-
-
 def save_checkpoint(path, **state):
     _atomic(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path, device="cpu"):
     """torch.load(weights_only=True) with one clear error for a missing or unreadable file."""
-    path = Path(path)
-    check(path.is_file(), f"checkpoint {path} does not exist")
+    check(Path(path).is_file(), f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
@@ -572,7 +558,9 @@ def load_checkpoint(path, device="cpu"):
     return ckpt
 
 
-# plumbing: per-batch and per-epoch statistics of every train_*.py (DDP-aware) -------------------------------------
+# ---------------------------------------------------------------------------------------------
+# plumbing: what the epoch loop of every train_*.py calls (stateless, DDP-aware)
+# ---------------------------------------------------------------------------------------------
 def unwrap(model):
     """The plain module under DDP and torch.compile wrappers (what is saved and attacked)."""
     model = getattr(model, "module", model)
@@ -593,6 +581,19 @@ def add_stats(sums, stats):
     return sums
 
 
+def train_means(sums, world=1):
+    """Epoch means of the summed training statistics: train_<key> = sum / n (sum / n_labelled for *_labelled
+    keys), all-reduced over ranks."""
+    keys = sorted(sums)
+    device = next(v.device for v in sums.values() if torch.is_tensor(v))
+    totals = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32, device=device) for k in keys])
+    if world > 1:
+        dist.all_reduce(totals)
+    t = dict(zip(keys, totals.tolist()))
+    return {f"train_{k}": v / max(t["n_labelled" if k.endswith("_labelled") else "n"], 1)
+            for k, v in t.items() if not k.startswith("n")}
+
+
 def epoch_metrics(model, x, y, alpha, restarts, prefix, rank=0, world=1):
     """Clean and PGD-7 (ε = 8/255) metrics of a fixed test slice, sharded over ranks with summed counts; the
     robust loss is also split by clean correctness (Fig. 2)."""
@@ -609,6 +610,20 @@ def epoch_metrics(model, x, y, alpha, restarts, prefix, rank=0, world=1):
             f"{prefix}rloss_incorrect": (rl - rl_ok) / max(n - n_ok, 1), f"{prefix}n": int(n)}
 
 
+def sync_buffers(module, world=1):
+    """BN running statistics from rank 0: under DDP each rank's drift apart (they see other images)."""
+    for b in module.buffers() if world > 1 else ():
+        dist.broadcast(b, 0)
+
+
+def reestimate_bn(ema, loader, world=1):
+    """The EMA model's BN statistics, re-estimated by one clean pass over the (augmented) training set:
+    averaged running statistics do not belong to the averaged weights."""
+    from torch.optim.swa_utils import update_bn
+    update_bn(loader, ema, device=next(ema.parameters()).device)
+    sync_buffers(ema, world)
+
+
 # ---------------------------------------------------------------------------------------------
 # plumbing: the run folder and its crash safety (README "Run folder, early stopping, resume")
 # Per epoch, in this order: the snapshot ckpt_epoch{E:03d}.pt (snapshot epochs), ckpt_best.pt (a copy of
@@ -617,22 +632,24 @@ def epoch_metrics(model, x, y, alpha, restarts, prefix, rank=0, world=1):
 # A kill at any moment leaves ckpt_last.pt at the last committed epoch; --resume restores it and
 # repairs what a kill after it may have left (torn or stale files, a ckpt_best.pt of a lost epoch).
 # ---------------------------------------------------------------------------------------------
+NOT_COMPARED = {"resume", "device", "out", "workers"}  # flags that may change on --resume
+
+
+def snapshot_path(out, epoch):
+    return Path(out) / f"ckpt_epoch{epoch:03d}.pt"
+
+
 def holds_results(out):
-    """A folder holds a run once an epoch wrote a checkpoint or a metrics line (args.json alone, or an
-    empty folder, is not a run)."""
-    out = Path(out)
-    metrics = out / "metrics.jsonl"
-    return any(out.glob("ckpt_*.pt")) or (metrics.is_file() and metrics.stat().st_size > 0)
+    """A folder holds a run once an epoch wrote a checkpoint or a metrics line (args.json alone, or an empty
+    folder, is not a run)."""
+    metrics = Path(out) / "metrics.jsonl"
+    return any(Path(out).glob("ckpt_*.pt")) or (metrics.is_file() and metrics.stat().st_size > 0)
 
 
 def check_out(args):
     """Before anything is loaded: a folder that holds a run is continued with --resume, never overwritten."""
     check(args.resume or not holds_results(args.out),
           f"{args.out} already holds a run; pass --resume to continue it or choose another --out")
-
-
-def snapshot_path(out, epoch):
-    return Path(out) / f"ckpt_epoch{epoch:03d}.pt"
 
 
 def resume_checkpoint(args, device, rank=0):
@@ -664,12 +681,9 @@ def resume_checkpoint(args, device, rank=0):
     return None
 
 
-NOT_COMPARED = {"resume", "device", "out", "workers"}  # flags that may change on --resume
-
-
 def restore(ckpt, args, net, opt, sched, ema, loader, rank=0, world=1, aux=None):
-    """Load a checkpoint into the training objects and return (epoch, history, best): the epochs done,
-    the per-epoch metrics and the early-stopping choice. Rank 0 repairs the run folder."""
+    """Load a checkpoint into the training objects and return (epoch, history, best): the epochs done, the
+    per-epoch metrics and the early-stopping choice. Rank 0 repairs the run folder."""
     net.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
     sched.load_state_dict(ckpt["scheduler"])
@@ -690,27 +704,26 @@ def restore(ckpt, args, net, opt, sched, ema, loader, rank=0, world=1, aux=None)
 
 
 def repair_run(ckpt, out):
-    """Make the folder what the committed epoch says: no temporary files, metrics.jsonl = the history
-    (a torn line is dropped with a warning), the committed snapshot present, and ckpt_best.pt = the
-    snapshot of the best epoch (a kill between the writes may have left one of a lost epoch)."""
+    """Make the folder what the committed epoch says: no temporary files, metrics.jsonl = the history (a torn
+    line is dropped with a warning), the committed snapshot present, and ckpt_best.pt = the snapshot of the
+    best epoch (a kill between the writes may have left one of a lost epoch)."""
     out, epoch, best = Path(out), int(ckpt["epoch"]), ckpt["es_best"]
     for tmp in out.glob("*.tmp"):
         tmp.unlink()
     metrics = out / "metrics.jsonl"
-    lines = metrics.read_text().splitlines() if metrics.is_file() else []
-    torn = sum(1 for l in lines if l.strip() and not _is_json(l))
+    torn = sum(1 for line in (metrics.read_text().splitlines() if metrics.is_file() else [])
+               if line.strip() and not _is_json(line))
     if torn:
         warn(f"dropped {torn} torn line(s) of {metrics}; metrics.jsonl is rewritten from the checkpoint")
     write_jsonl(metrics, ckpt["history"])
     if "es_rerr" in ckpt["metrics"] and not snapshot_path(out, epoch).is_file():
         save_checkpoint(snapshot_path(out, epoch), **ckpt)
-    if best is not None:
-        best_file = out / "ckpt_best.pt"
-        have = torch.load(best_file, map_location="cpu", weights_only=True)["epoch"] if best_file.is_file() else None
-        if have != best["epoch"]:
-            check(snapshot_path(out, best["epoch"]).is_file(), f"{best_file} must be epoch {best['epoch']}, "
-                  f"but its snapshot {snapshot_path(out, best['epoch']).name} is gone; restore it or start a new run")
-            copy_file(snapshot_path(out, best["epoch"]), best_file)
+    best_file = out / "ckpt_best.pt"
+    if best is not None and (not best_file.is_file() or
+                             torch.load(best_file, map_location="cpu", weights_only=True)["epoch"] != best["epoch"]):
+        check(snapshot_path(out, best["epoch"]).is_file(), f"{best_file} must be epoch {best['epoch']}, but its "
+              f"snapshot {snapshot_path(out, best['epoch']).name} is gone; restore it or start a new run")
+        _atomic(best_file, lambda tmp: shutil.copyfile(snapshot_path(out, best["epoch"]), tmp))
     if not (out / "ckpt_last.pt").is_file():  # resumed from a snapshot: its epoch's commit point, last
         save_checkpoint(out / "ckpt_last.pt", **ckpt)
 
@@ -724,8 +737,8 @@ def _is_json(line):
 
 
 def training_state(args, epoch, net, opt, sched, ema, loader, history, best, world=1, aux=None):
-    """Everything that determines the rest of the run, as one checkpoint dict (loads with
-    weights_only=True). Under DDP every rank's RNG state (attack starts and label noise differ per rank)."""
+    """Everything that determines the rest of the run, as one checkpoint dict (loads with weights_only=True).
+    Under DDP every rank's RNG state (attack starts and label noise differ per rank)."""
     rng = [rng_state(loader)]
     if world > 1:
         rng = [None] * world
@@ -741,8 +754,8 @@ def training_state(args, epoch, net, opt, sched, ema, loader, history, best, wor
 
 
 def save_epoch(state, snapshot, is_best, rank=0):
-    """Write one epoch in the commit order above (rank 0; the others wait). args.json comes with the
-    first epoch, so a start that fails leaves no run folder."""
+    """Write one epoch in the commit order above (rank 0; the others wait). args.json comes with the first
+    epoch, so a start that fails leaves no run folder."""
     if rank == 0:
         out, epoch = Path(state["args"]["out"]), state["epoch"]
         out.mkdir(parents=True, exist_ok=True)
@@ -753,7 +766,7 @@ def save_epoch(state, snapshot, is_best, rank=0):
         if snapshot:
             save_checkpoint(snapshot_path(out, epoch), **state)
         if is_best:
-            copy_file(snapshot_path(out, epoch), out / "ckpt_best.pt")
+            _atomic(out / "ckpt_best.pt", lambda tmp: shutil.copyfile(snapshot_path(out, epoch), tmp))
         save_checkpoint(out / "ckpt_last.pt", **state)  # the commit point
         write_jsonl(out / "metrics.jsonl", state["history"])
         shown = ("train_loss", "train_err", "test_clean_err", "test_rerr", "es_rerr", "time_s")
@@ -761,38 +774,3 @@ def save_epoch(state, snapshot, is_best, rank=0):
               flush=True)
     if dist.is_initialized():
         dist.barrier()
-
-
-def warn(message):
-    print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# plumbing: what the epoch loop of every train_*.py calls (DDP-aware, stateless)
-# ---------------------------------------------------------------------------------------------
-def train_means(sums, world=1):
-    """Epoch means of the summed training statistics: train_<key> = sum / n (sum / n_labelled for
-    *_labelled keys), all-reduced over ranks."""
-    keys = sorted(sums)
-    device = next(v.device for v in sums.values() if torch.is_tensor(v))
-    totals = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32, device=device) for k in keys])
-    if world > 1:
-        dist.all_reduce(totals)
-    t = dict(zip(keys, totals.tolist()))
-    return {f"train_{k}": v / max(t["n_labelled" if k.endswith("_labelled") else "n"], 1)
-            for k, v in t.items() if not k.startswith("n")}
-
-
-def sync_buffers(module, world=1):
-    """BN running statistics from rank 0: under DDP each rank's drift apart (they see other images)."""
-    if world > 1:
-        for b in module.buffers():
-            dist.broadcast(b, 0)
-
-
-def reestimate_bn(ema, loader, world=1):
-    """The EMA model's BN statistics, re-estimated by one clean pass over the (augmented) training set:
-    averaged running statistics do not belong to the averaged weights."""
-    from torch.optim.swa_utils import update_bn
-    update_bn(loader, ema, device=next(ema.parameters()).device)
-    sync_buffers(ema, world)
