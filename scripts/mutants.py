@@ -94,6 +94,20 @@ MUTANTS = [
     # ---- common.py (only inside functions whose text is fixed: pgd, clip_weights, noisy_labels, ...)
     ("common-clip-bn-scale-to-zero", "common.py", "m.weight.clamp_(1 - w, 1 + w)", "m.weight.clamp_(-w, w)",
      STEP("at-clip-ema")),
+    # ---- common.py: the run folder's commit protocol and its repair on --resume
+    ("runfolder-best-never-written", "common.py", "        if is_best:\n", "        if False:\n",
+     "tests/test_run_folder.py::test_reference_run"),
+    ("runfolder-metrics-not-repaired", "common.py", 'write_jsonl(metrics, ckpt["history"])', "pass",
+     "tests/test_run_folder.py::test_torn_metrics_line_is_dropped_with_a_warning"),
+    ("runfolder-stale-best-kept", "common.py", 'weights_only=True)["epoch"] != best["epoch"]):',
+     'weights_only=True)["epoch"] == best["epoch"]):', "tests/test_run_folder.py::test_crash_at_every_write_then_resume"),
+    ("runfolder-tmp-files-kept", "common.py", "    for tmp in out.glob(\"*.tmp\"):\n        tmp.unlink()\n    metrics",
+     "    metrics", "tests/test_run_folder.py::test_crash_at_every_write_then_resume"),
+    ("runfolder-resume-overwrites-results", "common.py", "check(not holds_results(out), f\"--resume:",
+     "check(True, f\"--resume:", "tests/test_run_folder.py::test_resume_refuses_a_run_without_a_checkpoint"),
+    ("runfolder-last-before-snapshot-missing", "common.py",
+     "    if \"es_rerr\" in ckpt[\"metrics\"] and not snapshot_path(out, epoch).is_file():",
+     "    if False:", "tests/test_run_folder.py::test_resume_without_ckpt_last_uses_the_newest_snapshot"),
     # ---- bench.py: row 1 must time the training loop's own step
     ("bench-own-step", "bench.py",
      "common.add_stats(sums, train_at.train_step(net, net, opt, sched, None, x, y, args_at))",

@@ -461,6 +461,14 @@ def test_torn_metrics_line_is_dropped_with_a_warning(ref, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "warning" in err and "torn" in err and "metrics.jsonl" in err, err
     assert_same_as_reference(out, ref)
+    # a finished run resumed: no epoch is left to train, so the folder is what the repair alone made
+    done = tmp_path / "done"
+    shutil.copytree(ref.boundary[EPOCHS], done)
+    with open(done / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 4, "lr"')
+    train(ref, done, "--resume")
+    assert "torn" in capsys.readouterr().err
+    assert (done / "metrics.jsonl").read_bytes() == (ref.boundary[EPOCHS] / "metrics.jsonl").read_bytes()
 
 
 # ---------------------------------------------------------------------------------------------
