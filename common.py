@@ -379,7 +379,7 @@ def pgd(model, x, y, eps, alpha, steps, restarts=1, loss_fn=cross_entropy_each, 
     best_delta = delta.detach().clone()
     best_loss = torch.full((xr.shape[0],), -float("inf"), device=x.device)
     best_pred = torch.zeros(xr.shape[0], dtype=torch.long, device=x.device)
-    with bn_mode(model, bn), frozen_params(model):
+    with bn_mode(model, bn), frozen_params(model), torch.enable_grad():  # works inside torch.no_grad() too
         for t in range(steps + 1):  # the last pass only scores the final iterate
             with torch.set_grad_enabled(t < steps), torch.autocast(x.device.type, torch.bfloat16, enabled=autocast):
                 logits = model(xr + delta)

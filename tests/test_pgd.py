@@ -216,3 +216,17 @@ def test_weights_frozen_during_the_attack_and_restored_after():
     with pytest.raises(ValueError):
         common.pgd(model, x, y, EPS, ALPHA, 2, loss_fn=failing_loss)
     assert all(p.requires_grad for n, p in model.named_parameters() if n != "linear.bias")
+
+
+def test_pgd_inside_no_grad_is_the_same_attack():
+    """A caller under torch.no_grad() (an evaluation loop) gets the same δ and loss as one outside it."""
+    model = common.ResNet18(width=4).eval()
+    x, y = torch.rand(6, 3, 32, 32), torch.randint(10, (6,))
+    torch.manual_seed(3)
+    d_grad, l_grad = common.pgd(model, x, y, 8 / 255, 2 / 255, 3, restarts=2)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        d_nograd, l_nograd = common.pgd(model, x, y, 8 / 255, 2 / 255, 3, restarts=2)
+        assert not torch.is_grad_enabled()  # the caller's grad mode is back
+    assert d_grad.abs().max() > 1e-3
+    assert torch.equal(d_grad, d_nograd) and torch.equal(l_grad, l_nograd)

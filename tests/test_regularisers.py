@@ -1,5 +1,5 @@
 """The Table 1 regulariser rows of train_at.py (paper Table 1) against hand computations: weight
-clipping, label noise, label smoothing, the weight EMA and every learning-rate schedule."""
+clipping, label noise, label smoothing and every learning-rate schedule (the weight EMA: tests/test_wiring.py)."""
 import argparse
 import math
 
