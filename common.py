@@ -71,10 +71,16 @@ def warn(message):
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-def add_runtime_args(parser):
+def absolute_path(text):
+    """argparse type: the path made absolute, so that results and checkpoints name it wherever they are read."""
+    return str(Path(text).expanduser().resolve())
+
+
+def add_runtime_args(parser, data_dir="data"):
     g = parser.add_argument_group("runtime")
-    g.add_argument("--data-dir", default="data", help="CIFAR-10 root (downloaded if missing) or an "
-                   "ImageFolder tree with train/ and test/ (e.g. ../shared/data/cifar10-jpeg)")
+    g.add_argument("--data-dir", type=absolute_path, default=data_dir, help="CIFAR-10 root (downloaded if missing) "
+                   "or an ImageFolder tree with train/ and test/ (e.g. ../shared/data/cifar10-jpeg)"
+                   + ("; default: the one our checkpoint was trained on, else ./data" if data_dir is None else ""))
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--seed", type=int, default=0, help="seeds every random draw; recorded in results")
 
@@ -669,7 +675,7 @@ def resume_checkpoint(args, device, rank=0):
             continue
         if path.name != "ckpt_last.pt" and rank == 0:
             warn(f"{out / 'ckpt_last.pt'} is missing or unreadable; resuming from {path.name}")
-        saved, now = ckpt["args"], vars(args)
+        saved, now = dict(ckpt["args"], data_dir=absolute_path(ckpt["args"]["data_dir"])), vars(args)
         differ = sorted(k for k in now if k not in NOT_COMPARED and k in saved and saved[k] != now[k])
         check(not differ, "--resume with flags that differ from the saved run: "
               + ", ".join(f"--{k.replace('_', '-')} {saved[k]} (now {now[k]})" for k in differ))

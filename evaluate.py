@@ -44,7 +44,7 @@ AA_ATTACKS = {"standard": ["apgd-ce", "apgd-t", "fab-t", "square"],
 def parse_args(argv=None):
     p = common.ArgumentParser(description=__doc__.split("\n")[0])
     add_model_source_args(p)
-    common.add_runtime_args(p)
+    common.add_runtime_args(p, data_dir=None)
     g = p.add_argument_group("evaluation subsets")
     g.add_argument("--n-eval", type=int, default=1000, help="test images 0…N-1 for PGD and AutoAttack (paper: 1000)")
     g.add_argument("--n-clean", type=int, default=0, help="test images for clean loss/error (0 = the full test set, paper)")
@@ -145,6 +145,12 @@ def add_model_source_args(parser):
     g.add_argument("--robustbench", metavar="NAME", help="a RobustBench CIFAR-10 Linf model instead of a checkpoint")
     g.add_argument("--model-dir", default="models", help="RobustBench model cache folder")
     return g
+
+
+def data_dir_of(args, info):
+    """--data-dir if given, else the data our checkpoint was trained on (its args), else ./data."""
+    trained_on = (info.get("args") or {}).get("data_dir") if info["source"] == "ours" else None
+    return args.data_dir or trained_on or common.absolute_path("data")
 
 
 def load_model(args, device):
@@ -326,6 +332,7 @@ def main(argv=None):
     # ---- model: ours (architecture from its args), an external state dict, or RobustBench
     model, info = load_model(args, device)
     model = model.float().eval()  # every reported number is fp32 (README 'Conventions')
+    args.data_dir = data_dir_of(args, info)
     out = output_path(args)
     check(out.parent.is_dir(), f"output folder {out.parent} does not exist (choose --out)")
 

@@ -51,7 +51,7 @@ from tqdm import tqdm, trange
 
 import common
 from common import check, fraction
-from evaluate import add_model_source_args, load_model, result_path
+from evaluate import add_model_source_args, data_dir_of, load_model, result_path
 
 MODES = ("average", "worst", "both", "landscape", "hessian")
 DEFAULT_XI = {"average": 0.5, "worst": 0.00075}      # the paper's ξ (Table 1)
@@ -61,7 +61,7 @@ NU_SEED_OFFSET = 1_000_003  # ν draws use their own generator, seeded apart fro
 def parse_args(argv=None):
     p = common.ArgumentParser(description=__doc__.split("\n")[0])
     add_model_source_args(p)
-    common.add_runtime_args(p)
+    common.add_runtime_args(p, data_dir=None)
     p.add_argument("--epochs", metavar="RUN_DIR", default=None,
                    help="measure every ckpt_epoch*.pt snapshot of this run folder (Fig. 6), skipping those "
                         "whose result file exists")
@@ -664,6 +664,7 @@ def main(argv=None):
 
     if args.epochs is None:
         model, info = load_model(args, device)
+        args.data_dir = data_dir_of(args, info)
         checkpoint = None if args.robustbench else Path(args.checkpoint)
         out = output_path(args, checkpoint, modes[0])
         check(out.parent.is_dir(), f"output folder {out.parent} does not exist")
@@ -682,6 +683,7 @@ def main(argv=None):
             continue
         args.checkpoint = str(checkpoint)
         model, info = load_model(args, device)
+        args.data_dir = data_dir_of(args, info)  # the run's data (its snapshots share it)
         print(f"{checkpoint} (epoch {info['epoch']})")
         measure_checkpoint(model, info, checkpoint, todo, args, data, device, progress)
 

@@ -269,3 +269,35 @@ def test_device_loader_ranks_draw_their_own_augmentations():
              for r in range(2)]
     assert not torch.equal(ranks[0], ranks[1])
     assert torch.equal(ranks[0], single[0::2]) and torch.equal(ranks[1], single[1::2])
+
+
+def test_our_checkpoints_need_no_data_flag_and_resume_resolves_paths(tiny_data, tmp_path, monkeypatch):
+    """--data-dir is stored absolute; evaluate.py and flatness.py, run elsewhere without --data-dir, read
+    the run's data from the checkpoint; --resume takes another spelling of the same folder."""
+    import flatness
+    import train_at
+    monkeypatch.chdir(tiny_data.parent)
+    out = tmp_path / "run"
+    flags = [*TINY, "--train-subset", "20", "--batch-size", "20", "--epochs", "1", "--attack-steps", "1",
+             "--n-log", "10", "--n-early-stop", "10", "--out", str(out)]
+    train_at.main([*flags, "--data-dir", tiny_data.name])  # relative to the working directory
+    stored = json.loads((out / "args.json").read_text())["data_dir"]
+    assert stored == str(tiny_data.resolve())
+    assert common.load_checkpoint(out / "ckpt_last.pt")["args"]["data_dir"] == stored
+
+    monkeypatch.chdir(tmp_path)  # where no ./data and no tiny tree exist
+    evaluate.main([str(out / "ckpt_last.pt"), "--no-autoattack", "--n-eval", "10", "--n-clean", "20", "--steps", "1",
+                   "--restarts", "1", "--device", "cpu"])
+    result = json.loads((out / "eval.json").read_text())
+    assert result["data_dir"] == stored and result["clean"]["n"] == 20
+    flatness.main([str(out / "ckpt_last.pt"), "--mode", "average", "--n-eval", "10", "--samples", "1", "--steps", "1",
+                   "--ref-restarts", "1", "--device", "cpu"])
+    (measured,) = out.glob("flatness_average*.json")
+    assert json.loads(measured.read_text())["data_dir"] == stored
+
+    other_spelling = f"{tiny_data.parent}/./{tiny_data.name}/"
+    train_at.main([*flags, "--data-dir", other_spelling, "--resume"])  # nothing left to train: no refusal
+    other_data = tmp_path / "other_tree"  # another folder holding the same images is other data
+    shutil.copytree(tiny_data, other_data)
+    with pytest.raises(common.UsageError, match="differ from the saved run: --data-dir"):
+        train_at.main([*flags, "--data-dir", str(other_data), "--resume"])
