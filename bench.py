@@ -12,11 +12,13 @@ Rows
   3. Flatness, on one batch of the measures' own mini-batch size (128): one average-case sample vs
      one bare PGD-20 run; worst-case joint passes (ν and δ) vs forward + full backward each.
                                                                              target ≥ 0.9 each
+  2w. Row 2 for a WideResNet (--wrn; wrn-16-4 by default, small enough for a CPU; wrn-34-10 on a GPU), the
+     architecture of the TRADES/MART/AWP papers: the same step vs its bare passes.  target ≥ 0.9
   4. Data: the device-resident loader's images/s vs a DataLoader with the same augmentation.
   5. Peak memory per row (each row runs in its own process: ru_maxrss on CPU,
      torch.cuda.max_memory_allocated on GPU).
 With --epoch-time (GPU): seconds per CIFAR-10-sized epoch (50,000 images, batch 128) of PGD-7 AT for
-fp32 eager, bf16 + channels_last, and + torch.compile.
+fp32 eager, bf16 + channels_last, and + torch.compile, for ResNet-18 and for the --wrn WideResNet.
 
 Usage:  python bench.py --device cpu            # ~6.5 min on 2 cores (width 64, batch 16)
         python bench.py --device cuda --amp --channels-last [--compile] --epoch-time
@@ -36,13 +38,15 @@ import torch.nn.functional as F
 import common
 import train_at
 
-ROWS = ("at_step", "floor", "avg_flatness", "worst_flatness", "data")
+ROWS = ("at_step", "floor", "wrn_floor", "avg_flatness", "worst_flatness", "data")
 
 
 def parse_args(argv=None):
     p = common.ArgumentParser(description="speed ratios against reference-style code and the compute floor")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--width", type=int, default=64, help="ResNet-18 width (paper: 64)")
+    p.add_argument("--wrn", type=common.parse_arch, default="wrn-16-4",
+                   help="the WideResNet of row 2w and of --epoch-time (wrn-34-10: TRADES, MART, AWP)")
     p.add_argument("--batch-size", type=int, default=0, help="0 = 16 on CPU, 128 on GPU")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per variant (median reported)")
     p.add_argument("--steps", type=int, default=2, help="steps per timed repeat")
@@ -55,6 +59,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     common.check(args.width >= 1 and args.batch_size >= 0, "--width must be >= 1 and --batch-size >= 0")
     common.check(args.repeats >= 1 and args.steps >= 1, "--repeats and --steps must be >= 1")
+    common.check(args.wrn.startswith("wrn-"), f"--wrn takes a WideResNet (wrn-D-K), got {args.wrn}")
     return args
 
 
@@ -81,9 +86,9 @@ def side_by_side(fns, device, repeats, steps, warmups=None):
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def at_args(args):
-    """train_at.py's flags at their defaults, with this benchmark's speed options."""
-    return train_at.parse_args(["--width", str(args.width)] + (["--amp"] if args.amp else []))
+def at_args(args, arch="resnet18"):
+    """train_at.py's flags at their defaults, with this benchmark's architecture and speed options."""
+    return train_at.parse_args(["--arch", arch, "--width", str(args.width)] + (["--amp"] if args.amp else []))
 
 
 def synthetic_cifar(n, seed=0):
@@ -158,9 +163,9 @@ def endless(loader):
         yield from loader
 
 
-def make_net(args, device):
+def make_net(args, device, arch="resnet18"):
     torch.manual_seed(0)
-    net = common.ResNet18(width=args.width).to(device)
+    net = common.build_model({"arch": arch, "width": args.width, "act": "relu"}).to(device)
     if args.channels_last:
         net = net.to(memory_format=torch.channels_last)
     return net
@@ -170,9 +175,9 @@ class OurTraining:
     """train_at.py's setup for the timed step (its flags at their defaults: SGD with momentum, per-batch
     schedule) with this benchmark's --amp / --channels-last / --compile, on the device loader."""
 
-    def __init__(self, args, device, x_u8, y, b):
-        self.args_at = at_args(args)
-        self.net = make_net(args, device)
+    def __init__(self, args, device, x_u8, y, b, arch="resnet18"):
+        self.args_at = at_args(args, arch)
+        self.net = make_net(args, device, arch)
         self.fwd = torch.compile(self.net) if args.compile else self.net
         self.loader = common.DeviceLoader(x_u8, y, b, device, seed=0)
         self.opt, self.sched = common.make_optimizer(self.net, self.args_at, len(self.loader))
@@ -193,13 +198,17 @@ def row_at_step(args, device, b):
     return {"ours_s": t["ours"], "reference_s": t["reference"], "speedup": t["reference"] / t["ours"]}
 
 
-def row_floor(args, device, b):
+def row_floor(args, device, b, arch="resnet18"):
     x_u8, y = synthetic_cifar(max(50 * b, 2000))
-    ours = OurTraining(args, device, x_u8, y, b)
+    ours = OurTraining(args, device, x_u8, y, b, arch)
     xb, yb = next(ours.batches)
     t = side_by_side({"ours": ours.step, "floor": lambda: floor_step(ours.fwd, ours.opt, xb, yb)},
                      device, args.repeats, args.steps)
     return {"ours_s": t["ours"], "floor_s": t["floor"], "efficiency": t["floor"] / t["ours"]}
+
+
+def row_wrn_floor(args, device, b):
+    return {**row_floor(args, device, b, args.wrn), "arch": args.wrn}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -288,14 +297,14 @@ EPOCH_VARIANTS = (("fp32_eager", False, False, False), ("bf16_channels_last", Tr
                   ("bf16_channels_last_compile", True, True, True))  # (name, --amp, --channels-last, --compile)
 
 
-def epoch_times(args, device, images=50000, variants=EPOCH_VARIANTS, warmup=20):
+def epoch_times(args, device, images=50000, variants=EPOCH_VARIANTS, warmup=20, arch="resnet18"):
     """Seconds per epoch of `images` synthetic images (a CIFAR-10 epoch by default) of train_at.py's
     PGD-7 AT step at batch 128, per (precision, memory format, compile) variant."""
     x_u8, y = synthetic_cifar(images)
     out = {}
     for name, amp, channels_last, compile_ in variants:
         a = argparse.Namespace(**{**vars(args), "amp": amp, "channels_last": channels_last, "compile": compile_})
-        ours = OurTraining(a, device, x_u8, y, 128)
+        ours = OurTraining(a, device, x_u8, y, 128, arch)
         for _ in range(warmup):  # (and compilation)
             ours.step()
         sync(device)
@@ -307,9 +316,10 @@ def epoch_times(args, device, images=50000, variants=EPOCH_VARIANTS, warmup=20):
     return out
 
 
-ROW_FNS = {"at_step": row_at_step, "floor": row_floor, "avg_flatness": row_avg_flatness,
+ROW_FNS = {"at_step": row_at_step, "floor": row_floor, "wrn_floor": row_wrn_floor, "avg_flatness": row_avg_flatness,
            "worst_flatness": row_worst_flatness, "data": row_data}
-TARGETS = {"at_step": ("speedup", 1.3), "floor": ("efficiency", 0.9), "avg_flatness": ("efficiency", 0.9),
+TARGETS = {"at_step": ("speedup", 1.3), "floor": ("efficiency", 0.9), "wrn_floor": ("efficiency", 0.9),
+           "avg_flatness": ("efficiency", 0.9),
            "worst_flatness": ("efficiency", 0.9), "data": ("speedup", None)}
 
 
@@ -329,7 +339,7 @@ def main():
         return
     results = {}
     for row in ROWS:
-        cmd = [sys.executable, __file__, "--only", row, "--device", str(device), "--width", str(args.width),
+        cmd = [sys.executable, __file__, "--only", row, "--device", str(device), "--width", str(args.width), "--wrn", args.wrn,
                "--batch-size", str(b), "--repeats", str(args.repeats), "--steps", str(args.steps)]
         cmd += [f for f, on in (("--amp", args.amp), ("--channels-last", args.channels_last),
                                 ("--compile", args.compile)) if on]
@@ -343,10 +353,12 @@ def main():
         r = results[row]
         print(f"{row:15s} {key} {r[key]:6.2f}" + (f"  (target ≥ {target})" if target else "")
               + f"  peak {r['peak_mem_mb']:.0f} MB  " + " ".join(f"{k}={v:.4g}" for k, v in r.items()
-                                                               if k not in (key, "peak_mem_mb")), flush=True)
+                                                               if k not in (key, "peak_mem_mb", "arch")), flush=True)
     if args.epoch_time:
         results["epoch_s"] = epoch_times(args, device)
-        print("seconds per 50k-image PGD-7 AT epoch (batch 128):", results["epoch_s"])
+        print("seconds per 50k-image PGD-7 AT epoch (batch 128), ResNet-18:", results["epoch_s"])
+        results["epoch_s_wrn"] = epoch_times(args, device, arch=args.wrn)
+        print(f"... {args.wrn}:", results["epoch_s_wrn"])
     results["params"] = {**vars(args), "batch_size": b}
     results["versions"] = common.versions(device)
     common.write_json(args.out, results)

@@ -320,19 +320,161 @@ class ResNet18(nn.Module):
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
         return F.adaptive_avg_pool2d(out, 1).flatten(1)
 
+    @property
+    def head(self):  # the linear classifier on features(x), under each architecture's own key name
+        return self.linear
+
     def forward(self, x):
         return self.linear(self.features(x))
 
 
+class PreActBlock(nn.Module):
+    """Pre-activation block (He et al. 2016): BN-act-conv-BN-act-conv + shortcut; a 1×1 shortcut conv takes the
+    activated input."""
+
+    def __init__(self, c_in, c_out, stride, act):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(c_in), nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(c_out), nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.act = act()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False))
+
+    def forward(self, x):
+        out = self.act(self.bn1(x))
+        shortcut = self.shortcut(out) if hasattr(self, "shortcut") else x
+        return self.conv2(self.act(self.bn2(self.conv1(out)))) + shortcut
+
+
+class PreActResNet18(nn.Module):
+    """PreAct ResNet-18 in the key layout of Rice et al.'s and AWP's code: `conv1, layer1..4.{0,1}.{bn1,conv1,bn2,
+    conv2,shortcut.0}, bn, linear` (their checkpoints normalise outside the model: load with normalize=False)."""
+
+    def __init__(self, width=64, act="relu", num_classes=NUM_CLASSES, normalize=True):
+        super().__init__()
+        a = ACTIVATIONS[act]
+        self.normalize = Normalize() if normalize else nn.Identity()
+        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        stages, c_in = [], width
+        for i, mult in enumerate((1, 2, 4, 8)):
+            stages.append(nn.Sequential(PreActBlock(c_in, width * mult, 1 if i == 0 else 2, a),
+                                        PreActBlock(width * mult, width * mult, 1, a)))
+            c_in = width * mult
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.bn, self.act, self.linear = nn.BatchNorm2d(c_in), a(), nn.Linear(c_in, num_classes)
+
+    def features(self, x):
+        out = self.layer4(self.layer3(self.layer2(self.layer1(self.conv1(self.normalize(x))))))
+        return F.avg_pool2d(self.act(self.bn(out)), out.shape[2:]).flatten(1)  # the public code's pooling, bit for bit
+
+    @property
+    def head(self):  # the linear classifier on features(x), under each architecture's own key name
+        return self.linear
+
+    def forward(self, x):
+        return self.linear(self.features(x))
+
+
+class WideBlock(nn.Module):
+    """The WideResNet block of the TRADES/MART/AWP/RobustBench code: BN-act-conv-BN-act-conv + shortcut, where a
+    1×1 `convShortcut` (channel change) takes the activated input and the identity takes the raw one."""
+
+    def __init__(self, c_in, c_out, stride, act):
+        super().__init__()
+        self.bn1, self.relu1 = nn.BatchNorm2d(c_in), act()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn2, self.relu2 = nn.BatchNorm2d(c_out), act()
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.convShortcut = nn.Conv2d(c_in, c_out, 1, stride, bias=False) if c_in != c_out else None
+
+    def forward(self, x):
+        out = self.relu1(self.bn1(x))
+        shortcut = x if self.convShortcut is None else self.convShortcut(out)
+        return self.conv2(self.relu2(self.bn2(self.conv1(out)))) + shortcut
+
+
+class NetworkBlock(nn.Module):
+    """One WideResNet stage, `block<i>.layer.<j>` as in the public code."""
+
+    def __init__(self, n, c_in, c_out, stride, act):
+        super().__init__()
+        self.layer = nn.Sequential(*[WideBlock(c_in if j == 0 else c_out, c_out, stride if j == 0 else 1, act)
+                                     for j in range(n)])
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-k (Zagoruyko & Komodakis 2016) in the key layout of the TRADES/MART/AWP/RobustBench code: `conv1,
+    block1..3.layer.<j>.{bn1,conv1,bn2,conv2,convShortcut}, bn1, fc`. `sub_block1`: the unused extra first stage
+    that TRADES-derived checkpoints carry (never called; marked auxiliary, so never perturbed or measured)."""
+
+    def __init__(self, depth=34, widen=10, act="relu", num_classes=NUM_CLASSES, normalize=True, sub_block1=False):
+        super().__init__()
+        check((depth - 4) % 6 == 0 and depth >= 10 and widen >= 1,
+              f"wrn-{depth}-{widen}: the depth must be 6n+4 (10, 16, 22, 28, 34, 40, 70, …) and the widen factor >= 1")
+        a, n, c = ACTIVATIONS[act], (depth - 4) // 6, (16, 16 * widen, 32 * widen, 64 * widen)
+        self.normalize = Normalize() if normalize else nn.Identity()
+        self.conv1 = nn.Conv2d(3, c[0], 3, 1, 1, bias=False)
+        self.block1 = NetworkBlock(n, c[0], c[1], 1, a)
+        if sub_block1:
+            self.sub_block1 = NetworkBlock(n, c[0], c[1], 1, a)
+            self.sub_block1.auxiliary = True
+        self.block2, self.block3 = NetworkBlock(n, c[1], c[2], 2, a), NetworkBlock(n, c[2], c[3], 2, a)
+        self.bn1, self.relu, self.fc = nn.BatchNorm2d(c[3]), a(), nn.Linear(c[3], num_classes)
+        for m in self.modules():  # the public code's init: He-normal (fan_out) convs, zero linear bias
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(self.fc.bias)
+
+    def features(self, x):
+        out = self.block3(self.block2(self.block1(self.conv1(self.normalize(x)))))
+        return F.avg_pool2d(self.relu(self.bn1(out)), out.shape[2:]).flatten(1)
+
+    @property
+    def head(self):
+        return self.fc
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+def parse_arch(text):
+    """`resnet18`, `preact-resnet18` or `wrn-D-K` → (name, depth, widen); argparse type of --arch."""
+    if text in ("resnet18", "preact-resnet18"):
+        return text
+    parts = text.split("-")
+    if len(parts) == 3 and parts[0] == "wrn" and parts[1].isdigit() and parts[2].isdigit():
+        depth, widen = int(parts[1]), int(parts[2])
+        if (depth - 4) % 6 == 0 and depth >= 10 and widen >= 1:
+            return text
+    raise argparse.ArgumentTypeError(f"unknown architecture {text!r}: use resnet18, preact-resnet18 or wrn-D-K with "
+                                     "D = 6n+4 and K >= 1 (e.g. wrn-34-10, wrn-28-10, wrn-10-1)")
+
+
 def add_model_args(parser):
     g = parser.add_argument_group("model")
-    g.add_argument("--width", type=int, default=64, help="channels of the first stage (paper: 64; 16 or 8 for CPU)")
+    g.add_argument("--arch", type=parse_arch, default="resnet18",
+                   help="resnet18 (paper) | preact-resnet18 (Rice et al., AWP) | wrn-D-K, e.g. wrn-34-10 (TRADES, MART, "
+                        "AWP), wrn-28-10; wrn-10-1 for CPU tests")
+    g.add_argument("--width", type=int, default=64, help="ResNets: channels of the first stage (paper: 64; 16 or 8 "
+                   "for CPU); a WideResNet's width is its K")
     g.add_argument("--act", default="relu", choices=tuple(ACTIVATIONS), help="every activation (Table 1 rows: silu, mish, gelu)")
 
 
-def build_model(args):
-    """The ResNet-18 a checkpoint's args (a dict) describe."""
-    return ResNet18(width=args["width"], act=args["act"], normalize=not args.get("no_normalize", False))
+def build_model(args, normalize=None, sub_block1=False):
+    """The network a checkpoint's args (a dict) describe; checkpoints from before --arch are ResNet-18s.
+    `normalize`: whether the input normaliser is inside (default: unless args say no_normalize)."""
+    arch = args.get("arch", "resnet18")
+    normalize = not args.get("no_normalize", False) if normalize is None else normalize
+    check(args["act"] in ACTIVATIONS, f"unknown --act {args['act']!r}; choose one of {', '.join(ACTIVATIONS)}")
+    if arch.startswith("wrn-"):
+        _, depth, widen = arch.split("-")
+        return WideResNet(int(depth), int(widen), args["act"], normalize=normalize, sub_block1=sub_block1)
+    check(args["width"] >= 1, f"--width must be positive, got {args['width']}")
+    kind = PreActResNet18 if arch == "preact-resnet18" else ResNet18
+    return kind(width=args["width"], act=args["act"], normalize=normalize)
 
 
 # PGD (Madry et al. 2018; README "Conventions") --------------------------------------------------------------------

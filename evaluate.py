@@ -8,8 +8,9 @@ Stutz, Hein & Schiele, ICCV 2021, §4 and Table 1:
 
 Usage:   python evaluate.py runs/at/ckpt_last.pt [--use-ema] [--train] [--no-autoattack]
 CPU:     python evaluate.py runs/smoke/ckpt_last.pt --n-eval 100 --data-dir ../shared/data/cifar10-jpeg
-Writes `eval.json` beside the checkpoint (`eval_<name>.json` for ckpt_<name>.pt, `_ema` with
---use-ema, `_<tag>` with --tag); --robustbench NAME writes into --model-dir (or --out).
+Writes `eval_<checkpoint>_<hash>.json` beside the checkpoint (e.g. eval_last_1a2b3c4d.json for
+ckpt_last.pt), the hash being that of the settings the file records (README "Result files"): a run
+with other settings never replaces it, and one with the same settings skips (--force measures again).
 
 The paper's protocol: clean error on the full test set; PGD-20 (step 0.007, ε = 8/255, 10 random
 restarts) for RLoss on test images 0…999, split into clean-correct and clean-incorrect examples
@@ -24,6 +25,8 @@ Cost (measured): CPU, 1 thread of a shared 2-core machine, width-16 ResNet-18 af
 AT, --n-eval 100, clean on all 10,000 test images: 57 s wall (PGD-20 x 10: 42 s; AutoAttack: 3 s, as
 APGD-CE broke every correct point); 2 min 49 s when the machine was busy. Not yet measured on a GPU.
 """
+import hashlib
+import json
 import logging
 import re
 import sys
@@ -60,8 +63,9 @@ def parse_args(argv=None):
     g.add_argument("--batch-size", type=int, default=128, help="images per attack batch (paper: 128); "
                    "PGD repeats each batch --restarts times")
     g = p.add_argument_group("output")
-    g.add_argument("--tag", default=None, help="result file eval_<tag>.json (default with --use-ema: 'ema')")
-    g.add_argument("--out", default=None, help="result file path (default: beside the checkpoint)")
+    g.add_argument("--out", default=None, help="folder for the result file (default: the checkpoint's folder; "
+                   "--robustbench: --model-dir)")
+    g.add_argument("--force", action="store_true", help="measure again although a result with the same settings exists")
     g.add_argument("--verbose", action="store_true", help="show AutoAttack's per-attack log")
     args = p.parse_args(argv)
     check(0 < args.epsilon <= 1, f"--epsilon must be in (0, 1] (pixel units, e.g. 8/255), got {args.epsilon}")
@@ -70,33 +74,99 @@ def parse_args(argv=None):
     check(args.n_eval >= 1 and args.n_clean >= 0 and args.batch_size >= 1,
           "--n-eval and --batch-size must be >= 1, --n-clean >= 0")
     check(not (args.use_ema and args.robustbench), "--use-ema needs a checkpoint of this codebase, not --robustbench")
-    if args.tag is None and args.use_ema:
-        args.tag = "ema"
     return args
 
 
-def output_path(args):
-    """Where eval.json goes: --out, else beside the checkpoint, else (RobustBench) in --model-dir."""
-    if args.out:
-        return Path(args.out)
-    if args.robustbench:
-        return Path(args.model_dir) / ("_".join(["eval", args.robustbench] + ([args.tag] if args.tag else [])) + ".json")
-    return result_path(args.checkpoint, "eval", args.tag)
+# The flags that determine evaluate.py's numbers, besides the model (README "Result files").
+EVAL_SETTINGS = ("n_eval", "n_clean", "train", "epsilon", "attack_step", "steps", "restarts", "batch_size", "seed")
+
+
+def protocol(args):
+    """How evaluate.py measures: EVAL_SETTINGS and the AutoAttack version with its attacks (None: PGD only)."""
+    aa = None if args.no_autoattack else args.aa_version
+    return {**{k: getattr(args, k) for k in EVAL_SETTINGS}, "autoattack": aa, "aa_attacks": AA_ATTACKS.get(aa)}
+
+
+def eval_settings(args, info):
+    """(settings, non_default) of this evaluation (README "Result files"). `train` only adds the train-image
+    section, so it is no departure from the paper's protocol."""
+    default = protocol(parse_args(["-"] + (["--train"] if args.train else [])))
+    return result_settings("evaluate.py", "eval", args, info, protocol(args), default)
 
 
 # ----------------------------------------------------------------------------------------------
-# plumbing: the model under test (a checkpoint of ours, an external state dict, a RobustBench model)
-# and where its results go; flatness.py uses the same functions
+# plumbing: result files that record their settings (README "Result files"); flatness.py uses the same
+# functions. A file is named by the tool, the mode, the checkpoint and the hash of its settings, so a
+# measurement with other settings lands beside it; one with the same settings finds it and skips.
 # ----------------------------------------------------------------------------------------------
-def result_path(checkpoint, stem, tag=None):
-    """Where a measurement of `checkpoint` goes: beside it, `<stem>.json` for ckpt_last.pt, `<stem>_<name>.json`
-    for ckpt_<name>.pt (e.g. eval_best.json), with an explicit tag appended."""
-    checkpoint = Path(checkpoint)
-    name = checkpoint.stem[len("ckpt_"):] if checkpoint.stem.startswith("ckpt_") else checkpoint.stem
-    parts = [stem] + ([] if name == "last" else [name]) + ([tag] if tag else [])
-    return checkpoint.with_name("_".join(parts) + ".json")
+def result_settings(tool, mode, args, info, how, default):
+    """(settings, non_default): which model was measured (the checkpoint's file name, since the result lies
+    beside it and a moved run folder keeps its results; EMA or not; the architecture flags of an external
+    state dict; the data) and how (`how`, the tool's flags); non_default lists the keys of `how` that differ
+    from `default`, the paper's protocol."""
+    checkpoint = f"robustbench:{args.robustbench}" if args.robustbench else Path(args.checkpoint).name
+    model = {"checkpoint": checkpoint, "use_ema": args.use_ema, "source": info["source"],
+             "arch": info["args"] if info["source"] == "external" else None, "data_dir": str(args.data_dir)}
+    return {"tool": tool, "mode": mode, **model, **how}, sorted(k for k in how if how[k] != default[k])
 
 
+def settings_hash(settings):
+    """8 hex digits of the SHA-256 of the canonical JSON of the settings (keys sorted)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def checkpoint_label(checkpoint):
+    """A checkpoint's short name, as in result file names and plots.py: `last`, `best`, `epoch045` for
+    ckpt_<name>.pt (any other file: its stem), the model's name for `robustbench:NAME`."""
+    if checkpoint.startswith("robustbench:"):
+        return checkpoint.removeprefix("robustbench:")
+    return Path(checkpoint).stem.removeprefix("ckpt_")
+
+
+def result_path(folder, settings):
+    """<folder>/eval_<checkpoint>_<hash>.json or flatness_<mode>_<checkpoint>_<hash>.json."""
+    prefix = "eval" if settings["tool"] == "evaluate.py" else f"flatness_{settings['mode']}"
+    return Path(folder) / f"{prefix}_{checkpoint_label(settings['checkpoint'])}_{settings_hash(settings)}.json"
+
+
+def file_sha256(path):
+    """SHA-256 of a file's bytes (hex): which state of the checkpoint a result measured."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def already_measured(path, settings, checkpoint_sha256, force=False):
+    """True, after one `done:` line, when `path` holds a result with these settings of the checkpoint as it is
+    now. With --force, or when the checkpoint changed since (e.g. a resumed run's ckpt_last.pt), it is
+    measured again and replaced."""
+    if force or not path.exists():
+        return False
+    try:
+        old = json.loads(path.read_text())
+    except ValueError:
+        return False
+    check(old.get("settings") == settings, f"{path} holds other settings under the same hash; move it aside")
+    if old.get("checkpoint_sha256") != checkpoint_sha256:
+        print(f"measuring again: {settings['checkpoint']} changed since {path.name} was written "
+              f"(then epoch {old.get('epoch')})")
+        return False
+    print(f"done: {path} (same settings; --force re-measures)")
+    return True
+
+
+def write_result(path, settings, non_default, checkpoint_sha256, result):
+    """The result file: settings first, then the checkpoint's fingerprint, then what was measured."""
+    common.write_json(path, {"settings": settings, "settings_hash": settings_hash(settings), "non_default": non_default,
+                             "checkpoint_sha256": checkpoint_sha256, **result})
+
+
+# ----------------------------------------------------------------------------------------------
+# plumbing: the model under test (a checkpoint of ours, an external state dict, a RobustBench model);
+# flatness.py uses the same functions
+# ----------------------------------------------------------------------------------------------
 def strip_prefixes(state_dict):
     """Drop `module.` (DDP/DataParallel), `model.` and `_orig_mod.` (torch.compile) prefixes."""
     return {re.sub(r"^(module\.|model\.|_orig_mod\.)+", "", k): v for k, v in state_dict.items()}
@@ -113,7 +183,7 @@ def load_weights(model, state_dict):
                         if keys)
         hint = []
         if any(k.startswith("normalize.") for k in missing):
-            hint.append("--no-normalize if the checkpoint has no normalisation layer")
+            hint.append("--normalization none or cifar10 if the checkpoint has no normalisation layer")
         if shapes:
             hint.append("the width of the checkpoint (--width for our scripts, --arch-width for external state dicts)")
         raise UsageError(f"checkpoint does not fit the model: {found}" + (
@@ -135,13 +205,18 @@ def model_from_checkpoint(path, device, use_ema=False):
 def add_model_source_args(parser):
     """evaluate.py / flatness.py: a checkpoint of ours (architecture from its args), an external state dict
     (architecture from these flags), or a RobustBench model."""
-    parser.add_argument("checkpoint", nargs="?", help="checkpoint of ours, or an external ResNet-18 state dict")
+    parser.add_argument("checkpoint", nargs="?", help="checkpoint of ours, or an external state dict (--arch)")
     g = parser.add_argument_group("model source")
     g.add_argument("--use-ema", action="store_true", help="evaluate the EMA weights saved with train_*.py --ema")
-    g.add_argument("--arch-width", type=int, default=64, help="external state dicts: ResNet-18 width")
+    g.add_argument("--arch", type=common.parse_arch, default="resnet18",
+                   help="external state dicts: resnet18 | preact-resnet18 | wrn-D-K, in the public key layouts "
+                        "(README 'Architectures'); our checkpoints carry their own")
+    g.add_argument("--arch-width", type=int, default=64, help="external state dicts: ResNet width (first stage)")
     g.add_argument("--arch-act", default="relu", choices=tuple(common.ACTIVATIONS), help="external state dicts: activation")
-    g.add_argument("--no-normalize", action="store_true",
-                   help="external state dicts: the model has no input normaliser (auto-detected from the keys)")
+    g.add_argument("--normalization", default="auto", choices=("auto", "none", "cifar10"),
+                   help="external state dicts: auto = the normaliser inside the model when the keys have one "
+                        "(normalize.mean/std), else none; none = the network takes [0, 1] inputs (TRADES, MART, AWP "
+                        "WRNs); cifar10 = the CIFAR-10 mean/std in front (Rice et al.'s code). Recorded in results")
     g.add_argument("--robustbench", metavar="NAME", help="a RobustBench CIFAR-10 Linf model instead of a checkpoint")
     g.add_argument("--model-dir", default="models", help="RobustBench model cache folder")
     return g
@@ -172,11 +247,18 @@ def load_model(args, device):
     state = ckpt.get("state_dict", ckpt)
     check(all(torch.is_tensor(v) for v in state.values()), f"{args.checkpoint} is not a state dict of tensors")
     state = strip_prefixes(state)
-    normalize = not args.no_normalize and "normalize.mean" in state
-    model = common.ResNet18(width=args.arch_width, act=args.arch_act, normalize=normalize).to(device)
+    inside = "normalize.mean" in state
+    check(not inside or args.normalization == "auto", f"{args.checkpoint} carries its own input normaliser "
+          f"(normalize.mean/std); drop --normalization {args.normalization}")
+    normalization = "inside" if inside else "none" if args.normalization == "auto" else args.normalization
+    model_args = {"arch": args.arch, "width": args.arch_width, "act": args.arch_act, "normalization": normalization}
+    model = common.build_model(model_args, normalize=normalization != "none",
+                               sub_block1=any(k.startswith("sub_block1.") for k in state)).to(device)
+    if normalization == "cifar10":  # the normaliser the checkpoint's own code applied outside the network
+        state = {**state, **{f"normalize.{k}": v for k, v in model.normalize.state_dict().items()}}
     load_weights(model, state)
-    return model.eval(), {"source": "external", "epoch": None, "normalize": normalize,
-                          "args": {"width": args.arch_width, "act": args.arch_act, "no_normalize": not normalize}}
+    return model.eval(), {"source": "external", "epoch": None, "normalize": normalization != "none",
+                          "args": model_args}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,9 +285,7 @@ def pgd_metrics(model, x, y, args, progress=False):
     section = {"rloss": mean(rloss), "rerr": error_rate(robust_ok),
                "rloss_correct": mean(rloss[clean_ok]), "rloss_incorrect": mean(rloss[~clean_ok]),
                "n_correct": int(clean_ok.sum()), "n_incorrect": int((~clean_ok).sum()), "n": len(y),
-               "clean_err": error_rate(clean_ok),
-               "eps": args.epsilon, "alpha": args.attack_step, "steps": args.steps, "restarts": args.restarts,
-               "time_s": time.time() - t0}
+               "clean_err": error_rate(clean_ok), "time_s": time.time() - t0}
     return section, clean_ok, robust_ok
 
 
@@ -281,8 +361,7 @@ def autoattack_metrics(model, x, y, clean_ok, pgd_ok, args, device, progress=Fal
     _, aa_ok = common.clean_metrics(model, x_adv, y, args.batch_size)
     robust_ok = clean_ok & aa_ok
     return {"rerr": error_rate(robust_ok), "rerr_any": error_rate(robust_ok & pgd_ok),
-            "n": len(y), "version": args.aa_version, "attacks": list(aa.attacks_to_run), "eps": args.epsilon,
-            "max_linf": max_linf, "package": package, "time_s": time.time() - t0}
+            "n": len(y), "max_linf": max_linf, "package": package, "time_s": time.time() - t0}
 
 
 def attack_subset(model, x, y, args, device, progress):
@@ -302,7 +381,7 @@ def autoattack_version_string():
     return None
 
 
-def print_table(result):
+def print_table(result, settings):
     def pct(v):
         return f"{100 * v:6.2f}%" if v is not None else "      -"
 
@@ -313,11 +392,11 @@ def print_table(result):
         if part is None:
             continue
         p, aa = part["pgd"], part["autoattack"]
-        rows.append((f"PGD-{p['steps']}x{p['restarts']} ({name})", p["n"], p["rerr"], p["rloss"],
+        rows.append((f"PGD-{settings['steps']}x{settings['restarts']} ({name})", p["n"], p["rerr"], p["rloss"],
                      f"RLoss correct {num(p['rloss_correct'])} (n={p['n_correct']}), "
                      f"incorrect {num(p['rloss_incorrect'])} (n={p['n_incorrect']}); clean err {pct(p['clean_err']).strip()}"))
         if aa is not None:
-            rows.append((f"AutoAttack-{aa['version']} ({name})", aa["n"], aa["rerr"], None,
+            rows.append((f"AutoAttack-{settings['autoattack']} ({name})", aa["n"], aa["rerr"], None,
                          f"any attack {pct(aa['rerr_any']).strip()}; max ‖δ‖∞ {aa['max_linf']:.5f}"))
     print(f"{'':26s} {'n':>6s} {'err':>8s} {'loss':>7s}")
     for label, n, err, loss, note in rows:
@@ -333,8 +412,12 @@ def main(argv=None):
     model, info = load_model(args, device)
     model = model.float().eval()  # every reported number is fp32 (README 'Conventions')
     args.data_dir = data_dir_of(args, info)
-    out = output_path(args)
+    settings, non_default = eval_settings(args, info)
+    out = result_path(args.out or (args.model_dir if args.robustbench else Path(args.checkpoint).parent), settings)
     check(out.parent.is_dir(), f"output folder {out.parent} does not exist (choose --out)")
+    sha256 = None if args.robustbench else file_sha256(args.checkpoint)
+    if already_measured(out, settings, sha256, args.force):
+        return
 
     # ---- data: clean on the full test set (or --n-clean), attacks on test images 0…n-1
     n_test = len(common.load_cifar10(args.data_dir, train=False)[1])
@@ -344,14 +427,9 @@ def main(argv=None):
     x, y = common.eval_split(args.data_dir, "eval", max(n_clean, args.n_eval), device)
     clean_loss, clean_ok = common.clean_metrics(model, x[:n_clean], y[:n_clean], max(args.batch_size, 500))
 
-    result = {"checkpoint": str(args.checkpoint) if not args.robustbench else f"robustbench:{args.robustbench}",
-              "epoch": info["epoch"], "use_ema": args.use_ema, "seed": args.seed,
+    result = {"epoch": info["epoch"], "source": info["source"], "model_args": info["args"],
               "versions": {**common.versions(device), "autoattack": autoattack_version_string()},
-              "source": info["source"], "model_args": info["args"], "data_dir": str(args.data_dir),
-              "batch_size": args.batch_size,
               "clean": {"loss": mean(clean_loss), "err": error_rate(clean_ok), "n": n_clean}}
-    if args.robustbench:
-        result["robustbench"] = args.robustbench
 
     # ---- attacks on the eval subset (and the train-eval subset): fixed seeds, eval mode, fp32
     result.update(attack_subset(model, x[:args.n_eval], y[:args.n_eval], args, device, progress))
@@ -359,9 +437,9 @@ def main(argv=None):
         x_tr, y_tr = common.eval_split(args.data_dir, "train-eval", args.n_eval, device)
         result["train"] = attack_subset(model, x_tr, y_tr, args, device, progress)
 
-    common.write_json(out, result)
-    print(f"{result['checkpoint']} (epoch {result['epoch']}, {'EMA' if args.use_ema else 'model'} weights)")
-    print_table(result)
+    write_result(out, settings, non_default, sha256, result)
+    print(f"{settings['checkpoint']} (epoch {result['epoch']}, {'EMA' if args.use_ema else 'model'} weights)")
+    print_table(result, settings)
     print(f"wrote {out}")
 
 

@@ -20,17 +20,16 @@ across the batches of a restart and evaluates the final iterates (code; --per-ba
 reading); the reference takes per example the max-CE restart (the notebook: the restart with the
 largest wrong-class probability); the Hessian is of the mean CE (the code summed batch means).
 
-Usage:   python flatness.py runs/at/ckpt_last.pt --mode both          # flatness_average.json, flatness_worst.json
+Usage:   python flatness.py runs/at/ckpt_last.pt --mode both          # flatness_{average,worst}_last_<hash>.json
          python flatness.py --epochs runs/at --mode both               # every ckpt_epoch*.pt snapshot (Fig. 6)
-         python flatness.py runs/at/ckpt_last.pt --mode landscape      # Fig. 4 curves
+         python flatness.py runs/at/ckpt_last.pt --mode landscape      # Fig. 4 curves (--scale 2: rescaled)
          python flatness.py runs/at/ckpt_last.pt --mode hessian --scale 2
 CPU:     python flatness.py runs/smoke/ckpt_last.pt --mode both --n-eval 100 --samples 3 --restarts 2 \\
              --data-dir ../shared/data/cifar10-jpeg
-Writes `flatness_<mode>.json` beside the checkpoint (`flatness_<mode>_<name>.json` for ckpt_<name>.pt);
-settings other than the paper's defaults add to the name, in this order: `clean` (--loss clean),
-`train` (--subset train-eval), `xi<ξ>` (a non-default --xi), `scale<α>`, `ema`, then every other
-non-default setting of the mode as `<flag><value>` (e.g. `n-eval100_samples3`, `per-batch`), then --tag.
-A result file is therefore only ever replaced, or skipped by --epochs, by a run with the same settings.
+Writes `flatness_<mode>_<checkpoint>_<hash>.json` beside the checkpoint (e.g. flatness_worst_last_1a2b3c4d.json
+for ckpt_last.pt), the hash being that of the settings the file records, in the same format as evaluate.py's
+(README "Result files"): a run with other settings never replaces it, and one with the same settings
+skips it (--force measures again), for every snapshot of --epochs too.
 
 Paper values (Table 1): AT baseline average-case 1.21 (ξ = 0.5), worst-case 6.48 (ξ = 0.00075);
 Hessian λ_max 1990 (505 at ×2, 7936 at ×0.5; their code sums 4 batch means, see --hessian-reduction).
@@ -51,7 +50,8 @@ from tqdm import tqdm, trange
 
 import common
 from common import check, fraction
-from evaluate import add_model_source_args, data_dir_of, load_model, result_path
+from evaluate import (add_model_source_args, already_measured, data_dir_of, file_sha256, load_model, result_path,
+                      result_settings, write_result)
 
 MODES = ("average", "worst", "both", "landscape", "hessian")
 DEFAULT_XI = {"average": 0.5, "worst": 0.00075}      # the paper's ξ (Table 1)
@@ -64,7 +64,7 @@ def parse_args(argv=None):
     common.add_runtime_args(p, data_dir=None)
     p.add_argument("--epochs", metavar="RUN_DIR", default=None,
                    help="measure every ckpt_epoch*.pt snapshot of this run folder (Fig. 6), skipping those "
-                        "whose result file exists")
+                        "measured with the same settings")
     p.add_argument("--mode", default="both", choices=MODES,
                    help="average (Eq. 3) | worst (Eq. 5) | both | landscape (Fig. 4) | hessian (λ_max)")
     g = p.add_argument_group("flatness (average and worst case)")
@@ -129,7 +129,7 @@ def parse_args(argv=None):
     g.add_argument("--scale-tol", type=fraction, default=1e-3,
                    help="largest allowed logit change of the rescaled model, relative to max |logit|")
     g = p.add_argument_group("output")
-    g.add_argument("--tag", default=None, help="appended to the result file name")
+    g.add_argument("--force", action="store_true", help="measure again although a result with the same settings exists")
     args = p.parse_args(argv)
 
     check(args.checkpoint or args.robustbench or args.epochs,
@@ -246,8 +246,8 @@ def reference(model, x, y, loss="robust", eps=8 / 255, alpha=0.007, steps=20, re
 # ----------------------------------------------------------------------------------------------
 # Average-case flatness (Eq. 3)
 # ----------------------------------------------------------------------------------------------
-def average_case(model, x, y, xi=0.5, samples=10, loss="robust", eps=8 / 255, alpha=0.007, steps=20,
-                 restarts=1, batch_size=128, seed=0, progress=False, on_sample=None, box=None):
+def average_case_draws(model, x, y, xi=0.5, samples=10, loss="robust", eps=8 / 255, alpha=0.007, steps=20,
+                       restarts=1, batch_size=128, seed=0, progress=False, on_sample=None, box=None):
     """Per draw ν (exactly on the per-layer sphere ‖ν_l‖ = ξ‖w_l‖, as the released code), the
     loss of f(·; w + ν) with adversarial examples recomputed on the perturbed model (PGD-`steps`,
     `restarts` restarts). Returns (losses, errors): one mean over the subset per draw, as tensors.
@@ -324,8 +324,9 @@ def joint_ascent(model, x, y, xi, passes=20, weight_step=0.01, batch_size=128, e
     return nus, delta, torch.cat(ce), torch.cat(ok)
 
 
-def worst_case(model, x, y, xi=0.00075, restarts=10, loss="robust", passes=20, weight_step=0.01, batch_size=128,
-               eps=8 / 255, alpha=0.007, per_batch=False, seed=0, progress=False, on_restart=None, box=None):
+def worst_case_restarts(model, x, y, xi=0.00075, restarts=10, loss="robust", passes=20, weight_step=0.01,
+                        batch_size=128, eps=8 / 255, alpha=0.007, per_batch=False, seed=0, progress=False,
+                        on_restart=None, box=None):
     """Per restart the loss at the final iterates of joint_ascent (ν and δ for RLoss; ν only for
     clean CE). Returns (losses, errors) per restart as tensors; the measure takes the max.
     `on_restart(nus, delta)` sees every restart's final iterates (tests)."""
@@ -501,48 +502,34 @@ def selected_modes(args):
     return ["average", "worst"] if args.mode == "both" else [args.mode]
 
 
-# The settings, besides those named in file_tag's fixed parts, that change what each mode measures;
-# a non-default one adds `<flag><value>` to the file name, so it never takes a default result's place.
-SETTINGS = {
-    "average": ("n_eval", "samples", "restarts_perturbed", "steps", "ref_restarts", "epsilon", "attack_step", "seed"),
-    "worst": ("n_eval", "restarts", "passes", "weight_step", "per_batch", "joint_batch_size", "steps", "ref_restarts",
-              "epsilon", "attack_step", "seed"),
+# The flags that determine each mode's numbers, besides the model, the seed, the PGD batch size and the
+# rescaling (README "Result files")
+MODE_SETTINGS = {
+    "average": ("loss", "subset", "n_eval", "xi", "samples", "restarts_perturbed", "steps", "ref_restarts", "epsilon",
+                "attack_step"),
+    "worst": ("loss", "subset", "n_eval", "xi", "restarts", "passes", "weight_step", "per_batch", "joint_batch_size",
+              "steps", "ref_restarts", "epsilon", "attack_step"),
     "landscape": ("directions", "points", "n_landscape", "landscape_steps", "direction_norm", "random_scale",
-                  "adversarial_scale", "adversarial_xi", "adversarial_passes", "weight_step", "epsilon",
-                  "attack_step", "seed"),
-    "hessian": ("n_hessian", "hessian_iters", "hessian_tol", "hessian_reduction", "scale_bn_eps", "seed"),
+                  "adversarial_scale", "adversarial_xi", "adversarial_passes", "weight_step", "epsilon", "attack_step"),
+    "hessian": ("n_hessian", "hessian_iters", "hessian_tol", "hessian_reduction"),
 }
 
 
-def file_tag(args, mode):
-    """The parts of the result file name after the checkpoint name (see the header)."""
-    parts = []
-    if mode in ("average", "worst"):
-        parts += ["clean"] if args.loss == "clean" else []
-        parts += ["train"] if args.subset == "train-eval" else []
-        parts += [f"xi{args.xi:g}"] if args.xi is not None and args.xi != DEFAULT_XI[mode] else []
-    parts += [f"scale{args.scale:g}"] if args.scale != 1 else []
-    parts += ["ema"] if args.use_ema else []
-    default = parse_args(["-"])
-    # defaults that follow other flags: --samples follows --loss, the scales follow --direction-norm
-    following = parse_args(["-", "--loss", args.loss, "--direction-norm", args.direction_norm])
-    for key in SETTINGS[mode]:
-        value = getattr(args, key)
-        if value != getattr(following if key in ("samples", "random_scale", "adversarial_scale") else default, key):
-            name = key.replace("_", "-")
-            if value is True:  # a switch: its name alone
-                parts.append(name)
-            else:
-                parts.append(f"{name}{value:g}" if isinstance(value, float) else f"{name}{value}")
-    parts += [args.tag] if args.tag else []
-    return "_".join(parts) or None
+def protocol(args, mode):
+    """How `mode` measures: its MODE_SETTINGS (ξ resolved to the mode's paper value when not given) and the
+    settings every mode shares."""
+    how = {k: getattr(args, k) for k in MODE_SETTINGS[mode] + ("batch_size", "seed", "scale", "scale_bn_eps")}
+    if "xi" in how and how["xi"] is None:
+        how["xi"] = DEFAULT_XI[mode]
+    return how
 
 
-def output_path(args, checkpoint, mode):
-    tag = file_tag(args, mode)
-    if checkpoint is None:  # RobustBench: into --model-dir
-        return Path(args.model_dir) / ("_".join([f"flatness_{mode}", args.robustbench] + ([tag] if tag else [])) + ".json")
-    return result_path(checkpoint, f"flatness_{mode}", tag)
+def flatness_settings(args, info, mode):
+    """(settings, non_default) of one mode's result. --loss, --subset, --direction-norm and --scale choose what
+    is measured, so the paper's protocol they are compared with follows them (e.g. 50 draws for --loss clean)."""
+    default = parse_args(["-", "--mode", mode, "--loss", args.loss, "--subset", args.subset,
+                          "--direction-norm", args.direction_norm, "--scale", str(args.scale)])
+    return result_settings("flatness.py", mode, args, info, protocol(args, mode), protocol(default, mode))
 
 
 class Data:
@@ -566,15 +553,13 @@ class Data:
         return self.get(self.args.subset, self.args.n_eval)
 
 
-def measure_checkpoint(model, info, checkpoint, modes, args, data, device, progress):
-    """Run every mode in `modes` on one model and write one JSON per mode."""
+def measure_checkpoint(model, info, todo, checkpoint_sha256, args, data, device, progress):
+    """Run every mode of `todo` ({mode: (result path, settings, non_default)}) on one model; one JSON per mode."""
     model = model.float().eval()  # every reported number is fp32 (README 'Conventions')
-    base = {"checkpoint": str(checkpoint) if checkpoint else f"robustbench:{args.robustbench}",
-            "epoch": info["epoch"], "use_ema": args.use_ema, "source": info["source"], "model_args": info["args"],
-            "seed": args.seed, "scale": args.scale, "data_dir": str(args.data_dir), "batch_size": args.batch_size,
+    base = {"epoch": info["epoch"], "source": info["source"], "model_args": info["args"],
             "versions": common.versions(device)}
     if args.scale != 1:
-        x_check, _ = data.for_mode(modes[0])
+        x_check, _ = data.for_mode(next(iter(todo)))
         scaled, pairs = rescale(model, args.scale, args.scale_bn_eps)
         diff, top = logit_change(model, scaled, x_check)
         check(diff <= args.scale_tol * max(top, 1.0),
@@ -582,76 +567,54 @@ def measure_checkpoint(model, info, checkpoint, modes, args, data, device, progr
               f"--scale-tol {args.scale_tol:g}; the BN eps makes the rescaling approximate for tiny running variances")
         print(f"scale α={args.scale:g}: {len(pairs)} conv→BN pairs rescaled, max |Δlogit| = {diff:.2e} "
               f"(max |logit| {top:.2f}, {len(x_check)} images)")
-        base.update(scale_pairs=len(pairs), scale_bn_eps=args.scale_bn_eps, scale_logit_max_diff=diff,
-                    scale_logit_max=top, scale_check_n=len(x_check))
+        base.update(scale_pairs=len(pairs), scale_logit_max_diff=diff, scale_logit_max=top, scale_check_n=len(x_check))
         model = scaled
 
     ref = {}  # the reference is shared by --mode both
-    for mode in modes:
+    for mode, (path, settings, non_default) in todo.items():
         t0 = time.time()
+        x, y = data.for_mode(mode)
         if mode in ("average", "worst"):
-            x, y = data.for_mode(mode)
             if not ref:
                 ref["value"], ref["err"] = reference(model, x, y, args.loss, args.epsilon, args.attack_step, args.steps,
                                                      args.ref_restarts, args.batch_size, args.seed)
                 ref["time_s"] = time.time() - t0
                 t0 = time.time()
-            xi = args.xi if args.xi is not None else DEFAULT_XI[mode]
-            robust = args.loss == "robust"
+            xi = settings["xi"]
             box = (info["args"] or {}).get("clip") or None  # a weight-clipped model stays in its box
             if mode == "average":
                 losses, errors = average_case(model, x, y, xi, args.samples, args.loss, args.epsilon, args.attack_step,
                                               args.steps, args.restarts_perturbed, args.batch_size, args.seed, progress,
                                               box=box)
                 value = losses.mean().item() - ref["value"]
-                extra = {"samples": args.samples, "restarts_perturbed": args.restarts_perturbed,
-                         "value_std": losses.std().item() if len(losses) > 1 else 0.0, "steps": args.steps if robust else 0}
             else:
                 losses, errors = worst_case(model, x, y, xi, args.restarts, args.loss, args.passes, args.weight_step,
                                             args.joint_batch_size, args.epsilon, args.attack_step, args.per_batch,
                                             args.seed, progress, box=box)
                 value = losses.max().item() - ref["value"]
-                extra = {"restarts": args.restarts, "passes": args.passes, "weight_step": args.weight_step,
-                         "joint_batch_size": args.joint_batch_size, "steps": args.passes if robust else 0}
-            result = {"mode": mode, "loss": args.loss, "subset": args.subset, "n": len(y), "xi": xi,
-                      "reference": ref["value"], "reference_err": ref["err"],
-                      "reference_steps": args.steps if robust else 0,
-                      "reference_restarts": args.ref_restarts if robust else 0, "reference_time_s": ref["time_s"],
-                      "values": losses.tolist(), "errs": errors.tolist(), "value": value,
-                      "eps": args.epsilon, "alpha": args.attack_step, "per_batch": args.per_batch and mode == "worst",
-                      "box": box,
-                      **extra}
+            result = {"n": len(y), "reference": ref["value"], "reference_err": ref["err"],
+                      "reference_time_s": ref["time_s"], "values": losses.tolist(), "errs": errors.tolist(),
+                      "value": value, "value_std": losses.std().item() if len(losses) > 1 else 0.0, "box": box}
             print(f"{mode}-case {args.loss} flatness (ξ={xi:g}, n={len(y)}): reference {ref['value']:.4f}, "
                   f"perturbed {'mean' if mode == 'average' else 'max'} "
                   f"{losses.mean().item() if mode == 'average' else losses.max().item():.4f} → {value:.4f}")
         elif mode == "landscape":
-            x, y = data.for_mode(mode)
             s_values, curves = landscape(model, x, y, args, progress)
-            result = {"mode": "landscape", "subset": "early-stop", "n": len(y), "s": s_values, **curves,
-                      "directions": args.directions, "direction_norm": args.direction_norm,
-                      "random_scale": args.random_scale, "adversarial_scale": args.adversarial_scale,
-                      "adversarial_xi": args.adversarial_xi, "adversarial_passes": args.adversarial_passes,
-                      "weight_step": args.weight_step, "eps": args.epsilon, "alpha": args.attack_step,
-                      "steps": args.landscape_steps, "restarts": 1}
+            result = {"subset": "early-stop", "n": len(y), "s": s_values, **curves}
             mean = {k: [sum(col) / len(col) for col in zip(*curves[k]["robust"])] for k in curves}
             mid = args.points // 2
             print(f"landscape (n={len(y)}): mean RLoss at s = -1 / {s_values[mid]:g} / +1: random "
                   f"{mean['random'][0]:.3f} / {mean['random'][mid]:.3f} / {mean['random'][-1]:.3f}, adversarial "
                   f"{mean['adversarial'][0]:.3f} / {mean['adversarial'][mid]:.3f} / {mean['adversarial'][-1]:.3f}")
         else:  # hessian
-            x, y = data.for_mode(mode)
             eig, iters, converged, history = hessian_top_eigenvalue(
                 model, x, y, args.hessian_iters, args.hessian_tol, args.batch_size, args.hessian_reduction,
                 args.seed, progress)
-            result = {"mode": "hessian", "eigenvalue": eig, "iterations": iters, "converged": converged,
-                      "history": history, "tol": args.hessian_tol, "max_iters": args.hessian_iters,
-                      "reduction": args.hessian_reduction, "subset": "early-stop", "n": len(y),
-                      "loss": "clean", "params": "conv/linear weights (dim > 1)"}
+            result = {"eigenvalue": eig, "iterations": iters, "converged": converged, "history": history,
+                      "subset": "early-stop", "n": len(y), "params": "conv/linear weights (dim > 1), clean CE"}
             print(f"Hessian λ_max = {eig:.4g} after {iters} power iterations"
                   f"{'' if converged else ' (not converged: raise --hessian-iters)'} (n={len(y)})")
-        result.update(base, time_s=time.time() - t0)
-        path = output_path(args, checkpoint, mode)
-        common.write_json(path, result)
+        write_result(path, settings, non_default, checkpoint_sha256, {**result, **base, "time_s": time.time() - t0})
         print(f"wrote {path}")
 
 
@@ -660,32 +623,31 @@ def main(argv=None):
     device = common.resolve_device(args.device)
     progress = sys.stderr.isatty()
     data = Data(args, device)
-    modes = selected_modes(args)
+    if args.epochs is None:  # one checkpoint, or a RobustBench model (None)
+        checkpoints = [None if args.robustbench else Path(args.checkpoint)]
+    else:  # every snapshot of a run (Fig. 6); those measured with these settings are skipped
+        run_dir = Path(args.epochs)
+        check(run_dir.is_dir(), f"--epochs {run_dir} is not a folder")
+        checkpoints = sorted(run_dir.glob("ckpt_epoch*.pt"))
+        check(checkpoints, f"no ckpt_epoch*.pt snapshots in {run_dir} (train_*.py writes one every --es-every epochs)")
 
-    if args.epochs is None:
+    for checkpoint in tqdm(checkpoints, desc="snapshots", disable=not progress or len(checkpoints) == 1):
+        if checkpoint is not None:
+            args.checkpoint = str(checkpoint)
         model, info = load_model(args, device)
-        args.data_dir = data_dir_of(args, info)
-        checkpoint = None if args.robustbench else Path(args.checkpoint)
-        out = output_path(args, checkpoint, modes[0])
-        check(out.parent.is_dir(), f"output folder {out.parent} does not exist")
-        measure_checkpoint(model, info, checkpoint, modes, args, data, device, progress)
-        return
-
-    # ---- --epochs: every snapshot of a run, resumable (Fig. 6)
-    run_dir = Path(args.epochs)
-    check(run_dir.is_dir(), f"--epochs {run_dir} is not a folder")
-    snapshots = sorted(run_dir.glob("ckpt_epoch*.pt"))
-    check(snapshots, f"no ckpt_epoch*.pt snapshots in {run_dir} (train_*.py writes one every --es-every epochs)")
-    for checkpoint in tqdm(snapshots, desc="snapshots", disable=not progress):
-        todo = [m for m in modes if not output_path(args, checkpoint, m).exists()]
-        if not todo:
-            print(f"skip {checkpoint.name}: {', '.join(output_path(args, checkpoint, m).name for m in modes)} exist")
-            continue
-        args.checkpoint = str(checkpoint)
-        model, info = load_model(args, device)
-        args.data_dir = data_dir_of(args, info)  # the run's data (its snapshots share it)
-        print(f"{checkpoint} (epoch {info['epoch']})")
-        measure_checkpoint(model, info, checkpoint, todo, args, data, device, progress)
+        args.data_dir = data_dir_of(args, info)  # for --epochs: the run's data (its snapshots share it)
+        folder = Path(args.model_dir) if checkpoint is None else checkpoint.parent
+        check(folder.is_dir(), f"output folder {folder} does not exist")
+        sha256 = None if checkpoint is None else file_sha256(checkpoint)
+        todo = {}
+        for mode in selected_modes(args):
+            settings, non_default = flatness_settings(args, info, mode)
+            path = result_path(folder, settings)
+            if not already_measured(path, settings, sha256, args.force):
+                todo[mode] = (path, settings, non_default)
+        if todo:
+            print(f"{args.checkpoint or args.robustbench} (epoch {info['epoch']})")
+            measure_checkpoint(model, info, todo, sha256, args, data, device, progress)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ Generalization to Flat Minima" (ICCV 2021), redrawn from run folders.
 Usage:   python plots.py runs/ --out figures/ [--baseline NAME]
 
 Reads every run folder under the given path (any folder with an args.json): `args.json`,
-`metrics.jsonl`, and every `eval*.json` / `flatness*.json` beside the checkpoints. Each result file
+`metrics.jsonl`, and every result of evaluate.py / flatness.py beside the checkpoints. Each result file
 says what it measured (its "checkpoint" names last / best / epochNNN, flatness files carry "mode",
 "loss", "subset", "xi"); file names are only a fallback. Writes, as PNG and PDF:
 
@@ -23,10 +23,11 @@ correlations.json (Pearson and Spearman with p-values and n) and summary.json (e
 A figure whose inputs are missing is skipped with one line that says what is missing.
 
 Conventions (research/paper-code.md §7): RLoss = PGD-20×10 robust cross-entropy on test images
-0…999 (eval.json "pgd"); RErr = AutoAttack where the run folder has it, else PGD (marked);
+0…999 (an evaluation's "pgd"); RErr = AutoAttack where the run folder has it, else PGD (marked);
 average-case flatness at ξ = 0.5 and worst-case at ξ = 0.00075 where several ξ were measured.
 """
 import csv
+import itertools
 import json
 import math
 import re
@@ -43,6 +44,7 @@ import torch  # noqa: E402
 
 import common  # noqa: E402
 from common import check  # noqa: E402
+from evaluate import checkpoint_label  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # Run labels: method name + the flags that differ from the paper's AT baseline (the Table 1 rows)
@@ -147,49 +149,49 @@ def read_json(path, log):
     return obj
 
 
-def checkpoint_kind(obj, path, stem):
-    """'last', 'best', 'epoch045', ... from the result's "checkpoint" path, else from the file name
-    (eval.json = ckpt_last.pt, eval_best.json = ckpt_best.pt, flatness_average_epoch045.json)."""
-    ckpt = obj.get("checkpoint")
-    if isinstance(ckpt, str) and ckpt:
-        name = Path(ckpt).stem
-        return name[len("ckpt_"):] if name.startswith("ckpt_") else name
-    tokens = path.stem[len(stem):].strip("_").split("_")
-    for t in tokens:
-        if t == "best" or re.fullmatch(r"epoch\d+", t):
-            return t
-    return "last"
-
-
-def entry_epoch(obj, kind):
-    if isinstance(obj.get("epoch"), int):
-        return obj["epoch"]
-    m = re.fullmatch(r"epoch(\d+)", kind)
-    return int(m.group(1)) if m else None
-
-
-def uses_ema(obj, path):
-    if isinstance(obj.get("use_ema"), bool):
-        return obj["use_ema"]
-    return "ema" in path.stem.split("_")
-
-
-# File-name parts evaluate.py / flatness.py write for the default settings; anything else is a
-# --tag or a non-default setting (e.g. flatness_worst_n-eval100_per-batch.json)
-DEFAULT_NAME_PART = re.compile(r"eval|flatness|average|worst|landscape|hessian|best|last|ema|clean|train|epoch\d+"
-                               r"|xi[0-9.e+-]+|scale[0-9.e+-]+")
-
-
-def is_variant(path):
-    return not all(DEFAULT_NAME_PART.fullmatch(part) for part in path.stem.split("_"))
-
-
 def is_number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+MODES = ("eval", "average", "worst", "landscape", "hessian")  # evaluate.py's, then flatness.py's
+
+
+def has_numbers(obj, mode):
+    """The numbers a result of `mode` is read for."""
+    if mode == "eval":
+        return isinstance(obj.get("pgd"), dict) and is_number(obj["pgd"].get("rloss"))
+    if mode == "landscape":
+        return isinstance(obj.get("s"), list)
+    return is_number(obj.get("eigenvalue" if mode == "hessian" else "value"))
+
+
+def load_result(path, log):
+    """One result of evaluate.py or flatness.py, identified by its settings (README "Result files"); None
+    (with one line) for a file that is not one or lacks its numbers."""
+    obj = read_json(path, log)
+    if obj is None:
+        return None
+    settings = obj.get("settings")
+    if not isinstance(settings, dict) or settings.get("mode") not in MODES:
+        log(f"skip {path}: no 'settings' of evaluate.py or flatness.py (a result file from before they recorded "
+            "them, or not a result; measure again)")
+        return None
+    mode = settings["mode"]
+    if not has_numbers(obj, mode):
+        log(f"skip {path}: {mode} result without its numbers")
+        return None
+    return {"kind": checkpoint_label(settings["checkpoint"]),  # last, best, epoch045, ...
+            "epoch": obj.get("epoch"), "ema": settings["use_ema"], "mode": mode,
+            "settings": settings, "data": obj, "file": path, "default": not obj.get("non_default"),
+            "n": settings["n_eval"] if mode == "eval" else obj.get("n"), "hash": obj.get("settings_hash", ""),
+            "loss": settings.get("loss"), "subset": settings.get("subset"), "xi": settings.get("xi"),
+            # a rescaled model (--scale α, §3.2) is a check of scale invariance, not a run's value
+            "scale": settings.get("scale", 1.0)}
+
+
 def load_run(folder, log):
-    """One run: args, metrics (one dict per epoch), evaluation and flatness entries."""
+    """One run: args, metrics (one dict per epoch), evaluation and flatness entries (every *.json of the folder
+    but args.json)."""
     args = read_json(folder / "args.json", log)
     if args is None:
         return None
@@ -205,42 +207,9 @@ def load_run(folder, log):
                 metrics.append(m)
         if bad:
             log(f"skip {bad} unparsable line(s) of {folder / 'metrics.jsonl'}")
-    evals, flats = [], []
-    for path in sorted(folder.glob("eval*.json")):
-        obj = read_json(path, log)
-        if obj is None:
-            continue
-        if not isinstance(obj.get("pgd"), dict) or not is_number(obj["pgd"].get("rloss")):
-            log(f"skip {path}: no 'pgd' section with an 'rloss'")
-            continue
-        kind = checkpoint_kind(obj, path, "eval")
-        evals.append({"kind": kind, "epoch": entry_epoch(obj, kind), "ema": uses_ema(obj, path), "data": obj,
-                      "file": path, "variant": is_variant(path), "n": obj["pgd"].get("n")})
-    for path in sorted(folder.glob("flatness*.json")):
-        obj = read_json(path, log)
-        if obj is None:
-            continue
-        mode = obj.get("mode")
-        if mode in ("average", "worst") and not is_number(obj.get("value")):
-            log(f"skip {path}: {mode} flatness without a numeric 'value'")
-            continue
-        if mode == "hessian" and not is_number(obj.get("eigenvalue")):
-            log(f"skip {path}: hessian without a numeric 'eigenvalue'")
-            continue
-        if mode == "landscape" and not isinstance(obj.get("s"), list):
-            log(f"skip {path}: landscape without the step list 's'")
-            continue
-        if mode not in ("average", "worst", "hessian", "landscape"):
-            log(f"skip {path}: unknown flatness mode {mode!r}")
-            continue
-        kind = checkpoint_kind(obj, path, "flatness")
-        flats.append({"kind": kind, "epoch": entry_epoch(obj, kind), "ema": uses_ema(obj, path), "data": obj,
-                      "file": path, "variant": is_variant(path), "n": obj.get("n"), "mode": mode,
-                      "loss": obj.get("loss", "robust"),
-                      "subset": obj.get("subset", "eval"), "xi": obj.get("xi"),
-                      # a rescaled model (--scale α, §3.2) is a check of scale invariance, not a run's value
-                      "scaled": is_number(obj.get("scale")) and obj["scale"] != 1})
-    return {"name": str(folder), "dir": folder, "args": args, "metrics": metrics, "evals": evals, "flats": flats}
+    results = [r for r in (load_result(p, log) for p in sorted(folder.glob("*.json")) if p.name != "args.json") if r]
+    return {"name": str(folder), "dir": folder, "args": args, "metrics": metrics,
+            "evals": [r for r in results if r["mode"] == "eval"], "flats": [r for r in results if r["mode"] != "eval"]}
 
 
 def find_runs(root, log):
@@ -269,38 +238,65 @@ def find_runs(root, log):
 # ---------------------------------------------------------------------------------------------
 def pick(entries, prefer_ema, **want):
     """The entry matching `want`; EMA results for EMA runs (weight averaging is evaluated with
-    --use-ema) and plain ones otherwise, falling back to the other kind. Among several files for
-    the same checkpoint: one with the default settings (no `--tag` or settings suffix in its name)
-    first, then the most images, then the newest, so a quick check run never replaces the measurement."""
+    --use-ema) and plain ones otherwise, falling back to the other kind. Among several results for
+    the same checkpoint, by their recorded fields only: the paper's protocol first (no non-default
+    setting), then the most images, then the fewest non-default settings (the settings hash breaks a
+    tie, so the choice never depends on file names or times): a quick check never replaces a measurement."""
     found = [e for e in entries if all(e.get(k) == v for k, v in want.items())]
     if not found:
         return None
     preferred = [e for e in found if e["ema"] == prefer_ema] or found
-    return max(preferred, key=lambda e: (not e["variant"], e["n"] if is_number(e["n"]) else 0,
-                                         e["file"].stat().st_mtime, e["file"].name))
+    return max(preferred, key=lambda e: (e["default"], e["n"] if is_number(e["n"]) else 0,
+                                         -len(e["data"].get("non_default") or []), e["hash"]))
 
 
-def pick_flatness(run, kind, mode, loss="robust", subset="eval", ema=None):
+def pick_flatness(run, kind, mode, loss="robust", subset="eval", ema=None, scale=1.0):
     """The flatness entry of one checkpoint, at the paper's ξ when several ξ were measured; with
     `ema` given, only a measurement of that model (averaged or not), never the other one."""
     prefer_ema = bool(run["args"].get("ema"))
     found = [e for e in run["flats"] if e["kind"] == kind and e["mode"] == mode and e["loss"] == loss
-             and e["subset"] == subset and not e["scaled"] and (ema is None or e["ema"] == ema)]
+             and e["subset"] == subset and e["scale"] == scale and (ema is None or e["ema"] == ema)]
     at_paper_xi = [e for e in found if is_number(e["xi"]) and math.isclose(e["xi"], PAPER_XI.get(mode, -1))]
     return pick(at_paper_xi or found, prefer_ema)
 
 
-def pgd_name(pgd):
-    return f"PGD-{pgd.get('steps', '?')}×{pgd.get('restarts', '?')}"
+def attack_name(settings, autoattack=False):
+    """'PGD-20×10' or 'AutoAttack-standard'."""
+    return f"AutoAttack-{settings['autoattack']}" if autoattack else f"PGD-{settings['steps']}×{settings['restarts']}"
 
 
 def rerr_of(section):
-    """(RErr, source, attack, n): AutoAttack when present, else PGD."""
+    """(RErr, source): AutoAttack when the evaluation ran it, else PGD."""
     aa = section.get("autoattack")
     if isinstance(aa, dict) and is_number(aa.get("rerr")):
-        return aa["rerr"], "AutoAttack", f"AutoAttack-{aa.get('version', '?')}", aa.get("n")
-    pgd = section.get("pgd") or {}
-    return pgd.get("rerr"), "PGD", pgd_name(pgd), pgd.get("n")
+        return aa["rerr"], "AutoAttack"
+    return (section.get("pgd") or {}).get("rerr"), "PGD"
+
+
+# Settings of an evaluation that do not change its test RLoss and RErr: which model, and what else was
+# measured beside them (train images, the clean error's images). Every other one must agree before two
+# numbers are subtracted (README "Result files").
+NOT_PROTOCOL = ("checkpoint", "use_ema", "source", "arch", "train", "n_clean")
+
+
+def protocol(settings):
+    return {k: v for k, v in settings.items() if k not in NOT_PROTOCOL}
+
+
+def comparable(run, p, q, what, log):
+    """Whether p − q may be taken: both evaluations used the same protocol (attack, its steps, restarts, ε,
+    step size, images, seed, ...). If not, one line names both and the settings that differ."""
+    a, b = p.get("protocol"), q.get("protocol")
+    if a is None or b is None:
+        return False
+    differ = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    if differ:
+        def name(s):
+            aa = f" + AutoAttack-{s['autoattack']}" if s["autoattack"] else ""
+            return f"PGD-{s['steps']}×{s['restarts']}{aa} on {s['n_eval']} images"
+        log(f"skip {what} of {run}: {p['kind']} measured with {name(a)}, {q['kind']} with {name(b)} "
+            f"(settings differ: {', '.join(differ)})")
+    return not differ
 
 
 def measures(run, kind):
@@ -310,16 +306,17 @@ def measures(run, kind):
     out = {"kind": kind}
     model_ema = ev["ema"] if ev is not None else None  # every number of the row is of the evaluated model
     if ev is not None:
-        d = ev["data"]
+        d, settings = ev["data"], ev["settings"]
         out.update(epoch=ev["epoch"], eval_file=str(ev["file"]), ema=ev["ema"], rloss=d["pgd"]["rloss"],
                    rloss_correct=d["pgd"].get("rloss_correct"), rloss_incorrect=d["pgd"].get("rloss_incorrect"),
-                   clean_err=(d.get("clean") or {}).get("err"))
-        out["rloss_attack"] = pgd_name(d["pgd"])
-        out["rerr"], out["rerr_source"], out["rerr_attack"], out["rerr_n"] = rerr_of(d)
+                   clean_err=(d.get("clean") or {}).get("err"), protocol=protocol(settings),
+                   rloss_attack=attack_name(settings), rerr_n=settings["n_eval"])
+        out["rerr"], out["rerr_source"] = rerr_of(d)
+        out["rerr_attack"] = attack_name(settings, autoattack=out["rerr_source"] == "AutoAttack")
         train = d.get("train")
-        if isinstance(train, dict) and isinstance(train.get("pgd"), dict):
+        if isinstance(train, dict) and isinstance(train.get("pgd"), dict):  # the same attack on train images
             out["rloss_train"] = train["pgd"].get("rloss")
-            out["rerr_train"], out["rerr_train_source"], _, out["rerr_train_n"] = rerr_of(train)
+            out["rerr_train"], out["rerr_train_source"] = rerr_of(train)
     for key, mode, loss, subset in (("flat_avg", "average", "robust", "eval"), ("flat_worst", "worst", "robust", "eval"),
                                     ("flat_avg_train", "average", "robust", "train-eval"),
                                     ("flat_worst_train", "worst", "robust", "train-eval"),
@@ -332,10 +329,21 @@ def measures(run, kind):
             if key in ("flat_avg", "flat_worst") and is_number(e["data"].get("reference")):
                 out.setdefault("rloss_reference", e["data"]["reference"])
             out.setdefault("epoch", e["epoch"])
-    hess = pick([e for e in run["flats"] if e["mode"] == "hessian" and not e["scaled"]], prefer_ema, kind=kind)
+    hess = pick([e for e in run["flats"] if e["mode"] == "hessian" and e["scale"] == 1], prefer_ema, kind=kind)
     if hess is not None:
         out["hessian"] = hess["data"]["eigenvalue"]
     return {k: v for k, v in out.items() if v is not None}
+
+
+def generalisation_gaps(run, log):
+    """Fig. 9's differences, in the run's last-checkpoint measures: test − train RLoss (two numbers of one
+    evaluation) and RLoss(last) − RLoss(ES) (two evaluations, only with the same settings)."""
+    last, best = run["last"], run["best"]
+    if is_number(last.get("rloss")) and is_number(last.get("rloss_train")):
+        last["gap"] = last["rloss"] - last["rloss_train"]
+    if is_number(last.get("rloss")) and is_number(best.get("rloss")) and \
+            comparable(run["name"], last, best, "fig9 RLoss(last) − RLoss(ES)", log):
+        last["last_minus_es"] = last["rloss"] - best["rloss"]
 
 
 def es_epoch(run):
@@ -358,7 +366,8 @@ def total_epochs(run):
 
 def over_epochs(run):
     """Per snapshot epoch: test RLoss, average / worst flatness, Hessian (Fig. 6), from the
-    `flatness.py --epochs` files (their reference is the PGD-20×10 RLoss of that snapshot)."""
+    `flatness.py --epochs` files. The RLoss is their reference (the PGD RLoss of that snapshot), so the
+    curve's points share one protocol; an evaluation's RLoss only where a snapshot has no flatness."""
     kinds = {e["kind"] for e in run["flats"] + run["evals"] if re.fullmatch(r"epoch\d+", e["kind"])}
     if not kinds:
         return []
@@ -368,7 +377,7 @@ def over_epochs(run):
         epoch = m.get("epoch")
         if not isinstance(epoch, int) or (kind == "last" and epoch in rows):
             continue
-        rloss = m.get("rloss", m.get("rloss_reference"))
+        rloss = m.get("rloss_reference", m.get("rloss"))
         row = {"epoch": epoch, "rloss": rloss, "flat_avg": m.get("flat_avg"), "flat_worst": m.get("flat_worst"),
                "hessian": m.get("hessian")}
         if any(row[k] is not None for k in ("flat_avg", "flat_worst", "hessian")):
@@ -484,7 +493,7 @@ def fig1(points, colours, out, log, written):
     (AWP, Entropy-SGD, weight averaging), "●" other AT variants."""
     ps = points_with(points, "flat_avg", "rloss")
     if not ps:
-        log("skip fig1: needs runs with eval.json (RLoss) and flatness_average.json of ckpt_last.pt")
+        log("skip fig1: needs runs with an evaluation (RLoss) and average-case flatness of ckpt_last.pt")
         return
     fig, ax = plt.subplots(figsize=(6.5, 5))
     scatter(ax, ps, "flat_avg", "rloss", colours, annotate=True)
@@ -537,27 +546,46 @@ def mean_curve(curves):
 
 def fig4(runs, out, log, written):
     """Fig. 4: mean RLoss over 10 directions along random (s ∈ [−1, 1]) and adversarial
-    (s ∈ [0, 1]) weight directions, RLoss recomputed by PGD at every step; clean loss dashed."""
-    ls = [(r, pick([e for e in r["flats"] if e["mode"] == "landscape" and not e["scaled"]], bool(r["args"].get("ema")),
-                   kind="last"))
-          for r in runs]
-    ls = [(r, e) for r, e in ls if e is not None]
-    if not ls:
-        log("skip fig4: no flatness_landscape.json (flatness.py CKPT --mode landscape) of a ckpt_last.pt")
+    (s ∈ [0, 1]) weight directions, RLoss recomputed by PGD at every step; clean loss dotted. A
+    rescaled copy of a model (flatness.py --mode landscape --scale α, §3.2) is drawn dashed (α > 1) or
+    dash-dotted (α < 1) on top of its original, when both were measured with the same settings otherwise
+    (directions normalised per layer follow the rescaling, so they overlap). Returns the curves drawn."""
+    def unscaled(e):
+        return {k: v for k, v in e["settings"].items() if k not in ("scale", "scale_bn_eps")}
+
+    curves, originals = [], 0  # curves: (label, colour, line style, result)
+    for r in runs:
+        prefer = bool(r["args"].get("ema"))
+        landscapes = [e for e in r["flats"] if e["mode"] == "landscape" and e["kind"] == "last"]
+        original = pick([e for e in landscapes if e["scale"] == 1], prefer)
+        if original is None:
+            continue
+        colour, originals = f"C{originals}", originals + 1
+        curves.append((r["label"], colour, "-", original))
+        for alpha in sorted({e["scale"] for e in landscapes} - {1}):
+            e = pick([e for e in landscapes if e["scale"] == alpha], prefer)
+            if unscaled(e) != unscaled(original):
+                log(f"fig4: skip {e['file']}: the ×{alpha:g} landscape of {r['name']} has other settings than its "
+                    f"original {original['file'].name}")
+                continue
+            curves.append((f"{r['label']} ×{alpha:g} (rescaled)", colour, "--" if alpha > 1 else "-.", e))
+    if not curves:
+        log("skip fig4: no landscape (flatness.py CKPT --mode landscape) of a ckpt_last.pt")
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for i, (r, e) in enumerate(ls):
+    for label, colour, style, e in curves:
         d, s = e["data"], np.asarray(e["data"]["s"], float)
         for ax, direction in zip(axes, ("random", "adversarial")):
             part = d.get(direction) or {}
             keep = s >= 0 if direction == "adversarial" else np.ones_like(s, bool)
             if part.get("robust") is not None:
                 mean, lo, hi = mean_curve(part["robust"])
-                ax.plot(s[keep], mean[keep], color=f"C{i}", label=f"{r['label']} RLoss")
-                ax.fill_between(s[keep], lo[keep], hi[keep], color=f"C{i}", alpha=0.15)
-            if part.get("clean") is not None:
+                ax.plot(s[keep], mean[keep], style, color=colour, label=f"{label} RLoss")
+                if style == "-":
+                    ax.fill_between(s[keep], lo[keep], hi[keep], color=colour, alpha=0.15)
+            if part.get("clean") is not None and style == "-":
                 mean, _, _ = mean_curve(part["clean"])
-                ax.plot(s[keep], mean[keep], "--", color=f"C{i}", lw=1, label=f"{r['label']} clean loss")
+                ax.plot(s[keep], mean[keep], ":", color=colour, lw=1, label=f"{label} clean loss")
     for ax, direction in zip(axes, ("random", "adversarial")):
         ax.set(xlabel="step s along the normalised direction (w + s·d)",
                ylabel="loss (mean over directions; band: min–max)",
@@ -567,6 +595,7 @@ def fig4(runs, out, log, written):
         else:
             no_data(ax, f"no {direction} curves")
     save(fig, out, "fig4_landscape", written)
+    return curves
 
 
 def fig5(runs, out, log, written):
@@ -655,7 +684,7 @@ def fig7(points, colours, out, log, written):
     sweeps = {f: sorted(v, key=lambda p: p["sweep"]) for f, v in by_family.items() if len(v) >= 2}
     if not sweeps:
         log("skip fig7: needs a hyper-parameter sweep (at least 2 runs of one method with RLoss and "
-            "flatness_average.json)")
+            "average-case flatness)")
         return
     fig, ax = plt.subplots(figsize=(7, 5))
     for f, v in by_family.items():
@@ -678,7 +707,7 @@ def fig8(points, colours, out, log, written, split=2.3):
     """Fig. 8: RErr vs RLoss with two least-squares lines (RLoss < split and ≥ split); RLoss and
     RErr vs average-case flatness; RLoss vs worst-case flatness."""
     if not points_with(points, "rloss", "rerr"):
-        log("skip fig8: needs runs with eval.json of ckpt_last.pt")
+        log("skip fig8: needs runs with an evaluation (evaluate.py) of ckpt_last.pt")
         return
     fig, axes = plt.subplots(1, 4, figsize=(19, 4.5))
     a = axes[0]
@@ -695,8 +724,9 @@ def fig8(points, colours, out, log, written, split=2.3):
                                               ("flat_worst", "rloss", 1, LABELS["rloss"]))):
         n = scatter(ax, points, xk, yk, colours, yscale=ys)
         if n == 0:
-            no_data(ax, f"no run has flatness_{'average' if xk == 'flat_avg' else 'worst'}.json")
-            log(f"fig8: panel {yk} vs {xk} empty (no flatness_{'average' if xk == 'flat_avg' else 'worst'}.json)")
+            what = f"flatness.py --mode {'average' if xk == 'flat_avg' else 'worst'}"
+            no_data(ax, f"no run has {what}")
+            log(f"fig8: panel {yk} vs {xk} empty (no {what} of a ckpt_last.pt)")
         ax.set(xlabel=flat_label(points_with(points, xk), xk), ylabel=yl,
                title=f"{'RLoss' if yk == 'rloss' else 'RErr'} vs {'average' if xk == 'flat_avg' else 'worst'}-case flatness")
     family_legend(fig, ps, colours, loc="lower center", ncol=min(8, len(colours)), bbox_to_anchor=(0.5, -0.02))
@@ -706,25 +736,18 @@ def fig8(points, colours, out, log, written, split=2.3):
 def fig9(points, es_points, colours, out, log, written):
     """Fig. 9: test RLoss vs flatness on train examples; test−train RLoss vs flatness; RLoss(last)
     − RLoss(ES) vs flatness; early-stopped vs last models (a line from last to ES)."""
-    for p in points:
-        if is_number(p.get("rloss")) and is_number(p.get("rloss_train")):
-            p["gap"] = p["rloss"] - p["rloss_train"]
     es_by_run = {q["run"]: q for q in es_points}
-    for p in points:
-        q = es_by_run.get(p["run"])
-        if q is not None and is_number(q.get("rloss")) and is_number(p.get("rloss")):
-            p["last_minus_es"] = p["rloss"] - q["rloss"]
     panels = (("flat_avg_train", "rloss", LABELS["rloss"], "RLoss vs flatness on train examples",
                "flatness_average on --subset train-eval"),
               ("flat_avg", "gap", "test RLoss − train RLoss", "generalisation gap vs flatness",
-               "eval.json with --train (train RLoss)"),
+               "evaluate.py --train (train RLoss)"),
               ("flat_avg", "last_minus_es", "RLoss(last) − RLoss(early-stopped)", "overfitting vs flatness",
-               "eval_best.json (ckpt_best.pt)"))
+               "an evaluation of ckpt_best.pt with the same settings"))
     pairs = [(p, es_by_run[p["run"]]) for p in points if p["run"] in es_by_run
              and all(is_number(v.get(k)) for v in (p, es_by_run[p["run"]]) for k in ("flat_avg", "rloss"))]
     if not pairs and not any(points_with(points, x, y) for x, y, *_ in panels):
-        log("skip fig9: needs train-example flatness, eval.json with --train, or eval_best.json + "
-            "flatness of ckpt_best.pt")
+        log("skip fig9: needs train-example flatness, evaluate.py --train, or an evaluation and flatness of "
+            "ckpt_best.pt")
         return
     fig, axes = plt.subplots(1, 4, figsize=(19, 4.5))
     for ax, (xk, yk, yl, title, missing) in zip(axes, panels):
@@ -740,8 +763,8 @@ def fig9(points, es_points, colours, out, log, written):
         ax.scatter(p["flat_avg"], p["rloss"], color=c, marker="o", s=36, edgecolor="k", linewidth=0.4, zorder=3)
         ax.scatter(q["flat_avg"], q["rloss"], color=c, marker="s", s=36, edgecolor="k", linewidth=0.4, zorder=3)
     if not pairs:
-        no_data(ax, "missing: eval_best.json and flatness_average_best.json (ckpt_best.pt)")
-        log("fig9: panel 'ES vs last' empty (missing eval_best.json / flatness_average_best.json)")
+        no_data(ax, "missing: evaluation and average-case flatness of ckpt_best.pt")
+        log("fig9: panel 'ES vs last' empty (missing an evaluation / average-case flatness of ckpt_best.pt)")
     ax.set(xlabel="average-case flatness (ΔRLoss)", ylabel=LABELS["rloss"],
            title="early stopping: last ● → ES ■")
     drawn = [p for p in points if any(is_number(p.get(k)) for k in ("flat_avg", "flat_avg_train"))]
@@ -755,26 +778,33 @@ def fig9(points, es_points, colours, out, log, written):
 TABLE_COLUMNS = ("rerr_test", "rerr_train", "train_minus_test", "flat_avg", "flat_worst", "rerr_es", "es_minus_test")
 
 
-def table1(points, es_points, exact_thresholds=False):
-    """Rows sorted by test RErr (%); groups Good / Average / Poor split at the 30th / 70th percentile
-    of test RErr (numpy linear interpolation, rounded to whole percent as the paper's 57 % / 60 %)."""
+def table1(points, es_points, log=print, exact_thresholds=False):
+    """Table 1 as the paper builds it: one row per method family (describe(): the method plus the Table 1
+    flags that differ from AT, so a sweep such as label noise 0.2 / 0.4 is one family), the run with the
+    family's lowest test RErr (%); rows sorted by it; groups Good / Average / Poor split at the 30th / 70th
+    percentile of the rows' test RErr (numpy linear interpolation, rounded to whole percent as the paper's
+    57 % / 60 %), group means over the rows. Train − test compares two numbers of one evaluation; ES − test
+    only two evaluations with the same settings (comparable())."""
     es_by_run = {q["run"]: q for q in es_points}
+    measured = sorted((p for p in points if is_number(p.get("rerr"))), key=lambda p: (p["rerr"], p["label"]))
+    best = {}  # family → its run with the lowest test RErr
+    for p in measured:
+        best.setdefault(p["family"], p)
+    runs_of = Counter(p["family"] for p in measured)
     rows = []
-    for p in points:
-        if not is_number(p.get("rerr")):
-            continue
+    for family, p in best.items():
         q = es_by_run.get(p["run"], {})
-        row = {"label": p["label"], "run": p["run"], "rerr_test": 100 * p["rerr"], "rerr_test_source": p["rerr_source"],
-               "rerr_test_n": p.get("rerr_n"), "rerr_test_attack": p.get("rerr_attack"), "rloss_test": p.get("rloss"),
+        row = {"label": p["label"], "run": p["run"], "family": family, "family_runs": runs_of[family],
+               "rerr_test": 100 * p["rerr"], "rerr_test_source": p["rerr_source"], "rerr_test_n": p.get("rerr_n"),
+               "rerr_test_attack": p.get("rerr_attack"), "rloss_test": p.get("rloss"),
                "rerr_train": 100 * p["rerr_train"] if is_number(p.get("rerr_train")) else None,
                "rerr_train_source": p.get("rerr_train_source"),
                "flat_avg": p.get("flat_avg"), "flat_worst": p.get("flat_worst"),
                "rerr_es": 100 * q["rerr"] if is_number(q.get("rerr")) else None, "rerr_es_source": q.get("rerr_source"),
                "es_epoch": q.get("epoch")}
-        # a difference only between two RErr of the same attack (PGD's RErr runs below AutoAttack's)
-        same = lambda other: row[other] is not None and row[other + "_source"] == row["rerr_test_source"]
-        row["train_minus_test"] = row["rerr_train"] - row["rerr_test"] if same("rerr_train") else None
-        row["es_minus_test"] = row["rerr_es"] - row["rerr_test"] if same("rerr_es") else None
+        row["train_minus_test"] = row["rerr_train"] - row["rerr_test"] if row["rerr_train"] is not None else None
+        row["es_minus_test"] = row["rerr_es"] - row["rerr_test"] \
+            if row["rerr_es"] is not None and comparable(p["run"], p, q, "Table 1 ES − test RErr", log) else None
         rows.append(row)
     rows.sort(key=lambda r: (r["rerr_test"], r["label"]))
     if not rows:
@@ -815,7 +845,8 @@ def table1_markdown(t):
             if r["rerr_train"] is not None else "–"
         es = f"{rerr(r['rerr_es'], r['rerr_es_source'])} ({fmt(r['es_minus_test'], signed=True)})" \
             if r["rerr_es"] is not None else "–"
-        lines.append(f"| {i} | {r['label']} | {rerr(r['rerr_test'], r['rerr_test_source'])} | {train} | "
+        label = r["label"] + (f" (best of {r['family_runs']})" if r["family_runs"] > 1 else "")
+        lines.append(f"| {i} | {label} | {rerr(r['rerr_test'], r['rerr_test_source'])} | {train} | "
                      f"{fmt(r['flat_avg'], 2)} | {fmt(r['flat_worst'], 2)} | {es} | {r['group']} |")
     bounds = {"Good": f"RErr < {lo:g} %", "Average": f"{lo:g} % ≤ RErr < {hi:g} %", "Poor": f"RErr ≥ {hi:g} %"}
     for g in t["groups"]:
@@ -833,12 +864,15 @@ def table1_markdown(t):
               + ", ".join(f"{k} for {v} run(s)" for k, v in attacks.items())
               + (f", on n = {'/'.join(map(str, ns))} test images." if ns else "."),
               "Flatness: ΔRLoss at ξ = 0.5 (average-case) and ξ = 0.00075 (worst-case) unless the files say "
-              "otherwise (see summary.json); ES = the early-stopped checkpoint ckpt_best.pt."]
+              "otherwise (see summary.json); ES = the early-stopped checkpoint ckpt_best.pt.",
+              "One row per method family: its run with the lowest test RErr (\"best of N\": N runs of the family); "
+              "correlations.json is over all runs."]
     return "\n".join(lines) + "\n"
 
 
 def write_table1_csv(t, path):
-    keys = ["rank", "label", "run", "group", "rerr_test", "rerr_test_source", "rerr_test_attack", "rerr_test_n", "rerr_train",
+    keys = ["rank", "label", "run", "family", "family_runs", "group", "rerr_test", "rerr_test_source", "rerr_test_attack",
+            "rerr_test_n", "rerr_train",
             "rerr_train_source", "train_minus_test", "flat_avg", "flat_worst", "rerr_es", "rerr_es_source",
             "es_minus_test", "es_epoch", "rloss_test"]
     with open(path, "w", newline="") as f:
@@ -850,16 +884,40 @@ def write_table1_csv(t, path):
             w.writerow({"label": f"{g['group']} (mean of {g['n']})", "group": g["group"], **{c: g[c] for c in TABLE_COLUMNS}})
 
 
+EXACT_P_MAX_N = 8  # up to 8 models the p-values enumerate all n! pairings (8! = 40,320)
+
+
+def pearson(x, y):
+    """Pearson's r of every row of x (shape (..., n)) with y (shape (n,))."""
+    xc, yc = x - x.mean(-1, keepdims=True), y - y.mean()
+    return (xc * yc).sum(-1) / np.sqrt((xc ** 2).sum(-1) * (yc ** 2).sum())
+
+
+def exact_p(x, y):
+    """Two-sided permutation p-value of Pearson's r: the fraction of all n! pairings of x with y whose |r|
+    reaches the observed one (the observed pairing is one of them, so it is never 0)."""
+    r = pearson(x[np.array(list(itertools.permutations(range(len(x)))))], y)
+    return float(np.mean(np.abs(r) >= abs(pearson(x, y)) - 1e-12))
+
+
 def correlation(xs, ys):
-    """Pearson and Spearman coefficients with two-sided p-values (scipy.stats) and n."""
+    """Pearson and Spearman coefficients with two-sided p-values, n and how the p-values were computed.
+    Up to EXACT_P_MAX_N models by an exact permutation test (Spearman's: Pearson's on ranks), since
+    scipy's t-distribution p-value is 0.0 for a perfect correlation at small n; above it, scipy.stats'."""
     x, y = np.asarray(xs, float), np.asarray(ys, float)
     out = {"n": len(x)}
     if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
         out["note"] = "needs at least 3 points with non-constant values"
         return out
     pr, sr = scipy.stats.pearsonr(x, y), scipy.stats.spearmanr(x, y)
-    out.update(pearson_r=float(pr.statistic), pearson_p=float(pr.pvalue),
-               spearman_rho=float(sr.statistic), spearman_p=float(sr.pvalue))
+    if len(x) <= EXACT_P_MAX_N:
+        rx, ry = scipy.stats.rankdata(x), scipy.stats.rankdata(y)
+        p_pearson, p_spearman = exact_p(x, y), exact_p(rx, ry)
+        method = f"exact permutation test (all {math.factorial(len(x))} pairings)"
+    else:
+        p_pearson, p_spearman, method = pr.pvalue, sr.pvalue, "scipy.stats.pearsonr / spearmanr (t-distribution)"
+    out.update(pearson_r=float(pr.statistic), pearson_p=float(p_pearson), spearman_rho=float(sr.statistic),
+               spearman_p=float(p_spearman), p_method=method)
     return out
 
 
@@ -946,12 +1004,13 @@ def main(argv=None):
     # ---- one point per run (last checkpoint) and per early-stopped checkpoint
     for r in runs:
         r["last"], r["best"] = measures(r, "last"), measures(r, "best")
+        generalisation_gaps(r, log)
     colours = family_colours(runs)
     points = [{**run_meta(r), **r["last"]} for r in runs]
     es_points = [{**run_meta(r), **r["best"]} for r in runs if "rloss" in r["best"]]
     for r in runs:
         if "rloss" not in r["last"]:
-            log(f"note: {r['name']} has no eval.json of ckpt_last.pt (evaluate.py {r['name']}/ckpt_last.pt): "
+            log(f"note: {r['name']} has no evaluation of ckpt_last.pt (evaluate.py {r['name']}/ckpt_last.pt): "
                 "left out of Table 1 and the scatter plots")
 
     # ---- figures
@@ -969,9 +1028,9 @@ def main(argv=None):
 
     # ---- Table 1, correlations, everything read
     vers = common.versions(torch.device("cpu"))
-    t = table1(points, es_points, args.exact_thresholds)
+    t = table1(points, es_points, log, args.exact_thresholds)
     if t is None:
-        log("skip table1: no run has eval.json of ckpt_last.pt")
+        log("skip table1: no run has an evaluation of ckpt_last.pt")
     else:
         md = table1_markdown(t)
         (out / "table1.md").write_text(md)

@@ -9,7 +9,9 @@
 #          QUICK=1 bash scripts/mini_paper.sh             # smoke test of the pipeline (a few minutes)
 #          AA=1 bash scripts/mini_paper.sh                # also AutoAttack (slow on a CPU)
 # Environment: DATA_DIR, RUNS (runs_mini; QUICK: runs_mini_quick), FIGURES (figures_mini[_quick]), JOBS (2 rows at a time, one
-#   thread each), PYTHON. Finished steps are skipped when the script is run again.
+#   thread each), PYTHON. Finished steps are skipped when the script is run again: a finished training by its
+#   final snapshot; evaluate.py and flatness.py are always called and skip what they measured with the same
+#   settings themselves (README "Result files").
 # Cost: a full run measured 3558 s (59 min) on the 2-core development machine while other jobs
 #   shared it; QUICK=1 measured 9.5 min on a loaded machine.
 #
@@ -56,39 +58,34 @@ ls train_at.py train_trades.py train_awp.py evaluate.py flatness.py plots.py > /
     echo "error: no CIFAR-10 under $DATA; pass the ImageFolder tree (e.g. ../shared/data/cifar10-jpeg) as first argument" >&2
     exit 1; }
 
-# step OUTPUT CMD...: run CMD unless a file matches OUTPUT (a glob: flatness.py names its files
-# after every non-default setting, e.g. flatness_worst_n-eval200_restarts2_ref-restarts2.json)
-step() {
-    local out=$1; shift
-    if compgen -G "$out" > /dev/null; then echo "done: $out"; return 0; fi
-    echo "+ $*"
-    "$@"
-}
+run() { echo "+ $*"; "$@"; }
 
-train() {  # train NAME SCRIPT FLAGS...
+train() {  # train NAME SCRIPT FLAGS...: done when the final snapshot exists; an interrupted run is resumed
     local name=$1 script=$2; shift 2
-    local dir=$RUNS/$name resume=()
+    local dir=$RUNS/$name resume=() final
+    final=$(printf '%s/ckpt_epoch%03d.pt' "$dir" "$EPOCHS")
+    if [ -f "$final" ]; then echo "done: $final"; return 0; fi
     [ -f "$dir/ckpt_last.pt" ] && resume=(--resume)
-    step "$(printf '%s/ckpt_epoch%03d.pt' "$dir" "$EPOCHS")" \
-        $PY "$script" "$@" "${TRAIN[@]}" "${COMMON[@]}" --out "$dir" "${resume[@]}"
+    run $PY "$script" "$@" "${TRAIN[@]}" "${COMMON[@]}" --out "$dir" "${resume[@]}"
 }
 
 measure() {  # measure NAME [--use-ema]: last and early-stopped checkpoint, as scripts/paper.sh
-    local dir=$RUNS/$1 ema=() t=""
-    [ "${2:-}" = --use-ema ] && ema=(--use-ema) && t=_ema
-    step "$dir/eval$t.json" $PY evaluate.py "$dir/ckpt_last.pt" --train "${ema[@]}" "${EVAL[@]}" "${COMMON[@]}" &&
-    step "$dir/flatness_worst${t}_n-eval*.json" $PY flatness.py "$dir/ckpt_last.pt" --mode both "${ema[@]}" "${FLAT[@]}" "${COMMON[@]}" &&
-    step "$dir/eval_best$t.json" $PY evaluate.py "$dir/ckpt_best.pt" --train "${ema[@]}" "${EVAL[@]}" "${COMMON[@]}" &&
-    step "$dir/flatness_worst_best${t}_n-eval*.json" $PY flatness.py "$dir/ckpt_best.pt" --mode both "${ema[@]}" "${FLAT[@]}" "${COMMON[@]}" &&
-    step "$dir/flatness_average_train${t}_n-eval*.json" $PY flatness.py "$dir/ckpt_last.pt" --mode average --subset train-eval "${ema[@]}" "${FLAT[@]}" "${COMMON[@]}"
+    local dir=$RUNS/$1 ema=()
+    [ "${2:-}" = --use-ema ] && ema=(--use-ema)
+    run $PY evaluate.py "$dir/ckpt_last.pt" --train "${ema[@]}" "${EVAL[@]}" "${COMMON[@]}" &&
+    run $PY flatness.py "$dir/ckpt_last.pt" --mode both "${ema[@]}" "${FLAT[@]}" "${COMMON[@]}" &&
+    run $PY evaluate.py "$dir/ckpt_best.pt" --train "${ema[@]}" "${EVAL[@]}" "${COMMON[@]}" &&
+    run $PY flatness.py "$dir/ckpt_best.pt" --mode both "${ema[@]}" "${FLAT[@]}" "${COMMON[@]}" &&
+    run $PY flatness.py "$dir/ckpt_last.pt" --mode average --subset train-eval "${ema[@]}" "${FLAT[@]}" "${COMMON[@]}"
 }
 
-baseline_extras() {  # Fig. 6 (every snapshot), Fig. 4 (landscapes), Hessian
+baseline_extras() {  # Fig. 6 (every snapshot), Fig. 4 (landscapes of the model and its ×2 / ×0.5 copies), Hessian
     local dir=$RUNS/$1
-    echo "+ flatness.py --epochs $dir --mode both" &&
-    $PY flatness.py --epochs "$dir" --mode both "${FLAT[@]}" "${COMMON[@]}" &&
-    step "$dir/flatness_landscape*.json" $PY flatness.py "$dir/ckpt_last.pt" --mode landscape "${LANDSCAPE[@]}" "${COMMON[@]}" &&
-    step "$dir/flatness_hessian*.json" $PY flatness.py "$dir/ckpt_last.pt" --mode hessian "${HESSIAN[@]}" "${COMMON[@]}"
+    run $PY flatness.py --epochs "$dir" --mode both "${FLAT[@]}" "${COMMON[@]}" &&
+    for scale in 1 2 0.5; do
+        run $PY flatness.py "$dir/ckpt_last.pt" --mode landscape --scale $scale "${LANDSCAPE[@]}" "${COMMON[@]}" || return 1
+    done &&
+    run $PY flatness.py "$dir/ckpt_last.pt" --mode hessian "${HESSIAN[@]}" "${COMMON[@]}"
 }
 
 # ---- the rows; PARALLEL: each row is independent (JOBS at a time)

@@ -15,7 +15,7 @@ from conftest import run_script
 def test_bench_writes_every_row(tmp_path):
     out = tmp_path / "bench.json"
     proc = run_script("bench.py", "--device", "cpu", "--width", "8", "--batch-size", "4", "--repeats", "1",
-                      "--steps", "1", "--out", out, timeout=900)
+                      "--steps", "1", "--wrn", "wrn-10-1", "--out", out, timeout=900)
     result = json.loads(out.read_text())
     for row in bench.ROWS:
         key, _ = bench.TARGETS[row]
@@ -23,6 +23,7 @@ def test_bench_writes_every_row(tmp_path):
         assert result[row]["peak_mem_mb"] > 0
         assert row in proc.stdout  # the printed table
     assert result["params"]["width"] == 8 and result["params"]["batch_size"] == 4
+    assert result["wrn_floor"]["arch"] == "wrn-10-1" and result["params"]["wrn"] == "wrn-10-1"
     assert result["versions"]["torch"] == torch.__version__
 
 
@@ -67,10 +68,14 @@ def test_epoch_times_runs_the_eager_variants_on_cpu():
     times = bench.epoch_times(args, torch.device("cpu"), images=256, variants=bench.EPOCH_VARIANTS[:2], warmup=1)
     assert set(times) == {"fp32_eager", "bf16_channels_last"}
     assert all(t > 0 for t in times.values())
+    wrn = bench.epoch_times(args, torch.device("cpu"), images=256, variants=bench.EPOCH_VARIANTS[:1], warmup=1,
+                            arch="wrn-10-1")
+    assert set(wrn) == {"fp32_eager"} and wrn["fp32_eager"] > 0
 
 
 def test_bad_flags_get_one_error_line(tmp_path):
-    for flags in (["--width", "0"], ["--repeats", "0"], ["--device", "cpu", "--epoch-time"],
+    for flags in (["--width", "0"], ["--repeats", "0"], ["--device", "cpu", "--epoch-time"], ["--wrn", "resnet18"],
+                  ["--wrn", "wrn-11-2"],
                   ["--device", "cuda:7"] if not torch.cuda.is_available() else ["--steps", "0"]):
         proc = run_script("bench.py", *flags, "--out", tmp_path / "b.json", check=False)
         assert proc.returncode == 1, (flags, proc.stderr)

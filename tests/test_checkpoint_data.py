@@ -288,12 +288,13 @@ def test_our_checkpoints_need_no_data_flag_and_resume_resolves_paths(tiny_data, 
     monkeypatch.chdir(tmp_path)  # where no ./data and no tiny tree exist
     evaluate.main([str(out / "ckpt_last.pt"), "--no-autoattack", "--n-eval", "10", "--n-clean", "20", "--steps", "1",
                    "--restarts", "1", "--device", "cpu"])
-    result = json.loads((out / "eval.json").read_text())
-    assert result["data_dir"] == stored and result["clean"]["n"] == 20
+    (evaluated,) = out.glob("eval_last_*.json")
+    result = json.loads(evaluated.read_text())
+    assert result["settings"]["data_dir"] == stored and result["clean"]["n"] == 20
     flatness.main([str(out / "ckpt_last.pt"), "--mode", "average", "--n-eval", "10", "--samples", "1", "--steps", "1",
                    "--ref-restarts", "1", "--device", "cpu"])
     (measured,) = out.glob("flatness_average*.json")
-    assert json.loads(measured.read_text())["data_dir"] == stored
+    assert json.loads(measured.read_text())["settings"]["data_dir"] == stored
 
     other_spelling = f"{tiny_data.parent}/./{tiny_data.name}/"
     train_at.main([*flags, "--data-dir", other_spelling, "--resume"])  # nothing left to train: no refusal

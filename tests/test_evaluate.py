@@ -2,8 +2,11 @@
 (paper version = standard's parameters without Square; the upstream git API), end-to-end runs
 on checkpoints of ours and on external state dicts, and one-line errors."""
 import json
+import re
+import shutil
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,11 +22,14 @@ EPS = 8 / 255
 FAST = ["--n-eval", "40", "--n-clean", "100", "--steps", "3", "--restarts", "2", "--device", "cpu"]
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 SCHEMA = {
-    "top": {"checkpoint", "epoch", "use_ema", "seed", "versions", "source", "model_args", "clean", "pgd", "autoattack"},
+    "top": {"settings", "settings_hash", "non_default", "checkpoint_sha256", "epoch", "versions", "source",
+            "model_args", "clean", "pgd", "autoattack"},
+    # README "Result files": which model, then how it was measured
+    "settings": {"tool", "mode", "checkpoint", "use_ema", "source", "arch", "data_dir", "n_eval", "n_clean", "train",
+                 "epsilon", "attack_step", "steps", "restarts", "batch_size", "seed", "autoattack", "aa_attacks"},
     "clean": {"loss", "err", "n"},
-    "pgd": {"rloss", "rerr", "rloss_correct", "rloss_incorrect", "n_correct", "n_incorrect", "n", "eps", "alpha",
-            "steps", "restarts"},
-    "autoattack": {"rerr", "rerr_any", "n", "version", "attacks", "eps", "max_linf"},
+    "pgd": {"rloss", "rerr", "rloss_correct", "rloss_incorrect", "n_correct", "n_incorrect", "n"},
+    "autoattack": {"rerr", "rerr_any", "n", "max_linf"},
 }
 
 
@@ -52,8 +58,16 @@ def subset(tiny_data):
     return common.eval_split(tiny_data, "eval", 40, "cpu")
 
 
+def wrote(stdout):
+    """The result file named by the `wrote PATH` line."""
+    (path,) = re.findall(r"^wrote (.+)$", stdout, re.M)
+    return Path(path)
+
+
 def check_schema(result, autoattack=True):
     assert SCHEMA["top"] <= set(result)
+    assert set(result["settings"]) == SCHEMA["settings"]
+    assert result["settings_hash"] == evaluate.settings_hash(result["settings"])
     assert SCHEMA["clean"] <= set(result["clean"])
     for part in [result] + ([result["train"]] if "train" in result else []):
         assert SCHEMA["pgd"] <= set(part["pgd"])
@@ -161,14 +175,22 @@ def test_adapter_accepts_the_upstream_api(monkeypatch, subset):
 # ---------------------------------------------------------------------------------------------
 def test_end_to_end_standard_autoattack(checkpoint, tiny_data):
     proc = run_script("evaluate.py", checkpoint, *FAST, "--data-dir", tiny_data, env=ONE_THREAD)
-    result = json.loads((checkpoint.parent / "eval.json").read_text())
+    path = wrote(proc.stdout)
+    result = json.loads(path.read_text())
     check_schema(result)
     check_invariants(result)
-    assert "AutoAttack-standard" in proc.stdout and "eval.json" in proc.stdout
+    assert path.parent == checkpoint.parent and path.name == f"eval_last_{result['settings_hash']}.json"
+    assert "AutoAttack-standard" in proc.stdout
     assert result["source"] == "ours" and result["epoch"] == 3 and result["model_args"]["width"] == 8
     assert result["clean"]["n"] == 100 and result["pgd"]["n"] == 40 and result["autoattack"]["n"] == 40
-    assert result["autoattack"]["attacks"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
-    assert result["pgd"]["steps"] == 3 and result["pgd"]["restarts"] == 2 and result["pgd"]["alpha"] == 0.007
+    s = result["settings"]
+    assert (s["tool"], s["mode"], s["checkpoint"], s["use_ema"], s["data_dir"]) == \
+        ("evaluate.py", "eval", "ckpt_last.pt", False, str(tiny_data))
+    assert (s["n_eval"], s["n_clean"], s["steps"], s["restarts"], s["attack_step"], s["epsilon"]) == \
+        (40, 100, 3, 2, 0.007, EPS)
+    assert s["autoattack"] == "standard" and s["aa_attacks"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert result["non_default"] == ["n_clean", "n_eval", "restarts", "steps"]  # against the paper's protocol
+    assert result["checkpoint_sha256"] == evaluate.file_sha256(checkpoint)
     assert result["versions"]["autoattack"].startswith("pyautoattack")
     assert 0 < result["autoattack"]["max_linf"]  # APGD-CE broke the few correct examples
 
@@ -176,13 +198,15 @@ def test_end_to_end_standard_autoattack(checkpoint, tiny_data):
 def test_end_to_end_paper_version_train_and_ema(checkpoint, tiny_data, capsys):
     evaluate.main([str(checkpoint), *FAST, "--data-dir", str(tiny_data), "--aa-version", "paper", "--train",
                    "--use-ema"])
-    result = json.loads((checkpoint.parent / "eval_ema.json").read_text())  # --use-ema: tag 'ema'
+    result = json.loads(wrote(capsys.readouterr().out).read_text())
     check_schema(result)
-    assert result["use_ema"] is True
+    assert result["settings"]["use_ema"] is True and result["settings"]["train"] is True
+    assert result["settings"]["autoattack"] == "paper"
+    assert result["settings"]["aa_attacks"] == ["apgd-ce", "apgd-t", "fab-t"]
+    assert "train" not in result["non_default"]  # --train adds train images; the protocol is the paper's
     for part in (result, result["train"]):
         check_invariants(part)
-        assert part["autoattack"]["version"] == "paper"
-        assert part["autoattack"]["attacks"] == ["apgd-ce", "apgd-t", "fab-t"]
+        assert part["autoattack"]["n"] == 40
     # the EMA weights (another network, tiny_model(1)) were evaluated, not the model's
     x, y = common.eval_split(tiny_data, "eval", 100, "cpu")
     ema_loss, _ = common.clean_metrics(tiny_model(1), x, y)
@@ -192,7 +216,7 @@ def test_end_to_end_paper_version_train_and_ema(checkpoint, tiny_data, capsys):
 
 
 @pytest.mark.parametrize("wrapped", [False, True])
-def test_external_state_dict(tmp_path, tiny_data, wrapped):
+def test_external_state_dict(tmp_path, tiny_data, wrapped, capsys):
     """kuangliu layout (conv1, bn1, layer1.0.conv1, ..., shortcut.0/1, linear), no normaliser,
     DataParallel 'module.' prefix; raw and as {'state_dict': ...}."""
     torch.manual_seed(0)
@@ -202,11 +226,50 @@ def test_external_state_dict(tmp_path, tiny_data, wrapped):
     torch.save({"state_dict": state} if wrapped else state, path)
     evaluate.main([str(path), "--arch-width", "8", "--no-autoattack", "--n-eval", "20", "--n-clean", "40",
                    "--steps", "2", "--restarts", "1", "--device", "cpu", "--data-dir", str(tiny_data)])
-    result = json.loads((tmp_path / "eval_external.json").read_text())
+    path = wrote(capsys.readouterr().out)
+    assert path.name.startswith("eval_external_")
+    result = json.loads(path.read_text())
     check_schema(result, autoattack=False)
     check_invariants(result)
     assert result["source"] == "external" and result["epoch"] is None
-    assert result["model_args"] == {"width": 8, "act": "relu", "no_normalize": True}
+    assert result["model_args"] == result["settings"]["arch"] == {"arch": "resnet18", "width": 8, "act": "relu",
+                                                                  "normalization": "none"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Result files: named by their settings; the same settings skip, --force replaces
+# ---------------------------------------------------------------------------------------------
+def test_other_settings_land_beside_same_settings_skip_force_replaces(checkpoint, tiny_data, tmp_path, capsys):
+    """README "Result files": a quick measurement with other settings never replaces one (two files); the same
+    settings again print one `done:` line and write nothing; --force measures again into the same file; a
+    checkpoint that changed since (a resumed run's ckpt_last.pt) is measured again."""
+    ckpt = tmp_path / "ckpt_last.pt"
+    shutil.copy(checkpoint, ckpt)
+    quick = [str(ckpt), "--n-eval", "10", "--n-clean", "20", "--steps", "1", "--restarts", "1", "--no-autoattack",
+             "--device", "cpu", "--data-dir", str(tiny_data)]
+
+    def run(*flags):
+        evaluate.main(quick + list(flags))
+        return capsys.readouterr().out
+
+    first = wrote(run("--restarts", "2"))
+    quick_file = wrote(run())
+    assert quick_file != first and sorted(tmp_path.glob("eval_*.json")) == sorted([first, quick_file])
+    assert json.loads(first.read_text())["settings"]["restarts"] == 2   # the first one is still there
+    assert json.loads(quick_file.read_text())["settings"]["restarts"] == 1
+    stamp = quick_file.stat().st_mtime_ns
+
+    assert run() == f"done: {quick_file} (same settings; --force re-measures)\n"
+    assert quick_file.stat().st_mtime_ns == stamp
+
+    assert wrote(run("--force")) == quick_file
+    assert quick_file.stat().st_mtime_ns != stamp and len(list(tmp_path.glob("eval_*.json"))) == 2
+
+    state = common.load_checkpoint(ckpt)
+    common.save_checkpoint(ckpt, **{**state, "epoch": 4})  # training went on
+    out = run()
+    assert out.startswith("measuring again: ckpt_last.pt changed") and wrote(out) == quick_file
+    assert json.loads(quick_file.read_text())["epoch"] == 4
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,7 +5,9 @@ BN-compensated rescaling (logits, flatness, Hessian ∝ 1/α²), the power itera
 Hessian, and the command line (both modes, --epochs resume, landscape, hessian, errors)."""
 import copy
 import json
+import re
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -405,10 +407,10 @@ FAST = ["--device", "cpu", "--steps", "2", "--ref-restarts", "2", "--samples", "
         "--passes", "2"]
 
 
-def written(checkpoint, mode, *flags):
-    """The file flatness.py writes for `checkpoint` and `mode` under `flags` (named after its settings)."""
-    args = flatness.parse_args([str(checkpoint), "--mode", mode, *map(str, flags)])
-    return flatness.output_path(args, checkpoint, mode)
+def written(stdout):
+    """{mode: result file} from flatness.py's `wrote PATH` lines (the name carries the settings' hash)."""
+    paths = [Path(p) for p in re.findall(r"^wrote (.+)$", stdout, re.M)]
+    return {json.loads(p.read_text())["settings"]["mode"]: p for p in paths}
 
 
 @pytest.fixture(scope="module")
@@ -426,42 +428,57 @@ def run_dir(tmp_path_factory, trained):
 
 
 def test_cli_both_modes_write_their_json(run_dir, tiny_data):
-    run_script("flatness.py", run_dir / "ckpt_last.pt", "--mode", "both", "--n-eval", "20", "--data-dir", tiny_data,
-               *FAST, env=ONE_THREAD)
-    keys = {"mode", "loss", "subset", "n", "xi", "reference", "values", "value", "eps", "alpha", "steps",
-            "per_batch", "seed", "epoch", "checkpoint", "scale", "versions"}
+    proc = run_script("flatness.py", run_dir / "ckpt_last.pt", "--mode", "both", "--n-eval", "20",
+                      "--data-dir", tiny_data, *FAST, env=ONE_THREAD)
+    files = written(proc.stdout)
+    assert set(files) == {"average", "worst"}
+    keys = {"n", "reference", "reference_err", "values", "errs", "value", "box", "epoch", "source", "model_args",
+            "versions", "settings", "settings_hash", "non_default", "checkpoint_sha256"}
     for mode, xi, count in (("average", 0.5, "samples"), ("worst", 0.00075, "restarts")):
-        path = written(run_dir / "ckpt_last.pt", mode, "--n-eval", "20", *FAST)
-        assert path.name.startswith(f"flatness_{mode}_n-eval20_")
-        r = json.loads(path.read_text())
-        assert keys | {count} <= set(r)
-        assert (r["mode"], r["loss"], r["subset"], r["n"], r["xi"], r["epoch"]) == (mode, "robust", "eval", 20, xi, 10)
-        assert len(r["values"]) == r[count] and r["scale"] == 1.0
+        r = json.loads(files[mode].read_text())
+        s = r["settings"]
+        assert files[mode].name == f"flatness_{mode}_last_{r['settings_hash']}.json"
+        assert keys <= set(r) and r["settings_hash"] == evaluate.settings_hash(s)
+        assert set(s) == {"tool", "mode", "checkpoint", "use_ema", "source", "arch", "data_dir", "batch_size", "seed",
+                          "scale", "scale_bn_eps", *flatness.MODE_SETTINGS[mode]}
+        assert (s["tool"], s["mode"], s["checkpoint"], s["loss"], s["subset"], s["n_eval"], s["xi"], r["epoch"]) == \
+            ("flatness.py", mode, "ckpt_last.pt", "robust", "eval", 20, xi, 10)
+        assert "n_eval" in r["non_default"] and "xi" not in r["non_default"]
+        assert r["n"] == 20 and len(r["values"]) == s[count] and s["scale"] == 1.0
         agg = sum(r["values"]) / len(r["values"]) if mode == "average" else max(r["values"])
         assert r["value"] == pytest.approx(agg - r["reference"])
 
 
-def test_cli_epochs_measures_snapshots_and_skips_done_ones(run_dir, tiny_data):
+def test_cli_epochs_measures_snapshots_skips_done_ones_and_force_replaces(run_dir, tiny_data):
     flags = ["--epochs", run_dir, "--mode", "average", "--loss", "clean", "--n-eval", "20", "--data-dir", tiny_data,
              *FAST]
     run_script("flatness.py", *flags, env=ONE_THREAD)
-    files = [written(run_dir / f"ckpt_epoch{e:03d}.pt", "average", *flags[4:]) for e in (5, 10)]
+    files = sorted(run_dir.glob("flatness_average_epoch*.json"))
+    assert [f.name.split("_")[2] for f in files] == ["epoch005", "epoch010"]
     stamps = [f.stat().st_mtime_ns for f in files]
     assert [json.loads(f.read_text())["epoch"] for f in files] == [5, 10]
-    assert json.loads(files[0].read_text())["loss"] == "clean"
+    assert json.loads(files[0].read_text())["settings"]["loss"] == "clean"
     proc = run_script("flatness.py", *flags, env=ONE_THREAD)
-    assert proc.stdout.count("skip") == 2
+    assert proc.stdout.splitlines() == [f"done: {f} (same settings; --force re-measures)" for f in files]
     assert [f.stat().st_mtime_ns for f in files] == stamps
+    # other settings: new files beside these, which stay
+    run_script("flatness.py", *flags, "--samples", "1", env=ONE_THREAD)
+    assert len(list(run_dir.glob("flatness_average_epoch*.json"))) == 4
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+    run_script("flatness.py", *flags, "--force", env=ONE_THREAD)
+    assert all(f.stat().st_mtime_ns != t for f, t in zip(files, stamps))
+    assert len(list(run_dir.glob("flatness_average_epoch*.json"))) == 4
 
 
-def test_cli_landscape_and_scaled_hessian(run_dir, tiny_data):
+def test_cli_landscape_rescaled_landscape_and_scaled_hessian(run_dir, tiny_data, monkeypatch, capsys):
     ckpt = run_dir / "ckpt_last.pt"
     flags = ["--directions", "2", "--points", "3", "--n-landscape", "10", "--landscape-steps", "1",
              "--adversarial-passes", "1", "--direction-norm", "max-abs", "--data-dir", tiny_data, "--device", "cpu"]
-    run_script("flatness.py", ckpt, "--mode", "landscape", *flags, env=ONE_THREAD)
-    r = json.loads(written(ckpt, "landscape", *flags).read_text())
-    assert r["mode"] == "landscape" and r["s"] == [-1.0, 0.0, 1.0] and r["direction_norm"] == "max-abs"
-    assert (r["random_scale"], r["adversarial_scale"]) == (0.5, 0.01)
+    path = written(run_script("flatness.py", ckpt, "--mode", "landscape", *flags, env=ONE_THREAD).stdout)["landscape"]
+    r = json.loads(path.read_text())
+    s = r["settings"]
+    assert r["s"] == [-1.0, 0.0, 1.0] and s["direction_norm"] == "max-abs" and s["scale"] == 1.0
+    assert (s["random_scale"], s["adversarial_scale"]) == (0.5, 0.01)
     model, _ = evaluate.model_from_checkpoint(ckpt, "cpu")
     x, y = common.eval_split(tiny_data, "early-stop", 10, "cpu")
     clean = common.clean_metrics(model, x, y)[0].mean().item()
@@ -469,37 +486,70 @@ def test_cli_landscape_and_scaled_hessian(run_dir, tiny_data):
         assert len(r[kind]["robust"]) == 2 and len(r[kind]["clean"][0]) == 3
         for curve in r[kind]["clean"]:  # s = 0 is the unperturbed model
             assert curve[1] == pytest.approx(clean, rel=1e-5)
+    # Fig. 4's rescaled model (§3.2): its own file, measured on the ×2 weights, the same function at s = 0
+    seen, measure = [], flatness.landscape
+    monkeypatch.setattr(flatness, "landscape", lambda model, *a: seen.append(model.conv1.weight) or measure(model, *a))
+    flatness.main([str(ckpt), "--mode", "landscape", "--scale", "2", *map(str, flags)])
+    scaled = written(capsys.readouterr().out)["landscape"]
+    r2 = json.loads(scaled.read_text())
+    torch.testing.assert_close(seen[0], 2 * model.conv1.weight)
+    assert scaled != path and path.exists() and r2["settings"]["scale"] == 2.0 and r2["scale_pairs"] == 20
+    assert r2["random"]["clean"][0][1] == pytest.approx(clean, rel=1e-3)
+    # directions normalised per layer to the layer's size (Eq. 2) follow the rescaling: the same curves
+    torch.testing.assert_close(torch.tensor(r2["random"]["clean"]), torch.tensor(r["random"]["clean"]),
+                               rtol=1e-3, atol=0)
+
     flags = ["--scale", "2", "--n-hessian", "20", "--hessian-iters", "3", "--data-dir", tiny_data, "--device", "cpu"]
     proc = run_script("flatness.py", ckpt, "--mode", "hessian", *flags, env=ONE_THREAD)
-    path = written(ckpt, "hessian", *flags)
-    assert path.name == "flatness_hessian_scale2_n-hessian20_hessian-iters3.json"
-    r = json.loads(path.read_text())
-    assert r["mode"] == "hessian" and r["iterations"] <= 3 and r["n"] == 20 and r["scale"] == 2.0
+    r = json.loads(written(proc.stdout)["hessian"].read_text())
+    assert r["iterations"] <= 3 and r["n"] == 20 and r["settings"]["scale"] == 2.0
+    assert r["settings"]["n_hessian"] == 20 and r["settings"]["hessian_iters"] == 3
     assert r["scale_pairs"] == 20 and r["scale_logit_max_diff"] <= 1e-3 * r["scale_logit_max"]
     assert r["eigenvalue"] == pytest.approx(r["history"][-1]) and "max |Δlogit|" in proc.stdout
 
 
-def test_result_file_names():
-    def path(*flags):
-        args = flatness.parse_args(["runs/x/ckpt_epoch005.pt", *flags])
-        return flatness.output_path(args, args.checkpoint, flatness.selected_modes(args)[0]).name
-    assert path("--mode", "average") == "flatness_average_epoch005.json"
-    assert path("--mode", "average", "--xi", "0.5") == "flatness_average_epoch005.json"  # the paper's ξ
-    assert path("--mode", "worst", "--xi", "0.003", "--loss", "clean") == "flatness_worst_epoch005_clean_xi0.003.json"
-    assert path("--mode", "average", "--subset", "train-eval", "--tag", "t") == "flatness_average_epoch005_train_t.json"
-    assert path("--mode", "hessian", "--scale", "0.5", "--use-ema") == "flatness_hessian_epoch005_scale0.5_ema.json"
-    # every other setting that changes the measured value names itself, so no quick or variant run
-    # takes the default file's place (or makes --epochs skip a snapshot the default never measured)
-    assert path("--mode", "worst", "--per-batch") == "flatness_worst_epoch005_per-batch.json"
-    assert path("--mode", "average", "--n-eval", "100", "--samples", "3", "--tag", "t") == \
-        "flatness_average_epoch005_n-eval100_samples3_t.json"
-    assert path("--mode", "average", "--loss", "clean", "--samples", "50") == "flatness_average_epoch005_clean.json"
-    assert path("--mode", "hessian", "--hessian-reduction", "batch-sum") == \
-        "flatness_hessian_epoch005_hessian-reductionbatch-sum.json"
-    assert path("--mode", "landscape", "--direction-norm", "max-abs") == \
-        "flatness_landscape_epoch005_direction-normmax-abs.json"
-    assert path("--mode", "worst", "--epsilon", "4/255", "--batch-size", "64") == \
-        "flatness_worst_epoch005_epsilon0.0156863.json"  # the PGD batch size changes nothing measured
+def test_every_setting_names_its_own_file():
+    """Every flag of MODE_SETTINGS (and the seed, the PGD batch size, the rescaling, the model) changes the
+    settings and so the file name; --device and flags of other modes do not; an explicit paper ξ is the default."""
+    info = {"source": "ours", "args": {}}
+
+    def path(mode, *flags):
+        args = flatness.parse_args(["runs/x/ckpt_epoch005.pt", "--mode", mode, *flags])
+        args.data_dir = "/data"
+        return evaluate.result_path("runs/x", flatness.flatness_settings(args, info, mode)[0])
+
+    changed = {"loss": ["--loss", "clean"], "subset": ["--subset", "train-eval"], "n_eval": ["--n-eval", "7"],
+               "xi": ["--xi", "0.1"], "samples": ["--samples", "3"],
+               "restarts_perturbed": ["--restarts-perturbed", "2"],
+               "steps": ["--steps", "3"], "ref_restarts": ["--ref-restarts", "3"], "epsilon": ["--epsilon", "4/255"],
+               "attack_step": ["--attack-step", "0.01"], "restarts": ["--restarts", "3"], "passes": ["--passes", "3"],
+               "weight_step": ["--weight-step", "0.1"], "per_batch": ["--per-batch"],
+               "joint_batch_size": ["--joint-batch-size", "64"], "directions": ["--directions", "3"],
+               "points": ["--points", "5"], "n_landscape": ["--n-landscape", "7"],
+               "landscape_steps": ["--landscape-steps", "3"], "direction_norm": ["--direction-norm", "max-abs"],
+               "random_scale": ["--random-scale", "0.3"], "adversarial_scale": ["--adversarial-scale", "0.3"],
+               "adversarial_xi": ["--adversarial-xi", "0.1"], "adversarial_passes": ["--adversarial-passes", "3"],
+               "n_hessian": ["--n-hessian", "7"], "hessian_iters": ["--hessian-iters", "7"],
+               "hessian_tol": ["--hessian-tol", "0.1"], "hessian_reduction": ["--hessian-reduction", "batch-sum"]}
+    shared = [["--seed", "1"], ["--batch-size", "64"], ["--scale", "2"], ["--scale-bn-eps"], ["--use-ema"]]
+    measures = {"average": ("loss", "subset", "n_eval", "xi", "samples", "restarts_perturbed", "steps", "ref_restarts",
+                            "epsilon", "attack_step"),
+                "worst": ("loss", "subset", "n_eval", "xi", "restarts", "passes", "weight_step", "per_batch",
+                          "joint_batch_size", "steps", "ref_restarts", "epsilon", "attack_step"),
+                "landscape": ("directions", "points", "n_landscape", "landscape_steps", "direction_norm",
+                              "random_scale", "adversarial_scale", "adversarial_xi", "adversarial_passes",
+                              "weight_step", "epsilon", "attack_step"),
+                "hessian": ("n_hessian", "hessian_iters", "hessian_tol", "hessian_reduction")}
+    for mode, keys in measures.items():
+        default = path(mode)
+        assert default.name.startswith(f"flatness_{mode}_epoch005_")
+        assert path(mode, "--device", "cpu") == default
+        for flags in [changed[k] for k in keys] + shared:
+            assert path(mode, *flags) != default, (mode, flags)
+        for flags in [f for k, f in changed.items() if k not in keys and k != "xi"]:  # --xi: average/worst only
+            assert path(mode, *flags) == default, (mode, flags)
+    for mode, xi in flatness.DEFAULT_XI.items():
+        assert path(mode, "--xi", str(xi)) == path(mode)
 
 
 @pytest.mark.parametrize("flags,message", [

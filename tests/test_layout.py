@@ -42,9 +42,10 @@ def test_code_only_diff_with_train_at_is_the_method(script, limit):
 
 
 def test_common_does_not_grow():
-    """common.py holds only what several scripts use (README "Files"); 776 lines now, of them 142 blank and
-    ~80 docstring lines. The target of one sitting (600) is not reached yet: this guards against regrowth."""
-    assert len((ROOT / "common.py").read_text().splitlines()) <= 780
+    """common.py holds only what several scripts use (README "Files"): 776 lines with one architecture, 924 with
+    the three of README "Architectures" (every script builds models). The target of one sitting (600) is not
+    reached: this guards against regrowth."""
+    assert len((ROOT / "common.py").read_text().splitlines()) <= 930
 
 
 def test_code_cites_the_paper_and_readme_not_the_team_spec():

@@ -1,9 +1,12 @@
 """plots.py on generated run folders with known numbers: every figure is a valid PNG (and PDF),
-Table 1's order and group means equal hand computations, the correlations equal scipy's, result
-files identify themselves by their fields, and missing inputs skip a figure with one line."""
+Table 1 (one row per method family) and its group means equal hand computations, the correlations
+and their exact p-values equal an independent enumeration, results are chosen by their recorded
+settings (README "Result files"), differences between two different attacks are refused, and missing
+inputs skip a figure with one line. The result files are written by evaluate.py's and flatness.py's
+own functions, so plots.py is tested on exactly their format."""
 import csv
+import itertools
 import json
-import os
 import math
 from collections import Counter
 
@@ -12,6 +15,8 @@ import numpy as np
 import pytest
 import scipy.stats
 
+import evaluate
+import flatness
 import plots
 from common import UsageError
 from conftest import run_script
@@ -33,31 +38,47 @@ BASE_ARGS = {"method": "at", "epochs": 150, "lr": 0.05, "wd": 5e-4, "epsilon": 8
              "label_smoothing": 0.0, "label_noise": 0.0, "clip": 0.0, "ema": 0.0, "act": "relu", "autoaugment": False,
              "optimizer": "sgd", "batch_size": 128, "attack_steps": 7, "width": 16, "train_subset": 2000, "seed": 0,
              "momentum": 0.9, "nesterov": False, "versions": {"torch": "x"}}
+OURS = {"source": "ours", "args": {}}  # load_model's info for a checkpoint of ours
 
 
 def write(path, obj):
     path.write_text(json.dumps(obj))
 
 
-def eval_json(folder, ckpt, rerr, rloss, train_rerr=None, autoattack=True, epoch=150):
-    pgd = {"rloss": rloss, "rerr": rerr - 0.02, "rloss_correct": rloss / 2, "rloss_incorrect": rloss * 2,
-           "n_correct": 800, "n_incorrect": 200, "n": 1000, "eps": 8 / 255, "alpha": 0.007, "steps": 20, "restarts": 10}
-    aa = {"rerr": rerr, "rerr_any": rerr, "n": 1000, "version": "standard", "attacks": [], "eps": 8 / 255,
-          "max_linf": 8 / 255}
-    if not autoattack:
-        pgd["rerr"] = rerr
-    out = {"checkpoint": str(folder / ckpt), "epoch": epoch, "use_ema": False, "seed": 0,
-           "clean": {"loss": 0.5, "err": 0.2, "n": 10000}, "pgd": pgd, "autoattack": aa if autoattack else None}
+def eval_file(folder, ckpt, rerr, rloss, train_rerr=None, autoattack=True, epoch=150, flags=()):
+    """An evaluate.py result of folder/ckpt, written by evaluate.py's own functions: PGD RErr 2 points
+    below AutoAttack's (or `rerr` itself without AutoAttack)."""
+    args = evaluate.parse_args([str(folder / ckpt), *flags] + ([] if train_rerr is None else ["--train"])
+                               + ([] if autoattack else ["--no-autoattack"]))
+    args.data_dir = "/data"
+    settings, non_default = evaluate.eval_settings(args, OURS)
+    pgd = {"rloss": rloss, "rerr": rerr - 0.02 if autoattack else rerr, "rloss_correct": rloss / 2,
+           "rloss_incorrect": rloss * 2, "n_correct": 800, "n_incorrect": 200, "n": args.n_eval}
+    aa = {"rerr": rerr, "rerr_any": rerr, "n": args.n_eval, "max_linf": 8 / 255} if autoattack else None
+    result = {"epoch": epoch, "clean": {"loss": 0.5, "err": 0.2, "n": 10000}, "pgd": pgd, "autoattack": aa}
     if train_rerr is not None:
-        out["train"] = {"pgd": {**pgd, "rloss": rloss / 3, "rerr": train_rerr}, "autoattack":
-                        {**aa, "rerr": train_rerr} if autoattack else None}
-    return out
+        result["train"] = {"pgd": {**pgd, "rloss": rloss / 3, "rerr": train_rerr},
+                           "autoattack": {**aa, "rerr": train_rerr} if autoattack else None}
+    path = evaluate.result_path(folder, settings)
+    evaluate.write_result(path, settings, non_default, "0" * 64, result)
+    return path
 
 
-def flat_json(folder, ckpt, mode, value, reference, epoch=150, loss="robust", subset="eval"):
-    return {"mode": mode, "loss": loss, "subset": subset, "n": 1000, "xi": plots.PAPER_XI[mode],
-            "values": [reference + value] * 10, "reference": reference, "value": value, "seed": 0, "epoch": epoch,
-            "checkpoint": str(folder / ckpt)}
+def flat_file(folder, ckpt, mode, epoch=150, flags=(), **result):
+    """A flatness.py result of folder/ckpt for `mode`, written by flatness.py's own functions."""
+    args = flatness.parse_args([str(folder / ckpt), "--mode", mode, *flags])
+    args.data_dir = "/data"
+    settings, non_default = flatness.flatness_settings(args, OURS, mode)
+    n = {"average": args.n_eval, "worst": args.n_eval, "landscape": args.n_landscape, "hessian": args.n_hessian}[mode]
+    path = evaluate.result_path(folder, settings)
+    evaluate.write_result(path, settings, non_default, "0" * 64, {"n": n, "epoch": epoch, **result})
+    return path
+
+
+def flat_value(folder, ckpt, mode, value, reference, epoch=150, flags=()):
+    """Average- or worst-case flatness `value` over the reference RLoss `reference`."""
+    return flat_file(folder, ckpt, mode, epoch, flags, value=value, reference=reference,
+                     values=[reference + value] * 10)
 
 
 def metrics_lines(epochs=30, best=12):
@@ -73,41 +94,46 @@ def metrics_lines(epochs=30, best=12):
     return "\n".join(lines) + "\n"
 
 
+def landscape(folder, offset=0.0, flags=()):
+    s = np.linspace(-1, 1, 51)
+    return flat_file(folder, "ckpt_last.pt", "landscape", flags=flags, s=s.tolist(),
+                     random={"robust": [(3 + offset + 2 * s**2 + 0.1 * k).tolist() for k in range(10)],
+                             "clean": [(0.5 + s**2).tolist() for _ in range(10)]},
+                     adversarial={"robust": [(3 + offset + 8 * s**2).tolist() for _ in range(10)]})
+
+
 def make_runs(root):
-    """Seven Table 1 rows with eval / flatness files; the AT baseline also has per-snapshot
-    flatness, a landscape and a Hessian; plus one unreadable file and one run without results."""
+    """Seven Table 1 rows with evaluation and flatness results; the AT baseline also has per-snapshot
+    flatness and Hessians, landscapes (also of its ×2 / ×0.5 rescaled copies) and a rescaled Hessian; plus
+    one unreadable file, one file without settings and one run without results."""
     for name, extra, test, train, es, rloss, avg, worst, aa in RUNS:
         d = root / name
         d.mkdir(parents=True)
         write(d / "args.json", {**BASE_ARGS, **extra})
         (d / "metrics.jsonl").write_text(metrics_lines())
-        write(d / "eval.json", eval_json(d, "ckpt_last.pt", test / 100, rloss, train / 100, aa))
-        write(d / "eval_best.json", eval_json(d, "ckpt_best.pt", es / 100, rloss * 0.6, None, aa, epoch=60))
-        write(d / "flatness_average.json", flat_json(d, "ckpt_last.pt", "average", avg, rloss))
-        write(d / "flatness_average_best.json", flat_json(d, "ckpt_best.pt", "average", avg / 2, rloss * 0.6, 60))
-        # the train-example flatness is told apart by its "subset" field, whatever the file is called
-        write(d / "flatness_average_train.json", flat_json(d, "ckpt_last.pt", "average", avg * 0.8, rloss / 3,
-                                                           subset="train-eval"))
-        write(d / "flatness_average_clean.json", flat_json(d, "ckpt_last.pt", "average", 9.0, 0.5, loss="clean"))
+        eval_file(d, "ckpt_last.pt", test / 100, rloss, train / 100, aa)
+        eval_file(d, "ckpt_best.pt", es / 100, rloss * 0.6, None, aa, epoch=60)
+        flat_value(d, "ckpt_last.pt", "average", avg, rloss)
+        flat_value(d, "ckpt_best.pt", "average", avg / 2, rloss * 0.6, 60)
+        # train-example and clean-loss flatness are told apart by their settings
+        flat_value(d, "ckpt_last.pt", "average", avg * 0.8, rloss / 3, flags=["--subset", "train-eval"])
+        flat_value(d, "ckpt_last.pt", "average", 9.0, 0.5, flags=["--loss", "clean"])
         if worst is not None:
-            write(d / "flatness_worst.json", flat_json(d, "ckpt_last.pt", "worst", worst, rloss))
+            flat_value(d, "ckpt_last.pt", "worst", worst, rloss)
     at = root / "at"
     for e in (5, 10, 15, 20, 25, 30):
         ck = f"ckpt_epoch{e:03d}.pt"
-        write(at / f"flatness_average_epoch{e:03d}.json", flat_json(at, ck, "average", 0.1 * e, 1 + 0.05 * e, e))
-        write(at / f"flatness_worst_epoch{e:03d}.json", flat_json(at, ck, "worst", 0.2 * e, 1 + 0.05 * e, e))
-        write(at / f"flatness_hessian_epoch{e:03d}.json", {"mode": "hessian", "eigenvalue": 100.0 * e, "epoch": e,
-                                                          "checkpoint": str(at / ck)})
-    s = np.linspace(-1, 1, 51)
-    write(at / "flatness_landscape.json", {"mode": "landscape", "s": s.tolist(), "checkpoint": str(at / "ckpt_last.pt"),
-                                           "random": {"robust": [(3 + 2 * s**2 + 0.1 * k).tolist() for k in range(10)],
-                                                      "clean": [(0.5 + s**2).tolist() for _ in range(10)]},
-                                           "adversarial": {"robust": [(3 + 8 * s**2).tolist() for _ in range(10)]}})
+        flat_value(at, ck, "average", 0.1 * e, 1 + 0.05 * e, e)
+        flat_value(at, ck, "worst", 0.2 * e, 1 + 0.05 * e, e)
+        flat_file(at, ck, "hessian", e, eigenvalue=100.0 * e)
+    landscape(at)
+    landscape(at, 0.2, flags=["--scale", "2"])
+    landscape(at, 0.4, flags=["--scale", "0.5"])
     # a rescaled copy (--scale 2, the §3.2 check) must not replace the run's own values
-    write(at / "flatness_average_scale2.json", {**flat_json(at, "ckpt_last.pt", "average", 99.0, 3.9), "scale": 2.0})
-    write(at / "flatness_hessian_scale2.json", {"mode": "hessian", "eigenvalue": 1.0, "scale": 2.0,
-                                                "checkpoint": str(at / "ckpt_last.pt")})
+    flat_value(at, "ckpt_last.pt", "average", 99.0, 3.9, flags=["--scale", "2"])
+    flat_file(at, "ckpt_last.pt", "hessian", flags=["--scale", "2"], eigenvalue=1.0)
     (at / "eval_broken.json").write_text("{not json")
+    write(at / "eval.json", {"pgd": {"rloss": 1.0}, "checkpoint": "ckpt_last.pt"})  # the format before settings
     empty = root / "no_results"
     empty.mkdir()
     write(empty / "args.json", {**BASE_ARGS, "label_noise": 0.4})
@@ -196,32 +222,53 @@ def test_table1_order_sources_and_group_means(drawn):
     assert rows[7]["label"] == "Good (mean of 2)" and float(rows[7]["rerr_test"]) == pytest.approx(51.25)
 
 
-def test_correlations_equal_scipy(drawn):
+def enumerated_p(x, y, corr):
+    """Two-sided permutation p-value by brute force: scipy's coefficient for every pairing of x with y."""
+    observed = abs(corr(x, y).statistic)
+    return np.mean([abs(corr([x[i] for i in perm], y).statistic) >= observed - 1e-12
+                    for perm in itertools.permutations(range(len(x)))])
+
+
+def test_correlations_equal_scipy_with_exact_p_values(drawn):
+    """Coefficients are scipy's; for n ≤ 8 the p-values are exact (all n! pairings), above scipy's."""
     _, out, _ = drawn
     c = json.loads((out / "correlations.json").read_text())
     rloss = [r[5] for r in RUNS]
     avg = [r[6] for r in RUNS]
     pr, sr = scipy.stats.pearsonr(rloss, avg), scipy.stats.spearmanr(rloss, avg)
     got = c["last"]["rloss_vs_flat_avg"]
-    assert got["n"] == 7
-    assert got["pearson_r"] == pytest.approx(pr.statistic) and got["pearson_p"] == pytest.approx(pr.pvalue)
-    assert got["spearman_rho"] == pytest.approx(sr.statistic) and got["spearman_p"] == pytest.approx(sr.pvalue)
+    assert got["n"] == 7 and got["p_method"] == "exact permutation test (all 5040 pairings)"
+    assert got["pearson_r"] == pytest.approx(pr.statistic) and got["spearman_rho"] == pytest.approx(sr.statistic)
+    assert got["pearson_p"] == pytest.approx(enumerated_p(avg, rloss, scipy.stats.pearsonr))
+    assert got["spearman_p"] == pytest.approx(enumerated_p(avg, rloss, scipy.stats.spearmanr))
     worst = [(r[5], r[7]) for r in RUNS if r[7] is not None]
     pr = scipy.stats.pearsonr([w[0] for w in worst], [w[1] for w in worst])
     assert c["last"]["rloss_vs_flat_worst"]["n"] == 6
     assert c["last"]["rloss_vs_flat_worst"]["pearson_r"] == pytest.approx(pr.statistic)
     rerr = [r[2] / 100 for r in RUNS]
     assert c["last"]["rerr_vs_flat_avg"]["pearson_r"] == pytest.approx(scipy.stats.pearsonr(rerr, avg).statistic)
-    # with the early-stopped checkpoints: 7 more points (RLoss × 0.6, flatness / 2)
+    # with the early-stopped checkpoints: 7 more points (RLoss × 0.6, flatness / 2); n = 14: scipy's p
     both = c["last_and_es"]["rloss_vs_flat_avg"]
     x = avg + [a / 2 for a in avg]
     y = rloss + [r * 0.6 for r in rloss]
     assert both["n"] == 14 and both["pearson_r"] == pytest.approx(scipy.stats.pearsonr(y, x).statistic)
+    assert both["pearson_p"] == pytest.approx(scipy.stats.pearsonr(y, x).pvalue) and "scipy" in both["p_method"]
 
 
-def test_result_files_identified_by_fields(drawn):
-    """Clean and train-example flatness are not mistaken for the robust test flatness; per-epoch
-    files give Fig. 6's series; the unreadable file is skipped with one line."""
+def test_a_perfect_correlation_of_few_models_has_its_exact_p_value():
+    """ρ = 1 over 4 models: scipy's t-distribution says p = 0; of the 24 pairings only the observed one
+    reaches |r| = 1 (Pearson: the x are not evenly spaced), the observed and the reversed one |ρ| = 1."""
+    x, y = [1.0, 2.0, 3.0, 5.0], [2.0, 4.0, 6.0, 10.0]
+    assert scipy.stats.pearsonr(x, y).pvalue == 0.0
+    c = plots.correlation(x, y)
+    assert c["pearson_r"] == pytest.approx(1.0) and c["spearman_rho"] == pytest.approx(1.0)
+    assert c["pearson_p"] == pytest.approx(1 / 24) and c["spearman_p"] == pytest.approx(2 / 24)
+
+
+def test_result_files_identified_by_their_settings(drawn):
+    """Clean and train-example flatness are not mistaken for the robust test flatness, nor a rescaled
+    model's for the model's; per-epoch results give Fig. 6's series (the Hessian too); a file without
+    settings and an unreadable one are skipped with one line each."""
     _, _, summary = drawn
     at = next(r for r in summary["runs"] if r["run"] == "at")
     assert at["last"]["flat_avg"] == pytest.approx(1.21)
@@ -235,51 +282,134 @@ def test_result_files_identified_by_fields(drawn):
     assert series[2]["flat_avg"] == pytest.approx(1.5) and series[2]["hessian"] == pytest.approx(1500)
     assert series[2]["rloss"] == pytest.approx(1.75)  # the flatness file's reference RLoss
     assert any("eval_broken.json: not readable JSON" in line for line in summary["skipped"])
-    assert any("no_results has no eval.json" in line for line in summary["skipped"])
+    assert any("eval.json: no 'settings'" in line for line in summary["skipped"])
+    assert any("no_results has no evaluation" in line for line in summary["skipped"])
     assert any(line.startswith("skip fig7: needs a hyper-parameter sweep") for line in summary["skipped"])
 
 
+def test_fig4_draws_rescaled_landscapes_dashed_over_the_original(drawn, tmp_path):
+    """The ×0.5 and ×2 landscapes of AT (§3.2) are drawn dash-dotted / dashed in the original's colour; one measured
+    with other settings besides the scale is left out with one line."""
+    root, _, _ = drawn
+    runs = plots.find_runs(root, plots.Log())
+    log = plots.Log()
+    curves = plots.fig4(runs, tmp_path, log, [])
+    assert [(label, style) for label, _, style, _ in curves] == \
+        [("AT", "-"), ("AT ×0.5 (rescaled)", "-."), ("AT ×2 (rescaled)", "--")]
+    assert len({colour for _, colour, _, _ in curves}) == 1 and log.lines == []
+    at = root / "at"
+    other = landscape(at, 0.6, flags=["--scale", "3", "--directions", "2"])
+    try:
+        curves = plots.fig4(plots.find_runs(root, plots.Log()), tmp_path, log, [])
+    finally:
+        other.unlink()
+    assert "AT ×3 (rescaled)" not in [c[0] for c in curves]
+    assert len(log.lines) == 1 and "×3 landscape of at has other settings" in log.lines[0]
+
+
 def test_ema_runs_use_the_ema_evaluation(tmp_path):
-    """Weight averaging is evaluated as the averaged model: eval_ema.json wins over eval.json."""
+    """Weight averaging is evaluated as the averaged model: the --use-ema results win."""
     d = tmp_path / "ema"
     d.mkdir()
     write(d / "args.json", {**BASE_ARGS, "ema": 0.9975})
-    write(d / "eval.json", eval_json(d, "ckpt_last.pt", 0.70, 3.0))
-    write(d / "eval_ema.json", {**eval_json(d, "ckpt_last.pt", 0.60, 2.0), "use_ema": True})
-    write(d / "flatness_average.json", flat_json(d, "ckpt_last.pt", "average", 1.0, 3.0))
-    write(d / "flatness_average_ema.json", {**flat_json(d, "ckpt_last.pt", "average", 0.4, 2.0), "use_ema": True})
+    eval_file(d, "ckpt_last.pt", 0.70, 3.0)
+    eval_file(d, "ckpt_last.pt", 0.60, 2.0, flags=["--use-ema"])
+    flat_value(d, "ckpt_last.pt", "average", 1.0, 3.0)
+    flat_value(d, "ckpt_last.pt", "average", 0.4, 2.0, flags=["--use-ema"])
     run = plots.load_run(d, plots.Log())
     m = plots.measures(run, "last")
     assert m["rerr"] == pytest.approx(0.60) and m["rloss"] == pytest.approx(2.0) and m["flat_avg"] == pytest.approx(0.4)
     assert plots.describe(run["args"], {})[0] == "AT EMA=0.9975"
 
 
-def test_a_newer_quick_run_does_not_replace_the_measurement(tmp_path):
-    """Several files for one checkpoint: the default-settings file wins over a newer tagged or
-    non-default one (flatness.py and `--tag` name those); among variants the one with more images."""
+def test_a_quick_measurement_beside_the_default_one_is_not_chosen(tmp_path):
+    """Several results of one checkpoint: the paper's protocol wins over a quick or variant one, even one
+    on more images; among variants the one on more images. Only recorded fields decide."""
     d = tmp_path / "at"
     d.mkdir()
     write(d / "args.json", BASE_ARGS)
-    write(d / "eval.json", eval_json(d, "ckpt_last.pt", 0.60, 2.0))
-    write(d / "flatness_average.json", flat_json(d, "ckpt_last.pt", "average", 1.0, 2.0))
-    os.utime(d / "eval.json", (1, 1))
-    os.utime(d / "flatness_average.json", (1, 1))  # older than the quick runs below
-    write(d / "eval_quick.json", {**eval_json(d, "ckpt_last.pt", 0.9, 9.9), "pgd": {"rloss": 9.9, "rerr": 0.9, "n": 10}})
-    write(d / "flatness_average_n-eval100_samples3.json",
-          {**flat_json(d, "ckpt_last.pt", "average", 7.0, 2.0), "n": 100})
+    eval_file(d, "ckpt_last.pt", 0.60, 2.0)
+    eval_file(d, "ckpt_last.pt", 0.90, 9.9, flags=["--n-eval", "2000", "--restarts", "1"])
+    flat_value(d, "ckpt_last.pt", "average", 1.0, 2.0)
+    flat_value(d, "ckpt_last.pt", "average", 7.0, 2.0, flags=["--n-eval", "2000", "--samples", "3"])
+    assert len(list(d.glob("eval_last_*.json"))) == len(list(d.glob("flatness_average_last_*.json"))) == 2
     m = plots.measures(plots.load_run(d, plots.Log()), "last")
     assert m["rloss"] == pytest.approx(2.0) and m["flat_avg"] == pytest.approx(1.0)
+    assert m["rloss_attack"] == "PGD-20×10" and m["rerr_n"] == 1000
 
-    (d / "flatness_average.json").unlink()  # only variants: the one on more images
-    write(d / "flatness_average_n-eval500.json", {**flat_json(d, "ckpt_last.pt", "average", 3.0, 2.0), "n": 500})
-    os.utime(d / "flatness_average_n-eval500.json", (1, 1))
+    for f in d.glob("*_last_*.json"):  # only variants: the one on more images
+        if not json.loads(f.read_text())["non_default"]:
+            f.unlink()
+    flat_value(d, "ckpt_last.pt", "average", 3.0, 2.0, flags=["--n-eval", "500"])
+    eval_file(d, "ckpt_last.pt", 0.80, 5.0, flags=["--n-eval", "500"])
     m = plots.measures(plots.load_run(d, plots.Log()), "last")
-    assert m["flat_avg"] == pytest.approx(3.0)
+    assert m["flat_avg"] == pytest.approx(7.0) and m["rloss"] == pytest.approx(9.9)
+
+
+def test_differences_between_different_attacks_are_refused(tmp_path):
+    """ckpt_last.pt evaluated with PGD-20×10, ckpt_best.pt only with PGD-20×2 (both with AutoAttack):
+    Table 1's ES − test RErr and Fig. 9's last − ES RLoss are left out, each with one line naming both;
+    the same settings on both sides give both differences."""
+    d = tmp_path / "runs" / "at"
+    d.mkdir(parents=True)
+    write(d / "args.json", BASE_ARGS)
+    eval_file(d, "ckpt_last.pt", 0.60, 3.0, 0.3)
+    best = eval_file(d, "ckpt_best.pt", 0.50, 2.0, epoch=60, flags=["--restarts", "2"])
+    flat_value(d, "ckpt_last.pt", "average", 1.0, 3.0)
+    flat_value(d, "ckpt_best.pt", "average", 0.5, 2.0, epoch=60)
+    summary = plots.main([str(tmp_path / "runs"), "--out", str(tmp_path / "fig"), "--formats", "png", "--dpi", "30"])
+    (row,) = json.loads((tmp_path / "fig" / "table1.json").read_text())["rows"]
+    assert row["rerr_es"] == pytest.approx(50.0) and row["es_minus_test"] is None
+    assert row["train_minus_test"] == pytest.approx(30.0 - 60.0)  # one evaluation: always comparable
+    assert "last_minus_es" not in summary["runs"][0]["last"]
+    refused = [line for line in summary["skipped"] if "settings differ: restarts" in line]
+    assert len(refused) == 2
+    both = ("last measured with PGD-20×10 + AutoAttack-standard on 1000 images, best with PGD-20×2 + "
+            "AutoAttack-standard on 1000 images")
+    assert refused == [f"skip fig9 RLoss(last) − RLoss(ES) of at: {both} (settings differ: restarts)",
+                       f"skip Table 1 ES − test RErr of at: {both} (settings differ: restarts)"]
+
+    best.unlink()
+    eval_file(d, "ckpt_best.pt", 0.50, 2.0, epoch=60)
+    summary = plots.main([str(tmp_path / "runs"), "--out", str(tmp_path / "fig"), "--formats", "png", "--dpi", "30"])
+    (row,) = json.loads((tmp_path / "fig" / "table1.json").read_text())["rows"]
+    assert row["es_minus_test"] == pytest.approx(-10.0)
+    assert summary["runs"][0]["last"]["last_minus_es"] == pytest.approx(1.0)
+    assert not [line for line in summary["skipped"] if "settings differ" in line]
+
+
+def test_table1_has_one_row_per_method_family(tmp_path):
+    """Label noise 0.2 and 0.4 are one family: one row, the run with the lower test RErr (label noise's is
+    read first, TRADES' last: no position wins); the 30 % / 70 %
+    thresholds and group means are over the rows; the correlations over every run."""
+    root = tmp_path / "runs"
+    for name, extra, rerr, rloss, flat in (("at", {}, 0.62, 3.9, 1.2), ("ln0.2", {"label_noise": 0.2}, 0.55, 2.5, 0.5),
+                                           ("ln0.4", {"label_noise": 0.4}, 0.58, 3.0, 0.8),
+                                           ("trades", {"method": "trades", "beta": 6}, 0.57, 2.2, 0.6),
+                                           ("trades9", {"method": "trades", "beta": 9}, 0.56, 2.1, 0.55),
+                                           ("wd", {"wd": 0.05}, 0.59, 2.4, 0.4)):
+        d = root / name
+        d.mkdir(parents=True)
+        write(d / "args.json", {**BASE_ARGS, **extra})
+        eval_file(d, "ckpt_last.pt", rerr, rloss)
+        flat_value(d, "ckpt_last.pt", "average", flat, rloss)
+    summary = plots.main([str(root), "--out", str(tmp_path / "fig"), "--formats", "png", "--dpi", "30"])
+    t = json.loads((tmp_path / "fig" / "table1.json").read_text())
+    assert [(r["run"], r["family"], r["family_runs"]) for r in t["rows"]] == [
+        ("ln0.2", "AT label-noise", 2), ("trades9", "TRADES", 2), ("wd", "AT wd", 1), ("at", "AT", 1)]
+    # the percentiles of the 4 rows (55.9 / 59.3 → 56 / 59), not of the 6 runs (56.5 / 58.5 → 56 / 58)
+    assert t["percentiles"] == pytest.approx([55.9, 59.3]) and t["thresholds"] == [56.0, 59.0]
+    g = {x["group"]: x for x in t["groups"]}
+    assert [g[k]["n"] for k in ("Good", "Average", "Poor")] == [1, 1, 2]
+    assert g["Poor"]["rerr_test"] == pytest.approx((59.0 + 62.0) / 2)
+    assert "| 1 | AT label-noise=0.2 (best of 2) | 55.0 |" in (tmp_path / "fig" / "table1.md").read_text()
+    c = json.loads((tmp_path / "fig" / "correlations.json").read_text())
+    assert c["last"]["rloss_vs_flat_avg"]["n"] == 6 == len(summary["runs"])
 
 
 def test_missing_inputs_skip_with_a_message(tmp_path, capsys):
     """A run with only args.json and metrics.jsonl: the curves are drawn, the rest is skipped
-    with one line each that names the missing file."""
+    with one line each that names what is missing."""
     d = tmp_path / "runs" / "at"
     d.mkdir(parents=True)
     write(d / "args.json", BASE_ARGS)
@@ -290,16 +420,17 @@ def test_missing_inputs_skip_with_a_message(tmp_path, capsys):
     assert_png(out / "fig2_robust_overfitting.png")
     assert (out / "fig2_robust_overfitting.pdf").read_bytes()[:5] == b"%PDF-"
     assert (out / "fig5_training_curves.png").exists()
-    for expected in ("skip fig1: needs runs with eval.json (RLoss) and flatness_average.json",
-                     "skip fig4: no flatness_landscape.json", "skip fig6: no run has flatness of at least 2 snapshots",
-                     "skip fig7: needs a hyper-parameter sweep", "skip fig8: needs runs with eval.json",
-                     "skip fig9: needs", "skip table1: no run has eval.json", "unparsable line(s)"):
+    for expected in ("skip fig1: needs runs with an evaluation (RLoss) and average-case flatness",
+                     "skip fig4: no landscape", "skip fig6: no run has flatness of at least 2 snapshots",
+                     "skip fig7: needs a hyper-parameter sweep", "skip fig8: needs runs with an evaluation",
+                     "skip fig9: needs", "skip table1: no run has an evaluation", "unparsable line(s)"):
         assert expected in printed, expected
         assert any(expected in line for line in summary["skipped"])
     for name in ("fig1_rloss_vs_flatness", "fig4_landscape", "fig7_hyperparameters", "fig8_rloss_flatness"):
         assert not (out / f"{name}.png").exists()
     c = json.loads((out / "correlations.json").read_text())
     assert c["last"]["rloss_vs_flat_avg"]["n"] == 0 and "pearson_r" not in c["last"]["rloss_vs_flat_avg"]
+
 
 
 def test_one_run_folder_and_bad_input(tmp_path, drawn, capsys):
@@ -320,7 +451,7 @@ def test_one_run_folder_and_bad_input(tmp_path, drawn, capsys):
 
 def test_exact_thresholds(drawn):
     _, _, summary = drawn
-    points = [{"run": r["run"], "label": r["label"], **r["last"]} for r in summary["runs"]]
+    points = [{"run": r["run"], "label": r["label"], "family": r["family"], **r["last"]} for r in summary["runs"]]
     es_points = [{"run": r["run"], "label": r["label"], **r["best"]} for r in summary["runs"] if r["best"]]
     t = plots.table1(points, es_points, exact_thresholds=True)
     assert t["thresholds"] == pytest.approx([54.16, 58.68]) and not t["rounded"]
@@ -358,7 +489,8 @@ def test_paper_script_commands_parse(tmp_path):
     commands = [shlex.split(line)[1:] for line in proc.stdout.splitlines() if line.startswith("python ")]
     scripts = Counter(c[0] for c in commands)
     assert scripts["plots.py"] == 1 and scripts["train_trades.py"] == 4 and scripts["train_awp.py"] == 4
-    assert sum(v for k, v in scripts.items() if k.startswith("train_")) == 18 + 17  # rows without +Unlabeled, sweeps
+    # Table 1 rows without +Unlabeled, Fig. 4's Adam and small-batch models, the Fig. 7 sweeps
+    assert sum(v for k, v in scripts.items() if k.startswith("train_")) == 18 + 2 + 17
     for script, *argv in commands:
         if script == "plots.py":
             continue
@@ -388,17 +520,7 @@ def test_a_row_never_mixes_the_averaged_and_the_plain_model(tmp_path):
     d = tmp_path / "ema"
     d.mkdir()
     write(d / "args.json", {**BASE_ARGS, "ema": 0.9975})
-    write(d / "eval_ema.json", {**eval_json(d, "ckpt_last.pt", 0.60, 2.0), "use_ema": True})
-    write(d / "flatness_average.json", flat_json(d, "ckpt_last.pt", "average", 99.0, 3.0))
+    eval_file(d, "ckpt_last.pt", 0.60, 2.0, flags=["--use-ema"])
+    flat_value(d, "ckpt_last.pt", "average", 99.0, 3.0)
     m = plots.measures(plots.load_run(d, plots.Log()), "last")
     assert m["rloss"] == pytest.approx(2.0) and "flat_avg" not in m
-
-
-def test_table1_differences_only_between_the_same_attack():
-    """Train − test and ES − test are left empty when the two RErr come from different attacks."""
-    p = {"run": "a", "label": "AT", "rerr": 0.6, "rerr_source": "AutoAttack", "rerr_train": 0.2,
-         "rerr_train_source": "PGD", "rloss": 2.0}
-    es = {"run": "a", "rerr": 0.5, "rerr_source": "AutoAttack", "epoch": 40}
-    (row,) = plots.table1([p], [es])["rows"]
-    assert row["train_minus_test"] is None
-    assert row["es_minus_test"] == pytest.approx(-10.0)
