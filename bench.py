@@ -237,9 +237,9 @@ def row_avg_flatness(args, device, b):
     x_u8, y = synthetic_cifar(b)
     x, y = x_u8.to(device).float() / 255, y.to(device)
     net = make_net(args, device).eval().requires_grad_(False)  # the bare PGD at its fastest: input gradients only
-    t = side_by_side({"sample": lambda: flatness.average_case(net, x, y, xi=0.5, samples=1, batch_size=b),
+    t = side_by_side({"sample": lambda: flatness.average_case_draws(net, x, y, xi=0.5, samples=1, batch_size=b),
                       "bare_pgd20": lambda: bare_pgd(net, x, y)}, device, args.repeats, 1,
-                     warmups={"sample": lambda: flatness.average_case(net, x, y, xi=0.5, samples=1, steps=1),
+                     warmups={"sample": lambda: flatness.average_case_draws(net, x, y, xi=0.5, samples=1, steps=1),
                               "bare_pgd20": lambda: bare_pgd(net, x, y, steps=1)})
     return {"sample_s": t["sample"], "bare_pgd20_s": t["bare_pgd20"], "efficiency": t["bare_pgd20"] / t["sample"]}
 

@@ -27,6 +27,13 @@ import torch.nn.functional as F
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)  # the correct CIFAR-10 std, not the widely copied 0.2023...
 NUM_CLASSES = 10
+# --dataset: classes, per-channel mean/std of the training images (the model's normaliser), and whether training
+# crops and flips (not SVHN: a flipped digit is another digit; Rice et al. and AWP train SVHN unaugmented)
+DATASETS = {"cifar10": {"name": "CIFAR-10", "classes": 10, "mean": CIFAR_MEAN, "std": CIFAR_STD, "augment": True},
+            "cifar100": {"name": "CIFAR-100", "classes": 100, "mean": (0.5071, 0.4865, 0.4409),
+                         "std": (0.2673, 0.2564, 0.2762), "augment": True},
+            "svhn": {"name": "SVHN", "classes": 10, "mean": (0.4377, 0.4438, 0.4728), "std": (0.1980, 0.2010, 0.1970),
+                     "augment": False}}
 
 
 # plumbing: errors and the command line ----------------------------------------------------------------------------
@@ -77,10 +84,15 @@ def absolute_path(text):
 
 
 def add_runtime_args(parser, data_dir="data"):
+    """--data-dir, --dataset, --device, --seed; data_dir=None (evaluate.py, flatness.py): data and data set default
+    to those our checkpoint was trained on."""
     g = parser.add_argument_group("runtime")
-    g.add_argument("--data-dir", type=absolute_path, default=data_dir, help="CIFAR-10 root (downloaded if missing) "
-                   "or an ImageFolder tree with train/ and test/ (e.g. ../shared/data/cifar10-jpeg)"
+    g.add_argument("--data-dir", type=absolute_path, default=data_dir, help="torchvision root of --dataset (downloaded "
+                   "if missing) or an ImageFolder tree with train/ and test/ (e.g. ../shared/data/cifar10-jpeg)"
                    + ("; default: the one our checkpoint was trained on, else ./data" if data_dir is None else ""))
+    g.add_argument("--dataset", choices=tuple(DATASETS), default="cifar10" if data_dir else None,
+                   help="classes, normalisation and augmentation (README 'Data')"
+                   + ("; default: our checkpoint's, else cifar10" if data_dir is None else ""))
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--seed", type=int, default=0, help="seeds every random draw; recorded in results")
 
@@ -181,24 +193,28 @@ def class_interleaved_order(labels):
     return torch.tensor(order, dtype=torch.long)
 
 
-def load_cifar10(data_dir, train):
-    """The whole split as (uint8 N×3×32×32, int64 labels) in the canonical order."""
-    root, split = Path(data_dir), "train" if train else "test"
+def load_images(data_dir, train, dataset="cifar10"):
+    """The whole split of `dataset` as (uint8 N×3×32×32, int64 labels) in the canonical order: torchvision's, or
+    class-interleaved for an ImageFolder tree (README "Data")."""
+    root, split, classes = Path(data_dir), "train" if train else "test", DATASETS[dataset]["classes"]
     if (root / split).is_dir():  # ImageFolder tree, e.g. ../shared/data/cifar10-jpeg
         x, y = _imagefolder_arrays(root / split)
+        check(len(y.unique()) == classes, f"{root / split} has {len(y.unique())} class folders, but --dataset "
+              f"{dataset} has {classes} classes; pass the matching --dataset")
         order = class_interleaved_order(y)
-        x, y = x[order], y[order]
-    else:
-        from torchvision.datasets import CIFAR10
-        try:
-            ds = CIFAR10(str(root), train=train, download=True)
-        except Exception as e:  # no network, bad path, corrupt archive
-            raise UsageError(f"could not find or download CIFAR-10 in {root.resolve()} ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0] if str(e) else 'no detail'}); point --data-dir at a "
-                             "CIFAR-10 root or an ImageFolder tree with train/ and test/, e.g. "
-                             "--data-dir ../shared/data/cifar10-jpeg")
-        x, y = torch.from_numpy(ds.data), torch.tensor(ds.targets, dtype=torch.long)
-    return x.permute(0, 3, 1, 2).contiguous(), y
+        return x[order].permute(0, 3, 1, 2).contiguous(), y[order]
+    import torchvision.datasets as tv
+    try:
+        if dataset == "svhn":
+            ds = tv.SVHN(str(root), split=split, download=True)
+            return torch.from_numpy(ds.data).contiguous(), torch.from_numpy(ds.labels).long()
+        ds = (tv.CIFAR100 if dataset == "cifar100" else tv.CIFAR10)(str(root), train=train, download=True)
+    except Exception as e:  # no network, bad path, corrupt archive
+        name = DATASETS[dataset]["name"]
+        raise UsageError(f"could not find or download {name} in {root.resolve()} ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else 'no detail'}); point --data-dir at a {name} root "
+                         "or an ImageFolder tree with train/ and test/, e.g. --data-dir ../shared/data/cifar10-jpeg")
+    return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets, dtype=torch.long)
 
 
 def balanced_subset(labels, n):
@@ -211,23 +227,23 @@ def balanced_subset(labels, n):
     return torch.sort(torch.cat(picked)).values
 
 
-def eval_split(data_dir, name, n, device):
+def eval_split(data_dir, name, n, device, dataset="cifar10"):
     """A fixed evaluation subset as float [0, 1] tensors on `device` (README "Data"): eval and log = test
     0…n-1, train-eval = train 0…n-1, early-stop = the last n test images."""
     check(name in ("eval", "train-eval", "early-stop", "log"), f"unknown subset {name!r}")
-    x, y = load_cifar10(data_dir, train=(name == "train-eval"))
+    x, y = load_images(data_dir, train=(name == "train-eval"), dataset=dataset)
     check(0 < n <= len(y), f"subset {name} needs 1..{len(y)} images, got {n}")
     sl = slice(len(y) - n, len(y)) if name == "early-stop" else slice(0, n)
     return x[sl].to(device).float().div_(255), y[sl].to(device)
 
 
 class DeviceLoader:
-    """The training set on the device as uint8; shuffle, random crop and flip happen there per batch, drawn from
-    a seeded device generator. Under DDP every rank augments the whole global batch (so the ranks' generators
-    stay in step) and keeps every world-th image; the last partial batch is dropped (equal-size batches)."""
+    """The training set on the device as uint8; shuffle, random crop and flip (unless augment=False) happen there
+    per batch, drawn from a seeded device generator. Under DDP every rank augments the whole global batch (so the
+    ranks' generators stay in step) and keeps every world-th image; the last partial batch is dropped."""
 
-    def __init__(self, x, y, batch_size, device, seed, rank=0, world=1):
-        self.x, self.y = x.to(device), y.to(device)
+    def __init__(self, x, y, batch_size, device, seed, rank=0, world=1, augment=True):
+        self.x, self.y, self.augment = x.to(device), y.to(device), augment
         self.batch_size, self.device, self.rank, self.world = batch_size, device, rank, world
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
@@ -240,7 +256,7 @@ class DeviceLoader:
         order = torch.randperm(len(self.y), device=self.device, generator=g)
         for i in range(len(self)):
             idx = order[i * b:(i + 1) * b]
-            x = augment_crop_flip(self.x[idx], g)
+            x = augment_crop_flip(self.x[idx], g) if self.augment else self.x[idx].float().div_(255)
             yield x[self.rank::self.world], self.y[idx][self.rank::self.world]
 
 
@@ -266,7 +282,7 @@ ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "mish": nn.Mish, "gelu": nn.GEL
 class Normalize(nn.Module):
     """(x - mean) / std per channel; buffers, never trained and never perturbed."""
 
-    def __init__(self, mean=CIFAR_MEAN, std=CIFAR_STD):
+    def __init__(self, mean=CIFAR_MEAN, std=CIFAR_STD):  # the data set's (DATASETS)
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
@@ -464,17 +480,22 @@ def add_model_args(parser):
 
 
 def build_model(args, normalize=None, sub_block1=False):
-    """The network a checkpoint's args (a dict) describe; checkpoints from before --arch are ResNet-18s.
-    `normalize`: whether the input normaliser is inside (default: unless args say no_normalize)."""
-    arch = args.get("arch", "resnet18")
+    """The network a checkpoint's args (a dict) describe: architecture, classes and normaliser of its --dataset
+    (checkpoints from before --arch / --dataset are CIFAR-10 ResNet-18s). `normalize`: whether the input
+    normaliser is inside (default: unless args say no_normalize)."""
+    arch, data = args.get("arch", "resnet18"), DATASETS[args.get("dataset") or "cifar10"]
     normalize = not args.get("no_normalize", False) if normalize is None else normalize
     check(args["act"] in ACTIVATIONS, f"unknown --act {args['act']!r}; choose one of {', '.join(ACTIVATIONS)}")
     if arch.startswith("wrn-"):
         _, depth, widen = arch.split("-")
-        return WideResNet(int(depth), int(widen), args["act"], normalize=normalize, sub_block1=sub_block1)
-    check(args["width"] >= 1, f"--width must be positive, got {args['width']}")
-    kind = PreActResNet18 if arch == "preact-resnet18" else ResNet18
-    return kind(width=args["width"], act=args["act"], normalize=normalize)
+        model = WideResNet(int(depth), int(widen), args["act"], data["classes"], normalize, sub_block1)
+    else:
+        check(args["width"] >= 1, f"--width must be positive, got {args['width']}")
+        kind = PreActResNet18 if arch == "preact-resnet18" else ResNet18
+        model = kind(width=args["width"], act=args["act"], num_classes=data["classes"], normalize=normalize)
+    if normalize:
+        model.normalize = Normalize(data["mean"], data["std"])
+    return model
 
 
 # PGD (Madry et al. 2018; README "Conventions") --------------------------------------------------------------------
@@ -623,22 +644,56 @@ def add_optim_args(parser):
     g.add_argument("--lr", type=fraction, default=0.05, help="base lr (paper: 0.05; its Adam runs used 0.1)")
     g.add_argument("--momentum", type=fraction, default=0.9)
     g.add_argument("--nesterov", action="store_true", help="Nesterov momentum, as the paper's released code")
-    g.add_argument("--wd", type=fraction, default=5e-4,
-                   help="coupled L2 on all parameters (released code 5e-4; the text says 5e-3; Table 1 row: 0.05)")
+    g.add_argument("--wd", type=fraction, default=5e-4, help="coupled L2, BN scales towards 1 (released code 5e-4; "
+                   "the text says 5e-3; Table 1 row: 0.05)")
     g.add_argument("--lr-schedule", default="multistep", choices=LR_SCHEDULES,
                    help="multistep (x0.1 at 60/90/120 of 150) | late (140/145) | cyclic (0 -> 0.2 -> 0) | const | cosine")
     g.add_argument("--cyclic-peak", type=fraction, default=0.2, help="peak lr of --lr-schedule cyclic (paper: 0.2)")
+    g.add_argument("--bn-decay", default="auto", choices=("auto", "to-one", "to-zero"),
+                   help="what --wd pulls BN scales towards: to-one = the paper's re-parameterised BN (scale 1 + γ'), "
+                        "to-zero = standard BN (the TRADES/MART/AWP/Rice et al. code); auto = to-one for resnet18, "
+                        "to-zero for preact-resnet18 and wrn-D-K")
+    g.add_argument("--cyclic-momentum", type=fraction, default=0.8, help="SGD momentum at the cyclic peak lr, "
+                   "--momentum at lr 0 (paper code: PyTorch CyclicLR's 0.8 and 0.9; = --momentum keeps it fixed)")
 
 
 def make_optimizer(model, args, steps_per_epoch):
-    """(optimiser, LambdaLR stepped per batch)."""
+    """(optimiser, LambdaLR stepped per batch). Weight decay is coupled L2 (carried by SGD's momentum) towards 0,
+    but (--bn-decay) towards 1 for the BN scales γ, as the paper's re-parameterised BN (scale 1 + γ'): a pre-step hook subtracts
+    wd from their gradients (wd·γ − wd = wd·(γ − 1)). --lr-schedule cyclic also cycles SGD's momentum inversely to
+    the lr, --momentum → --cyclic-momentum at the peak, as CyclicLR in the paper's code (README "Deviations")."""
     if args.optimizer == "adam":
         opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.wd)
     else:
         opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
                               weight_decay=args.wd)
     total, peak = args.epochs * steps_per_epoch, args.cyclic_peak / args.lr
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(args.lr_schedule, s, total, peak))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(args.lr_schedule, s, total, peak))
+    scales = bn_scales(model) if bn_decays_to_one(args) else []
+    cycle = args.lr_schedule == "cyclic" and args.optimizer == "sgd"
+    check(not cycle or args.cyclic_momentum <= args.momentum, f"--cyclic-momentum must be <= --momentum {args.momentum}")
+
+    def before_step(*_):
+        for p in scales:
+            if p.grad is not None:
+                p.grad.sub_(args.wd)  # + the optimiser's wd·γ: wd·(γ − 1)
+        m = args.momentum - (args.momentum - args.cyclic_momentum) * lr_factor("cyclic", sched.last_epoch, total, 1.0)
+        for group in opt.param_groups if cycle else ():  # (sched.last_epoch: this step; lr_factor(.., 1) = lr/peak)
+            group["momentum"] = m
+
+    opt.register_step_pre_hook(before_step)
+    return opt, sched
+
+
+def bn_decays_to_one(args):
+    """--bn-decay: towards 1 for the paper's ResNet-18 (its BN scale is 1 + γ'), towards 0 (standard BN) for the
+    architectures whose public code uses standard BN, unless the flag says otherwise."""
+    return args.bn_decay == "to-one" or (args.bn_decay == "auto" and args.arch == "resnet18")
+
+
+def bn_scales(model):
+    """The BN scales γ (every affine normalisation layer's weight): what --bn-decay to-one pulls towards 1."""
+    return [m.weight for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.affine]
 
 
 def clip_weights(model, w):
@@ -654,7 +709,7 @@ def clip_weights(model, w):
                 m.bias.clamp_(-w, w)
 
 
-def noisy_labels(y, p, num_classes=NUM_CLASSES):
+def noisy_labels(y, p, num_classes):
     """Label noise: each label is replaced with probability p by a uniformly drawn class (the true one
     included), so the label actually changes with probability p·(K−1)/K."""
     replace = torch.rand(y.shape, device=y.device) < p

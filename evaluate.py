@@ -7,6 +7,9 @@ Stutz, Hein & Schiele, ICCV 2021, §4 and Table 1:
     RErr  = (1/N) Σ_n [f(x_n) ≠ y_n  or  f(x_n + δ_n) ≠ y_n]  (wrong clean or adversarially)
 
 Usage:   python evaluate.py runs/at/ckpt_last.pt [--use-ema] [--train] [--no-autoattack]
+         python evaluate.py --robustbench Carmon2019Unlabeled --model-dir models   # models/cifar10/Linf/<name>.pt
+Python:  evaluate.robust_loss_error(model, x, y, **settings) on any nn.Module taking [0, 1] inputs (README
+         "Python API"); the command line calls it.
 CPU:     python evaluate.py runs/smoke/ckpt_last.pt --n-eval 100 --data-dir ../shared/data/cifar10-jpeg
 Writes `eval_<checkpoint>_<hash>.json` beside the checkpoint (e.g. eval_last_1a2b3c4d.json for
 ckpt_last.pt), the hash being that of the settings the file records (README "Result files"): a run
@@ -25,12 +28,15 @@ Cost (measured): CPU, 1 thread of a shared 2-core machine, width-16 ResNet-18 af
 AT, --n-eval 100, clean on all 10,000 test images: 57 s wall (PGD-20 x 10: 42 s; AutoAttack: 3 s, as
 APGD-CE broke every correct point); 2 min 49 s when the machine was busy. Not yet measured on a GPU.
 """
+import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
 import re
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -106,7 +112,8 @@ def result_settings(tool, mode, args, info, how, default):
     from `default`, the paper's protocol."""
     checkpoint = f"robustbench:{args.robustbench}" if args.robustbench else Path(args.checkpoint).name
     model = {"checkpoint": checkpoint, "use_ema": args.use_ema, "source": info["source"],
-             "arch": info["args"] if info["source"] == "external" else None, "data_dir": str(args.data_dir)}
+             "arch": info["args"] if info["source"] == "external" else None, "data_dir": str(args.data_dir),
+             "dataset": args.dataset}
     return {"tool": tool, "mode": mode, **model, **how}, sorted(k for k in how if how[k] != default[k])
 
 
@@ -183,7 +190,7 @@ def load_weights(model, state_dict):
                         if keys)
         hint = []
         if any(k.startswith("normalize.") for k in missing):
-            hint.append("--normalization none or cifar10 if the checkpoint has no normalisation layer")
+            hint.append("--normalization none or dataset if the checkpoint has no normalisation layer")
         if shapes:
             hint.append("the width of the checkpoint (--width for our scripts, --arch-width for external state dicts)")
         raise UsageError(f"checkpoint does not fit the model: {found}" + (
@@ -202,6 +209,117 @@ def model_from_checkpoint(path, device, use_ema=False):
     return model.eval(), ckpt
 
 
+# RobustBench's CIFAR-10 L∞ zoo entries that are one of our architectures in the same key layout, so they load
+# from RobustBench's file layout <model-dir>/cifar10/Linf/<name>.pt without the robustbench package (README
+# "evaluate.py"). From RobustBench's robustbench/model_zoo/cifar10.py (`linf`) and the classes it builds:
+# `WideResNet(depth, widen_factor, sub_block1)` of architectures/wide_resnet.py (ReLU, the TRADES block: a 1×1
+# convShortcut on the activated input, avg-pool 8, `fc` with bias) is our wrn-D-K; `ResNet18()` of
+# architectures/resnet.py (post-activation BasicBlock, shortcut.0/.1, `linear`) is our resnet18 at width 64.
+# Left out: its PreActResNet entries (a shortcut on the raw input, no final BN: not our preact-resnet18), DM
+# WideResNets and PreActResNets (Swish/SiLU, own layout), PSSiLU, ResNet-50, ResNeSt, XCiT, SODEF, RobustWideResNet,
+# ensembles, Pang2020Boosting (normalised features, no fc bias) and Ding2020MMA (per-image normalisation).
+# name → (arch, sub_block1, input normaliser: None = the network takes [0, 1] inputs, else the class's (mean, std)).
+RB_CIFAR_STATS = ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616))  # Rice2020Overfitting, Chen2020Efficient
+RB_HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))                          # Hendrycks2019Using: 2x − 1
+ROBUSTBENCH_TABLE = {
+    "Carmon2019Unlabeled": ("wrn-28-10", True, None),
+    "Sehwag2020Hydra": ("wrn-28-10", True, None),
+    "Wang2020Improving": ("wrn-28-10", True, None),
+    "Hendrycks2019Using": ("wrn-28-10", False, RB_HALF),
+    "Rice2020Overfitting": ("wrn-34-20", False, RB_CIFAR_STATS),
+    "Zhang2019Theoretically": ("wrn-34-10", True, None),
+    "Huang2020Self": ("wrn-34-10", True, None),
+    "Zhang2019You": ("wrn-34-10", True, None),
+    "Zhang2020Attacks": ("wrn-34-10", True, None),
+    "Wu2020Adversarial_extra": ("wrn-28-10", True, None),
+    "Wu2020Adversarial": ("wrn-34-10", False, None),
+    "Sehwag2021Proxy": ("wrn-34-10", False, None),
+    "Sehwag2021Proxy_R18": ("resnet18", False, None),
+    "Sitawarin2020Improving": ("wrn-34-10", True, None),
+    "Chen2020Efficient": ("wrn-34-10", True, RB_CIFAR_STATS),
+    "Cui2020Learnable_34_20": ("wrn-34-20", True, None),
+    "Cui2020Learnable_34_10": ("wrn-34-10", True, None),
+    "Zhang2020Geometry": ("wrn-28-10", True, None),
+    "Sridhar2021Robust": ("wrn-28-10", True, None),
+    "Sridhar2021Robust_34_15": ("wrn-34-15", True, None),
+    "Addepalli2021Towards_RN18": ("resnet18", False, None),
+    "Addepalli2021Towards_WRN34": ("wrn-34-10", True, None),
+    "Chen2021LTD_WRN34_10": ("wrn-34-10", False, None),
+    "Chen2021LTD_WRN34_20": ("wrn-34-20", False, None),
+    "Standard": ("wrn-28-10", False, None),
+    "Jia2022LAS-AT_34_10": ("wrn-34-10", False, None),
+    "Jia2022LAS-AT_70_16": ("wrn-70-16", False, None),
+    "Addepalli2022Efficient_RN18": ("resnet18", False, None),
+    "Addepalli2022Efficient_WRN_34_10": ("wrn-34-10", False, None),
+}
+ROBUSTBENCH_ZOO = "the RobustBench model zoo (github.com/RobustBench/robustbench: robustbench/model_zoo/cifar10.py " \
+                  "holds each entry's download id)"
+
+
+def robustbench_file(model_dir, name):
+    """RobustBench's own layout: <model-dir>/cifar10/Linf/<name>.pt."""
+    return Path(model_dir) / "cifar10" / "Linf" / f"{name}.pt"
+
+
+def robustbench_from_table(name, model_dir, device):
+    """A ROBUSTBENCH_TABLE entry from its file, without the robustbench package: the file read with
+    torch.load(weights_only=True), a 'state_dict' wrapper and module./model. prefixes dropped, our architecture
+    built by common.build_model and loaded strictly. The class's mean/std buffers (mu, sigma) are taken from the
+    file where it has them and from the table where not (RobustBench loads those files non-strictly)."""
+    arch, sub_block1, stats = ROBUSTBENCH_TABLE[name]
+    path = robustbench_file(model_dir, name)
+    check(path.is_file(), f"--robustbench {name}: no file {path}; download {name}.pt (CIFAR-10, Linf) from "
+          f"{ROBUSTBENCH_ZOO} into {path.parent}")
+    ckpt = common.load_checkpoint(path, device)
+    state = ckpt.get("state_dict", ckpt)
+    check(isinstance(state, dict) and state and all(torch.is_tensor(v) for v in state.values()),
+          f"{path} is not a state dict of tensors (RobustBench's files are, raw or under 'state_dict')")
+    state = strip_prefixes(state)
+    model_args = {"arch": arch, "width": 64, "act": "relu", "sub_block1": sub_block1,
+                  "normalization": "none" if stats is None else {"mean": list(stats[0]), "std": list(stats[1])}}
+    model = common.build_model(model_args, normalize=stats is not None, sub_block1=sub_block1).to(device)
+    if stats is not None:
+        own = {"mean": state.pop("mu", None), "std": state.pop("sigma", None)}
+        for key, values in zip(("mean", "std"), stats):
+            given = own[key] if own[key] is not None else torch.tensor(values, device=device)
+            state[f"normalize.{key}"] = given.reshape(model.normalize.mean.shape).to(model.normalize.mean.dtype)
+    load_weights(model, state)
+    return model.eval(), {"source": "robustbench", "name": name, "epoch": None, "args": model_args,
+                          "loader": "table", "file": str(path)}
+
+
+def first_line(error):
+    """An exception's message, its first line and at most 200 characters (error lines are one line)."""
+    return (str(error).splitlines() or [""])[0][:200]
+
+
+def robustbench_with_package(name, model_dir, device):
+    """Any other zoo entry, through the robustbench package where it imports; one error line where not."""
+    table = f"{len(ROBUSTBENCH_TABLE)} entries load without it: {', '.join(ROBUSTBENCH_TABLE)}"
+    try:
+        from robustbench.utils import load_model as rb_load
+    except ImportError as e:
+        if (getattr(e, "name", None) or "").split(".")[0] == "robustbench":  # not installed
+            raise UsageError(f"--robustbench {name}: not one of the entries this project loads itself, and the "
+                             f"robustbench package is not installed (pip install robustbench 'setuptools<81' "
+                             f"git+https://github.com/fra31/auto-attack: robustbench 1.1.1 needs both); {table}")
+        raise UsageError(f"--robustbench {name}: the robustbench package is installed but does not import "
+                         f"({type(e).__name__}: {first_line(e)}); robustbench 1.1.1 needs pkg_resources (pip install "
+                         f"'setuptools<81') and the upstream autoattack package (pip install "
+                         f"git+https://github.com/fra31/auto-attack); or use one of the {table}")
+    try:
+        model = rb_load(model_name=name, model_dir=model_dir, dataset="cifar10", threat_model="Linf")
+    except KeyError:
+        raise UsageError(f"--robustbench {name}: no such CIFAR-10 Linf model in RobustBench's zoo")
+    except Exception as e:  # a download that failed (no network), a file that does not fit its class
+        raise UsageError(f"--robustbench {name}: robustbench could not load it ({type(e).__name__}: "
+                         f"{first_line(e)}); place {name}.pt from "
+                         f"{ROBUSTBENCH_ZOO} at {robustbench_file(model_dir, name)}")
+    path = robustbench_file(model_dir, name)
+    return model.to(device).eval(), {"source": "robustbench", "name": name, "epoch": None, "args": None,
+                                     "loader": "robustbench", "file": str(path) if path.is_file() else None}
+
+
 def add_model_source_args(parser):
     """evaluate.py / flatness.py: a checkpoint of ours (architecture from its args), an external state dict
     (architecture from these flags), or a RobustBench model."""
@@ -213,13 +331,25 @@ def add_model_source_args(parser):
                         "(README 'Architectures'); our checkpoints carry their own")
     g.add_argument("--arch-width", type=int, default=64, help="external state dicts: ResNet width (first stage)")
     g.add_argument("--arch-act", default="relu", choices=tuple(common.ACTIVATIONS), help="external state dicts: activation")
-    g.add_argument("--normalization", default="auto", choices=("auto", "none", "cifar10"),
+    g.add_argument("--normalization", default="auto", choices=("auto", "none", "dataset"),
                    help="external state dicts: auto = the normaliser inside the model when the keys have one "
                         "(normalize.mean/std), else none; none = the network takes [0, 1] inputs (TRADES, MART, AWP "
-                        "WRNs); cifar10 = the CIFAR-10 mean/std in front (Rice et al.'s code). Recorded in results")
-    g.add_argument("--robustbench", metavar="NAME", help="a RobustBench CIFAR-10 Linf model instead of a checkpoint")
-    g.add_argument("--model-dir", default="models", help="RobustBench model cache folder")
+                        "WRNs); dataset = the --dataset's mean/std in front (Rice et al.'s code). Recorded in results")
+    g.add_argument("--robustbench", metavar="NAME",
+                   help="a RobustBench CIFAR-10 Linf model instead of a checkpoint, from "
+                        f"<model-dir>/cifar10/Linf/NAME.pt ({len(ROBUSTBENCH_TABLE)} WRN/ResNet-18 entries load "
+                        "without the robustbench package, README 'Public robust models')")
+    g.add_argument("--model-dir", default="models",
+                   help="RobustBench's model folder (its layout: cifar10/Linf/NAME.pt); --robustbench results go here")
     return g
+
+
+def model_sha256(args, info):
+    """SHA-256 of the measured file: the checkpoint, or a RobustBench model's file (None if the package keeps it
+    elsewhere)."""
+    if args.robustbench:
+        return file_sha256(info["file"]) if info.get("file") else None
+    return file_sha256(args.checkpoint)
 
 
 def data_dir_of(args, info):
@@ -228,16 +358,18 @@ def data_dir_of(args, info):
     return args.data_dir or trained_on or common.absolute_path("data")
 
 
+def dataset_of(args, info):
+    """--dataset if given, else the one our checkpoint was trained on (its args; checkpoints from before
+    --dataset are CIFAR-10's), else cifar10."""
+    trained_on = (info.get("args") or {}).get("dataset") if info["source"] == "ours" else None
+    return args.dataset or trained_on or "cifar10"
+
+
 def load_model(args, device):
     """(model in eval mode, info dict for result files) from the flags of add_model_source_args."""
-    if args.robustbench:
-        try:
-            from robustbench.utils import load_model as rb_load
-        except ImportError:
-            raise UsageError("--robustbench needs the robustbench package: pip install robustbench")
-        model = rb_load(model_name=args.robustbench, model_dir=args.model_dir, dataset="cifar10",
-                        threat_model="Linf").to(device).eval()
-        return model, {"source": "robustbench", "name": args.robustbench, "epoch": None, "args": None}
+    if args.robustbench:  # the table's entries without the package (README "evaluate.py"), others through it
+        load = robustbench_from_table if args.robustbench in ROBUSTBENCH_TABLE else robustbench_with_package
+        return load(args.robustbench, args.model_dir, device)
     check(args.checkpoint, "give a checkpoint path (or --robustbench NAME)")
     ckpt = common.load_checkpoint(args.checkpoint, device)
     if "model" in ckpt and "args" in ckpt:  # ours
@@ -251,10 +383,11 @@ def load_model(args, device):
     check(not inside or args.normalization == "auto", f"{args.checkpoint} carries its own input normaliser "
           f"(normalize.mean/std); drop --normalization {args.normalization}")
     normalization = "inside" if inside else "none" if args.normalization == "auto" else args.normalization
-    model_args = {"arch": args.arch, "width": args.arch_width, "act": args.arch_act, "normalization": normalization}
+    model_args = {"arch": args.arch, "width": args.arch_width, "act": args.arch_act, "normalization": normalization,
+                  "dataset": args.dataset or "cifar10"}  # (classes and, for `dataset`, the normaliser)
     model = common.build_model(model_args, normalize=normalization != "none",
                                sub_block1=any(k.startswith("sub_block1.") for k in state)).to(device)
-    if normalization == "cifar10":  # the normaliser the checkpoint's own code applied outside the network
+    if normalization == "dataset":  # the normaliser the checkpoint's own code applied outside the network
         state = {**state, **{f"normalize.{k}": v for k, v in model.normalize.state_dict().items()}}
     load_weights(model, state)
     return model.eval(), {"source": "external", "epoch": None, "normalize": normalization != "none",
@@ -275,8 +408,10 @@ def error_rate(ok):
 
 
 def pgd_metrics(model, x, y, args, progress=False):
-    """RLoss/RErr of PGD-`steps` × `restarts` (per example the max-CE iterate). Returns the JSON
-    section and the per-example robust correctness (for the union with AutoAttack)."""
+    """RLoss/RErr of PGD-`steps` × `restarts` (per example the max-CE iterate). `args`: anything with the
+    attributes epsilon, attack_step, steps, restarts, batch_size and seed (the flags, or robust_loss_error's
+    settings). Returns the JSON section, the per-example clean and robust correctness (for the union with
+    AutoAttack) and the per-example robust CE."""
     t0 = time.time()
     _, clean_ok = common.clean_metrics(model, x, y, args.batch_size)
     common.seed_everything(args.seed)  # the random starts are reproducible per subset
@@ -286,7 +421,7 @@ def pgd_metrics(model, x, y, args, progress=False):
                "rloss_correct": mean(rloss[clean_ok]), "rloss_incorrect": mean(rloss[~clean_ok]),
                "n_correct": int(clean_ok.sum()), "n_incorrect": int((~clean_ok).sum()), "n": len(y),
                "clean_err": error_rate(clean_ok), "time_s": time.time() - t0}
-    return section, clean_ok, robust_ok
+    return section, clean_ok, robust_ok, rloss
 
 
 # ----------------------------------------------------------------------------------------------
@@ -341,8 +476,9 @@ def make_autoattack(model, eps, version, device, seed, verbose=False):
 
 
 def autoattack_metrics(model, x, y, clean_ok, pgd_ok, args, device, progress=False):
-    """RErr under AutoAttack, counted by our own eval-mode fp32 forward on x_adv: an example is
-    wrong if it is wrong clean or on x_adv; `rerr_any` also counts PGD's adversarial examples."""
+    """RErr under AutoAttack, counted by our own eval-mode forward on x_adv: an example is wrong if it is
+    wrong clean or on x_adv; `rerr_any` also counts PGD's adversarial examples. Returns the JSON section and
+    the per-example correctness under AutoAttack (clean and on x_adv)."""
     t0 = time.time()
     common.seed_everything(args.seed)
     aa, run, package = make_autoattack(model, args.epsilon, args.aa_version, device, args.seed, args.verbose)
@@ -361,14 +497,146 @@ def autoattack_metrics(model, x, y, clean_ok, pgd_ok, args, device, progress=Fal
     _, aa_ok = common.clean_metrics(model, x_adv, y, args.batch_size)
     robust_ok = clean_ok & aa_ok
     return {"rerr": error_rate(robust_ok), "rerr_any": error_rate(robust_ok & pgd_ok),
-            "n": len(y), "max_linf": max_linf, "package": package, "time_s": time.time() - t0}
+            "n": len(y), "max_linf": max_linf, "package": package, "time_s": time.time() - t0}, robust_ok
 
 
-def attack_subset(model, x, y, args, device, progress):
-    """PGD and (unless --no-autoattack) AutoAttack on one fixed subset."""
-    pgd, clean_ok, pgd_ok = pgd_metrics(model, x, y, args, progress)
-    aa = None if args.no_autoattack else autoattack_metrics(model, x, y, clean_ok, pgd_ok, args, device, progress)
-    return {"pgd": pgd, "autoattack": aa}
+def attack_subset(model, x, y, args, progress):
+    """PGD and (unless --no-autoattack) AutoAttack on one fixed subset: robust_loss_error with the flags'
+    settings, as the result file's sections."""
+    r = robust_loss_error(model, x, y, progress=progress, verbose=args.verbose, **api_settings_of(args))
+    return {"pgd": r.pgd, "autoattack": r.autoattack}
+
+
+# ----------------------------------------------------------------------------------------------
+# Python API (README "Python API"): RLoss and RErr of any nn.Module that takes [0, 1] inputs. The command
+# line calls robust_loss_error too (attack_subset); flatness.py's API shares the checks below.
+# ----------------------------------------------------------------------------------------------
+class SettingError(UsageError, ValueError):
+    """A bad setting or input of the Python API: a ValueError to Python callers, one `error:` line from the
+    command line (a UsageError)."""
+
+
+def settings_with_defaults(function, defaults, settings):
+    """The defaults (the paper's, from the command line's) updated by `settings`; an unknown key is refused
+    with the known ones named."""
+    unknown = sorted(set(settings) - set(defaults))
+    if unknown:
+        raise SettingError(f"{function}: unknown setting {', '.join(map(repr, unknown))}; "
+                           f"the settings are {', '.join(defaults)}")
+    return {**defaults, **settings}
+
+
+def require(function, condition, message):
+    if not condition:
+        raise SettingError(f"{function}: {message}")
+
+
+def is_int(v, low):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def is_real(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+
+
+def check_attack(function, s):
+    """The PGD settings every measure shares."""
+    require(function, is_real(s["epsilon"]) and 0 < s["epsilon"] <= 1,
+            f"epsilon must be in (0, 1] (pixel units, e.g. 8/255), got {s['epsilon']!r}")
+    require(function, is_real(s["attack_step"]) and s["attack_step"] > 0,
+            f"attack_step must be > 0, got {s['attack_step']!r}")
+    require(function, is_int(s["steps"], 0), f"steps must be an integer >= 0, got {s['steps']!r}")
+    require(function, is_int(s["batch_size"], 1), f"batch_size must be an integer >= 1, got {s['batch_size']!r}")
+    require(function, is_int(s["seed"], 0), f"seed must be an integer >= 0, got {s['seed']!r}")
+
+
+def check_inputs(function, model, x, y):
+    """A module, images in [0, 1] (N, ...) and N integer labels, on the model's device."""
+    require(function, isinstance(model, torch.nn.Module),
+            f"model must be a torch.nn.Module, got {type(model).__name__}")
+    require(function, torch.is_tensor(x) and torch.is_tensor(y), "x and y must be tensors")
+    require(function, x.is_floating_point(), f"x must be float images in [0, 1], got dtype {x.dtype}")
+    require(function, not y.is_floating_point() and y.dtype != torch.bool and y.dim() == 1,
+            f"y must be a 1-D tensor of integer class labels, got dtype {y.dtype} and shape {tuple(y.shape)}")
+    require(function, len(x) == len(y) >= 1, f"x and y must hold the same number (>= 1) of examples, "
+            f"got {len(x)} and {len(y)}")
+    require(function, x.min().item() >= 0 and x.max().item() <= 1,
+            f"x must be in [0, 1] (the model normalises inside), got values in [{x.min().item():.3g}, "
+            f"{x.max().item():.3g}]")
+    param = next(model.parameters(), None)
+    require(function, param is None or param.device == x.device,
+            f"x is on {x.device} but the model on {param.device if param is not None else '?'}")
+
+
+@contextlib.contextmanager
+def model_kept(model):
+    """Every module's train/eval mode and every parameter's requires_grad as they were, afterwards; gradients
+    enabled inside (a caller's torch.no_grad() does not reach the attacks). The measures never write a weight
+    (the perturbed models are functional calls), so the weights stay bit-identical."""
+    modes = [m.training for m in model.modules()]
+    grads = [p.requires_grad for p in model.parameters()]
+    try:
+        with torch.enable_grad():
+            yield model
+    finally:
+        for m, t in zip(model.modules(), modes):
+            m.training = t
+        for p, g in zip(model.parameters(), grads):
+            p.requires_grad_(g)
+
+
+# robust_loss_error's settings: the command line's flags of the same names, autoattack = None (PGD only),
+# "standard" or "paper" (the --aa-version choices)
+ROBUST_SETTINGS = ("epsilon", "attack_step", "steps", "restarts", "batch_size", "seed", "autoattack")
+
+
+def api_settings_of(args):
+    """robust_loss_error's settings from evaluate.py's flags."""
+    return {**{k: getattr(args, k) for k in ROBUST_SETTINGS[:-1]},
+            "autoattack": None if args.no_autoattack else args.aa_version}
+
+
+@dataclasses.dataclass
+class Robustness:
+    """What robust_loss_error returns (README "Python API").
+    rloss: RLoss, the mean over examples of the highest cross-entropy over PGD's iterates and restarts;
+    rerr: RErr, the fraction wrong on the clean or an adversarial input (AutoAttack's where it ran, else PGD's);
+    pgd, autoattack: the sections of evaluate.py's result file (RLoss split by clean correctness, n, times;
+    autoattack None when not run); losses, robust_ok: per example the robust CE and whether it stayed
+    correct (clean and adversarially: under AutoAttack where it ran, else under PGD); settings: every setting
+    used, defaults filled in."""
+    rloss: float
+    rerr: float
+    pgd: dict
+    autoattack: dict | None
+    losses: torch.Tensor
+    robust_ok: torch.Tensor
+    settings: dict
+
+
+def robust_loss_error(model, x, y, progress=False, verbose=False, **settings):
+    """RLoss and RErr of `model` (any nn.Module mapping [0, 1] images to logits) on (x, y), in eval mode and
+    as the model's dtype: PGD-`steps` × `restarts` (per example its highest-CE iterate) and, with
+    autoattack="standard" or "paper", AutoAttack on the same examples. Settings and their defaults (the
+    paper's, §4): epsilon=8/255, attack_step=0.007, steps=20, restarts=10, batch_size=128, seed=0,
+    autoattack=None. Returns a Robustness; the model's weights, modes and requires_grad flags are unchanged.
+    Seeds the global RNGs with `seed`, as the command line does."""
+    name = "evaluate.robust_loss_error"
+    defaults = parse_args(["-"])
+    s = settings_with_defaults(name, {**api_settings_of(defaults), "autoattack": None}, settings)
+    check_attack(name, s)
+    require(name, is_int(s["restarts"], 1), f"restarts must be an integer >= 1, got {s['restarts']!r}")
+    require(name, s["autoattack"] in (None, *AA_ATTACKS),
+            f"autoattack must be None, {' or '.join(map(repr, AA_ATTACKS))}, got {s['autoattack']!r}")
+    check_inputs(name, model, x, y)
+    ns = types.SimpleNamespace(**s, aa_version=s["autoattack"], verbose=verbose)
+    with model_kept(model):
+        pgd, clean_ok, robust_ok, losses = pgd_metrics(model, x, y, ns, progress)
+        aa = None
+        if s["autoattack"] is not None:
+            aa, robust_ok = autoattack_metrics(model, x, y, clean_ok, robust_ok, ns, x.device, progress)
+    return Robustness(rloss=pgd["rloss"], rerr=aa["rerr"] if aa else pgd["rerr"], pgd=pgd, autoattack=aa,
+                      losses=losses, robust_ok=robust_ok, settings=s)
 
 
 def autoattack_version_string():
@@ -411,20 +679,20 @@ def main(argv=None):
     # ---- model: ours (architecture from its args), an external state dict, or RobustBench
     model, info = load_model(args, device)
     model = model.float().eval()  # every reported number is fp32 (README 'Conventions')
-    args.data_dir = data_dir_of(args, info)
+    args.data_dir, args.dataset = data_dir_of(args, info), dataset_of(args, info)
     settings, non_default = eval_settings(args, info)
     out = result_path(args.out or (args.model_dir if args.robustbench else Path(args.checkpoint).parent), settings)
     check(out.parent.is_dir(), f"output folder {out.parent} does not exist (choose --out)")
-    sha256 = None if args.robustbench else file_sha256(args.checkpoint)
+    sha256 = model_sha256(args, info)
     if already_measured(out, settings, sha256, args.force):
         return
 
     # ---- data: clean on the full test set (or --n-clean), attacks on test images 0…n-1
-    n_test = len(common.load_cifar10(args.data_dir, train=False)[1])
+    n_test = len(common.load_images(args.data_dir, train=False, dataset=args.dataset)[1])
     check(args.n_eval <= n_test, f"--n-eval {args.n_eval} is larger than the test set ({n_test} images)")
     check(args.n_clean <= n_test, f"--n-clean {args.n_clean} is larger than the test set ({n_test} images)")
     n_clean = args.n_clean or n_test
-    x, y = common.eval_split(args.data_dir, "eval", max(n_clean, args.n_eval), device)
+    x, y = common.eval_split(args.data_dir, "eval", max(n_clean, args.n_eval), device, args.dataset)
     clean_loss, clean_ok = common.clean_metrics(model, x[:n_clean], y[:n_clean], max(args.batch_size, 500))
 
     result = {"epoch": info["epoch"], "source": info["source"], "model_args": info["args"],
@@ -432,10 +700,10 @@ def main(argv=None):
               "clean": {"loss": mean(clean_loss), "err": error_rate(clean_ok), "n": n_clean}}
 
     # ---- attacks on the eval subset (and the train-eval subset): fixed seeds, eval mode, fp32
-    result.update(attack_subset(model, x[:args.n_eval], y[:args.n_eval], args, device, progress))
+    result.update(attack_subset(model, x[:args.n_eval], y[:args.n_eval], args, progress))
     if args.train:
-        x_tr, y_tr = common.eval_split(args.data_dir, "train-eval", args.n_eval, device)
-        result["train"] = attack_subset(model, x_tr, y_tr, args, device, progress)
+        x_tr, y_tr = common.eval_split(args.data_dir, "train-eval", args.n_eval, device, args.dataset)
+        result["train"] = attack_subset(model, x_tr, y_tr, args, progress)
 
     write_result(out, settings, non_default, sha256, result)
     print(f"{settings['checkpoint']} (epoch {result['epoch']}, {'EMA' if args.use_ema else 'model'} weights)")

@@ -14,7 +14,7 @@ same estimator as evaluate.py). On every perturbed model the adversarial example
 Also here: the clean variants (--loss clean), 1-D landscapes along random and adversarial weight
 directions (Fig. 4), the largest Hessian eigenvalue, and the BN-compensated rescaling check (§3.2).
 
-Choices where the paper's text and its released code differ (research/paper-code.md §2-4, §9): ν of
+Choices where the paper's text and its released code differ (README "flatness.py"): ν of
 the average case exactly on the sphere, one PGD restart per draw (code); the worst case shares one ν
 across the batches of a restart and evaluates the final iterates (code; --per-batch for the text's
 reading); the reference takes per example the max-CE restart (the notebook: the restart with the
@@ -24,6 +24,9 @@ Usage:   python flatness.py runs/at/ckpt_last.pt --mode both          # flatness
          python flatness.py --epochs runs/at --mode both               # every ckpt_epoch*.pt snapshot (Fig. 6)
          python flatness.py runs/at/ckpt_last.pt --mode landscape      # Fig. 4 curves (--scale 2: rescaled)
          python flatness.py runs/at/ckpt_last.pt --mode hessian --scale 2
+         python flatness.py --robustbench Carmon2019Unlabeled --model-dir models   # a public model (README)
+Python:  flatness.average_case(model, x, y, **settings), flatness.worst_case(...) on any nn.Module taking [0, 1]
+         inputs (README "Python API"); the command line calls them.
 CPU:     python flatness.py runs/smoke/ckpt_last.pt --mode both --n-eval 100 --samples 3 --restarts 2 \\
              --data-dir ../shared/data/cifar10-jpeg
 Writes `flatness_<mode>_<checkpoint>_<hash>.json` beside the checkpoint (e.g. flatness_worst_last_1a2b3c4d.json
@@ -35,9 +38,10 @@ Paper values (Table 1): AT baseline average-case 1.21 (ξ = 0.5), worst-case 6.4
 Hessian λ_max 1990 (505 at ×2, 7936 at ×0.5; their code sums 4 batch means, see --hessian-reduction).
 Cost (measured): CPU, 1 thread, width-16 ResNet-18, 100 test images, the CPU line above: 64 s
 (reference PGD-20 × 10: 47 s, 3 average-case draws: 7 s, 2 worst-case restarts: 7 s). GPU: not yet
-measured (estimate, research/style-and-speed.md B.4: 5-20 s per checkpoint for both measures on an H100).
+measured (estimate: 5-20 s per checkpoint for both measures on an H100).
 """
 import copy
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -50,8 +54,9 @@ from tqdm import tqdm, trange
 
 import common
 from common import check, fraction
-from evaluate import (add_model_source_args, already_measured, data_dir_of, file_sha256, load_model, result_path,
-                      result_settings, write_result)
+from evaluate import (add_model_source_args, already_measured, check_attack, check_inputs, data_dir_of, dataset_of,
+                      is_int, is_real, load_model, model_kept, model_sha256, require, result_path, result_settings,
+                      settings_with_defaults, write_result)
 
 MODES = ("average", "worst", "both", "landscape", "hessian")
 DEFAULT_XI = {"average": 0.5, "worst": 0.00075}      # the paper's ξ (Table 1)
@@ -345,6 +350,113 @@ def worst_case_restarts(model, x, y, xi=0.00075, restarts=10, loss="robust", pas
 
 
 # ----------------------------------------------------------------------------------------------
+# Python API (README "Python API"): both measures on any nn.Module that takes [0, 1] inputs. The command
+# line calls these very functions (measure_checkpoint).
+# ----------------------------------------------------------------------------------------------
+# Their settings: the command line's flags of the same names, with its defaults (the paper's, Table 1)
+API_SETTINGS = {
+    "average": ("xi", "samples", "loss", "restarts_perturbed", "steps", "ref_restarts", "epsilon", "attack_step",
+                "batch_size", "seed"),
+    "worst": ("xi", "restarts", "loss", "passes", "weight_step", "per_batch", "joint_batch_size", "steps",
+              "ref_restarts", "epsilon", "attack_step", "batch_size", "seed"),
+}
+
+
+@dataclasses.dataclass
+class Flatness:
+    """What average_case and worst_case return (README "Python API").
+    value: the measure, mean (average case, Eq. 3) or max (worst case, Eq. 5) of `values` minus `reference`;
+    reference, reference_err: RLoss (PGD-`steps` × `ref_restarts`) or clean CE, and the error, of the
+    unperturbed model; values, errs: the loss and the error of f(·; w + ν) per draw of ν (average case) or per
+    restart (worst case); settings: every setting used, defaults filled in."""
+    value: float
+    reference: float
+    reference_err: float
+    values: list
+    errs: list
+    settings: dict
+
+    @property
+    def value_std(self):
+        """Standard deviation of `values` (0 for one value)."""
+        return torch.tensor(self.values, dtype=torch.float64).std().item() if len(self.values) > 1 else 0.0
+
+
+def api_settings(mode, settings):
+    """The settings of `mode`'s measure with the command line's defaults (ξ: the mode's paper value; draws:
+    10 for RLoss, 50 for clean CE), checked; a bad one is one SettingError."""
+    name = f"flatness.{mode}_case"
+    loss = settings.get("loss", "robust")
+    require(name, loss in ("robust", "clean"), f"loss must be 'robust' or 'clean', got {loss!r}")
+    defaults = parse_args(["-", "--mode", mode, "--loss", loss])  # --samples follows --loss
+    s = settings_with_defaults(name, {k: getattr(defaults, k) for k in API_SETTINGS[mode]}, settings)
+    if s["xi"] is None:
+        s["xi"] = DEFAULT_XI[mode]
+    require(name, is_real(s["xi"]) and s["xi"] >= 0, f"xi must be a number >= 0, got {s['xi']!r}")
+    check_attack(name, s)
+    for key in ("samples", "restarts_perturbed", "ref_restarts", "restarts", "passes", "joint_batch_size"):
+        if key in s:
+            require(name, is_int(s[key], 1), f"{key} must be an integer >= 1, got {s[key]!r}")
+    if mode == "worst":
+        require(name, is_real(s["weight_step"]) and s["weight_step"] >= 0,
+                f"weight_step must be a number >= 0, got {s['weight_step']!r}")
+        require(name, isinstance(s["per_batch"], bool), f"per_batch must be True or False, got {s['per_batch']!r}")
+    return s
+
+
+def api_reference(name, model, x, y, s, given):
+    """(RLoss, RErr) of the unperturbed model: measured with the settings, or the caller's pair (the command
+    line's --mode both measures it once for both measures)."""
+    if given is None:
+        return reference(model, x, y, s["loss"], s["epsilon"], s["attack_step"], s["steps"], s["ref_restarts"],
+                         s["batch_size"], s["seed"])
+    require(name, isinstance(given, (tuple, list)) and len(given) == 2 and all(map(is_real, given)),
+            f"reference must be None or a pair (loss, error) from flatness.reference, got {given!r}")
+    return float(given[0]), float(given[1])
+
+
+def average_case(model, x, y, reference=None, box=None, progress=False, **settings):
+    """Average-case robust flatness (Eq. 3) of `model` (any nn.Module mapping [0, 1] images to logits) on
+    (x, y): the mean RLoss of f(·; w + ν) over `samples` draws of ν on the per-layer sphere ‖ν_l‖ = ξ‖w_l‖
+    (PGD-`steps` × `restarts_perturbed` recomputed on every perturbed model), minus RLoss(w)
+    (PGD-`steps` × `ref_restarts`). Settings and defaults (the paper's): xi=0.5, samples=10 (50 with
+    loss="clean"), loss="robust", restarts_perturbed=1, steps=20, ref_restarts=10, epsilon=8/255,
+    attack_step=0.007, batch_size=128, seed=0. `reference`: a (loss, error) pair already measured with these
+    settings; `box`: keep w + ν in [−box, box] (a weight-clipped model). Eval mode throughout; the weights
+    stay bit-identical, modes and requires_grad flags are restored. Returns a Flatness."""
+    name = "flatness.average_case"
+    s = api_settings("average", settings)
+    check_inputs(name, model, x, y)
+    with model_kept(model):
+        ref = api_reference(name, model, x, y, s, reference)
+        losses, errors = average_case_draws(model, x, y, s["xi"], s["samples"], s["loss"], s["epsilon"],
+                                            s["attack_step"], s["steps"], s["restarts_perturbed"], s["batch_size"],
+                                            s["seed"], progress, box=box)
+    return Flatness(value=losses.mean().item() - ref[0], reference=ref[0], reference_err=ref[1],
+                    values=losses.tolist(), errs=errors.tolist(), settings=s)
+
+
+def worst_case(model, x, y, reference=None, box=None, progress=False, **settings):
+    """Worst-case robust flatness (Eq. 5) of `model` (any nn.Module mapping [0, 1] images to logits) on
+    (x, y): the max over `restarts` joint ascents on ν ∈ B_ξ(w) and δ (`passes` passes in mini-batches of
+    `joint_batch_size`, ν steps of `weight_step`·‖w_l‖; one ν shared by the batches unless per_batch) of the
+    RLoss at the final iterates, minus RLoss(w) (PGD-`steps` × `ref_restarts`). Settings and defaults (the
+    paper's): xi=0.00075, restarts=10, loss="robust", passes=20, weight_step=0.01, per_batch=False,
+    joint_batch_size=128, steps=20, ref_restarts=10, epsilon=8/255, attack_step=0.007, batch_size=128, seed=0.
+    `reference`, `box` and what stays unchanged as in average_case. Returns a Flatness."""
+    name = "flatness.worst_case"
+    s = api_settings("worst", settings)
+    check_inputs(name, model, x, y)
+    with model_kept(model):
+        ref = api_reference(name, model, x, y, s, reference)
+        losses, errors = worst_case_restarts(model, x, y, s["xi"], s["restarts"], s["loss"], s["passes"],
+                                             s["weight_step"], s["joint_batch_size"], s["epsilon"], s["attack_step"],
+                                             s["per_batch"], s["seed"], progress, box=box)
+    return Flatness(value=losses.max().item() - ref[0], reference=ref[0], reference_err=ref[1],
+                    values=losses.tolist(), errs=errors.tolist(), settings=s)
+
+
+# ----------------------------------------------------------------------------------------------
 # 1-D landscapes along random and adversarial weight directions (Fig. 4, Eq. 2)
 # ----------------------------------------------------------------------------------------------
 def normalise_direction(d, weights, norm, c):
@@ -540,7 +652,7 @@ class Data:
 
     def get(self, name, n):
         if (name, n) not in self.cache:
-            self.cache[(name, n)] = common.eval_split(self.args.data_dir, name, n, self.device)
+            self.cache[(name, n)] = common.eval_split(self.args.data_dir, name, n, self.device, self.args.dataset)
         return self.cache[(name, n)]
 
     def for_mode(self, mode):
@@ -580,24 +692,16 @@ def measure_checkpoint(model, info, todo, checkpoint_sha256, args, data, device,
                                                      args.ref_restarts, args.batch_size, args.seed)
                 ref["time_s"] = time.time() - t0
                 t0 = time.time()
-            xi = settings["xi"]
             box = (info["args"] or {}).get("clip") or None  # a weight-clipped model stays in its box
-            if mode == "average":
-                losses, errors = average_case(model, x, y, xi, args.samples, args.loss, args.epsilon, args.attack_step,
-                                              args.steps, args.restarts_perturbed, args.batch_size, args.seed, progress,
-                                              box=box)
-                value = losses.mean().item() - ref["value"]
-            else:
-                losses, errors = worst_case(model, x, y, xi, args.restarts, args.loss, args.passes, args.weight_step,
-                                            args.joint_batch_size, args.epsilon, args.attack_step, args.per_batch,
-                                            args.seed, progress, box=box)
-                value = losses.max().item() - ref["value"]
-            result = {"n": len(y), "reference": ref["value"], "reference_err": ref["err"],
-                      "reference_time_s": ref["time_s"], "values": losses.tolist(), "errs": errors.tolist(),
-                      "value": value, "value_std": losses.std().item() if len(losses) > 1 else 0.0, "box": box}
-            print(f"{mode}-case {args.loss} flatness (ξ={xi:g}, n={len(y)}): reference {ref['value']:.4f}, "
-                  f"perturbed {'mean' if mode == 'average' else 'max'} "
-                  f"{losses.mean().item() if mode == 'average' else losses.max().item():.4f} → {value:.4f}")
+            measure = average_case if mode == "average" else worst_case
+            m = measure(model, x, y, reference=(ref["value"], ref["err"]), box=box, progress=progress,
+                        **{k: settings[k] for k in API_SETTINGS[mode]})
+            result = {"n": len(y), "reference": m.reference, "reference_err": m.reference_err,
+                      "reference_time_s": ref["time_s"], "values": m.values, "errs": m.errs, "value": m.value,
+                      "value_std": m.value_std, "box": box}
+            print(f"{mode}-case {args.loss} flatness (ξ={m.settings['xi']:g}, n={len(y)}): "
+                  f"reference {m.reference:.4f}, perturbed {'mean' if mode == 'average' else 'max'} "
+                  f"{m.value + m.reference:.4f} → {m.value:.4f}")
         elif mode == "landscape":
             s_values, curves = landscape(model, x, y, args, progress)
             result = {"subset": "early-stop", "n": len(y), "s": s_values, **curves}
@@ -635,10 +739,10 @@ def main(argv=None):
         if checkpoint is not None:
             args.checkpoint = str(checkpoint)
         model, info = load_model(args, device)
-        args.data_dir = data_dir_of(args, info)  # for --epochs: the run's data (its snapshots share it)
+        args.data_dir, args.dataset = data_dir_of(args, info), dataset_of(args, info)  # --epochs: the run's data
         folder = Path(args.model_dir) if checkpoint is None else checkpoint.parent
         check(folder.is_dir(), f"output folder {folder} does not exist")
-        sha256 = None if checkpoint is None else file_sha256(checkpoint)
+        sha256 = model_sha256(args, info)
         todo = {}
         for mode in selected_modes(args):
             settings, non_default = flatness_settings(args, info, mode)

@@ -1,14 +1,15 @@
 """Figures, Table 1 and the correlations of Stutz, Hein & Schiele, "Relating Adversarially Robust
 Generalization to Flat Minima" (ICCV 2021), redrawn from run folders.
 
-Usage:   python plots.py runs/ --out figures/ [--baseline NAME]
+Usage:   python plots.py runs/ --out figures/ [--baseline NAME] [--robustbench-dir models/]
 
 Reads every run folder under the given path (any folder with an args.json): `args.json`,
 `metrics.jsonl`, and every result of evaluate.py / flatness.py beside the checkpoints. Each result file
 says what it measured (its "checkpoint" names last / best / epochNNN, flatness files carry "mode",
 "loss", "subset", "xi"); file names are only a fallback. Writes, as PNG and PDF:
 
-  fig1_rloss_vs_flatness     Fig. 1: test RLoss vs average-case flatness, one labelled point per run
+  fig1_rloss_vs_flatness     Fig. 1: test RLoss vs average-case flatness, one labelled point per run; with
+                             --robustbench-dir, ▲ for each RobustBench model measured into that folder
   fig2_robust_overfitting    Fig. 2: train/test RLoss and RErr over training (baseline run), ES epoch
   fig4_landscape             Fig. 4: RLoss along random and adversarial weight directions
   fig5_training_curves       Fig. 5: training curves per method (test solid, train dotted)
@@ -22,7 +23,7 @@ and table1.md / table1.csv / table1.json (Table 1 with the Good/Average/Poor gro
 correlations.json (Pearson and Spearman with p-values and n) and summary.json (every number read).
 A figure whose inputs are missing is skipped with one line that says what is missing.
 
-Conventions (research/paper-code.md §7): RLoss = PGD-20×10 robust cross-entropy on test images
+Conventions (paper §4, README "plots.py"): RLoss = PGD-20×10 robust cross-entropy on test images
 0…999 (an evaluation's "pgd"); RErr = AutoAttack where the run folder has it, else PGD (marked);
 average-case flatness at ξ = 0.5 and worst-case at ξ = 0.00075 where several ξ were measured.
 """
@@ -392,6 +393,8 @@ plt.rcParams.update({"text.usetex": False, "axes.grid": True, "grid.alpha": 0.3,
                      "axes.labelsize": 10, "legend.fontsize": 7, "lines.linewidth": 1.8, "figure.dpi": 100})
 PALETTE = plt.get_cmap("tab10").colors + plt.get_cmap("Dark2").colors + plt.get_cmap("Set1").colors
 GREY = (0.6, 0.6, 0.6)
+OTHER = (0.82, 0.82, 0.82)  # runs outside the selection when there are many (lighter than the AT baseline's grey)
+ROSE, GREEN = (0.85, 0.35, 0.55), (0.2, 0.6, 0.3)  # Fig. 2: clean-correct rose, clean-incorrect green (the paper's)
 
 
 def family_colours(runs):
@@ -435,10 +438,20 @@ def no_data(ax, text):
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=8, wrap=True)
 
 
-def fit_line(ax, x, y, **style):
-    """Least-squares line (scipy.stats.linregress) drawn between the smallest and largest x."""
+MIN_FIT_POINTS = 3  # a line through two points is no fit
+MANY_POINTS = 12  # past this many runs, Fig. 1/8 colour the Table 1 rows and draw the rest grey (the paper's "Other")
+
+
+def fit_line(ax, x, y, what="fit", **style):
+    """Least-squares line (scipy.stats.linregress) drawn between the smallest and largest x; with fewer than
+    MIN_FIT_POINTS distinct x the axes say so instead (returns None)."""
     x, y = np.asarray(x, float), np.asarray(y, float)
-    if len(x) < 2 or np.ptp(x) == 0:
+    if len(np.unique(x)) < MIN_FIT_POINTS:
+        note = f"{what}: {len(np.unique(x))} distinct point(s), too few for a fit"
+        if getattr(ax, "fit_note", None) is None:  # one text box per axes, a line per missing fit
+            ax.fit_note = ax.text(0.01, 0.01, note, transform=ax.transAxes, fontsize=6, va="bottom", color="0.3")
+        else:
+            ax.fit_note.set_text(ax.fit_note.get_text() + "\n" + note)
         return None
     fit = scipy.stats.linregress(x, y)
     xs = np.array([x.min(), x.max()])
@@ -451,21 +464,36 @@ def points_with(points, *keys):
 
 
 def scatter(ax, points, xkey, ykey, colours, yscale=1.0, annotate=False):
-    """One point per run, coloured by family; returns the number drawn."""
+    """One point per run, coloured by family; a point marked `other` (not a Table 1 row among many runs,
+    highlighted()) is small, grey, behind and unlabelled. Returns the number drawn."""
     ps = points_with(points, xkey, ykey)
     for p in ps:
-        ax.scatter(p[xkey], p[ykey] * yscale, color=colours[p["family"]], marker=p["marker"], s=36,
-                   edgecolor="k", linewidth=0.4, zorder=3)
-        if annotate:
+        other = p.get("other", False)
+        ax.scatter(p[xkey], p[ykey] * yscale, color=OTHER if other else colours[p["family"]], marker=p["marker"],
+                   s=16 if other else 36, edgecolor="0.5" if other else "k", linewidth=0.4, zorder=2 if other else 3)
+        if annotate and not other:
             ax.annotate(p["label"], (p[xkey], p[ykey] * yscale), fontsize=6, xytext=(3, 3),
                         textcoords="offset points")
     return len(ps)
 
 
+def highlighted(points, selected):
+    """With more than MANY_POINTS runs, every run that is not a Table 1 row (`selected`: their run names) is
+    marked `other` (drawn grey, as the paper's Fig. 1/8 draw the models outside their selection)."""
+    many = len(points) > MANY_POINTS
+    return [{**p, "other": many and p["run"] not in selected} for p in points]
+
+
 def family_legend(fig_or_ax, points, colours, **kw):
+    """A legend entry per method family drawn in colour, one "Other" for the grey points, and the two markers."""
     from matplotlib.lines import Line2D
-    fams = sorted({p["family"] for p in points}, key=lambda f: (f != "AT", f))
-    handles = [Line2D([], [], marker="o", ls="", color=colours[f], markeredgecolor="k", label=f) for f in fams]
+    fams = sorted({p["family"] for p in points if not p.get("other")}, key=lambda f: (f != "AT", f))
+    handles = [Line2D([], [], marker="s", ls="", color=colours[f], markeredgecolor="k", label=f) for f in fams]
+    if any(p.get("other") for p in points):
+        handles.append(Line2D([], [], marker="s", ls="", color=OTHER, label="Other runs"))
+    markers = {p["marker"] for p in points}
+    handles += [Line2D([], [], marker=m, ls="", color="w", markeredgecolor="k", label=text)
+                for m, text in (("o", "AT variants"), ("D", "flatness-oriented (AWP, Entropy-SGD, EMA)")) if m in markers]
     if handles:
         fig_or_ax.legend(handles=handles, **kw)
 
@@ -488,19 +516,63 @@ def flat_label(points, key):
 # ---------------------------------------------------------------------------------------------
 # Figures
 # ---------------------------------------------------------------------------------------------
-def fig1(points, colours, out, log, written):
+RB_COLOUR = (0.85, 0.33, 0.1)  # RobustBench's public models in Fig. 1: ▲ in one colour of their own
+
+
+def fig1(points, colours, out, log, written, public=()):
     """Fig. 1: RLoss vs average-case flatness, every run labelled; "◆" flatness-oriented methods
-    (AWP, Entropy-SGD, weight averaging), "●" other AT variants."""
+    (AWP, Entropy-SGD, weight averaging), "●" other AT variants, "▲" RobustBench's public models (`public`, from
+    --robustbench-dir: early-stopped models of other papers, as the paper's Fig. 1; not in the fit). Returns
+    [(label, marker)] of what was drawn."""
     ps = points_with(points, "flat_avg", "rloss")
-    if not ps:
+    pub = points_with(public, "flat_avg", "rloss")
+    if not ps and not pub:
         log("skip fig1: needs runs with an evaluation (RLoss) and average-case flatness of ckpt_last.pt")
-        return
-    fig, ax = plt.subplots(figsize=(6.5, 5))
+        return []
+    fig, ax = plt.subplots(figsize=(9, 5))
     scatter(ax, ps, "flat_avg", "rloss", colours, annotate=True)
-    fit_line(ax, [p["flat_avg"] for p in ps], [p["rloss"] for p in ps], color="k", ls=":", lw=1)
-    ax.set(xlabel=flat_label(ps, "flat_avg"), ylabel=LABELS["rloss"],
-           title="Fig. 1 — robust loss vs. flatness (● AT variants, ◆ flatness-oriented)")
+    fit_line(ax, [p["flat_avg"] for p in ps], [p["rloss"] for p in ps], "least-squares line", color="k", ls=":", lw=1)
+    for p in pub:
+        ax.scatter(p["flat_avg"], p["rloss"], color=RB_COLOUR, marker="^", s=48, edgecolor="k", linewidth=0.4,
+                   zorder=3)
+        ax.annotate(p["label"], (p["flat_avg"], p["rloss"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    family_legend(ax, ps, colours, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7)  # beside the data
+    if pub:
+        from matplotlib.lines import Line2D
+        legend = ax.get_legend()
+        handles = (legend.legend_handles if legend else []) + [Line2D(
+            [], [], marker="^", ls="", color=RB_COLOUR, markeredgecolor="k", label="RobustBench (public, early-stopped)")]
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7)
+    ax.set(xlabel=flat_label(ps + pub, "flat_avg"), ylabel=LABELS["rloss"],
+           title="Fig. 1 — robust loss vs. flatness (● AT variants, ◆ flatness-oriented"
+                 + (", ▲ RobustBench)" if pub else ")"))
     save(fig, out, "fig1_rloss_vs_flatness", written)
+    return [(p["label"], p["marker"]) for p in ps] + [(p["label"], "^") for p in pub]
+
+
+def robustbench_points(folder, log):
+    """One Fig. 1 point per RobustBench model measured into `folder` (evaluate.py / flatness.py --robustbench NAME
+    --model-dir FOLDER): its results are read by their settings (source robustbench), as a run's, and chosen as
+    for a run's checkpoint (README "plots.py")."""
+    folder = Path(folder)
+    check(folder.is_dir(), f"--robustbench-dir {folder} is not a folder (the --model-dir of evaluate.py / flatness.py "
+          "--robustbench)")
+    results = [r for r in (load_result(p, log) for p in sorted(folder.glob("*.json"))) if r]
+    results = [r for r in results if r["settings"].get("source") == "robustbench"]
+    if not results:
+        log(f"note: no RobustBench results in {folder} (evaluate.py and flatness.py --robustbench NAME "
+            f"--model-dir {folder})")
+        return []
+    run = {"name": str(folder), "args": {}, "evals": [r for r in results if r["mode"] == "eval"],
+           "flats": [r for r in results if r["mode"] != "eval"]}
+    points = []
+    for name in sorted({r["kind"] for r in results}):
+        m = measures(run, name)
+        points.append({"run": f"robustbench:{name}", "label": name, "family": "RobustBench", "marker": "^", **m})
+        if "rloss" not in m or "flat_avg" not in m:
+            what = "an evaluation (evaluate.py" if "rloss" not in m else "average-case flatness (flatness.py"
+            log(f"note: RobustBench model {name} lacks {what} --robustbench {name}): not drawn in fig1")
+    return points
 
 
 def fig2(run, out, log, written):
@@ -517,8 +589,8 @@ def fig2(run, out, log, written):
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
     a.plot(x, col("train_loss"), ":", color="C0", label="train (CE on the adversarial training batches)")
     a.plot(x, col("test_rloss"), "-", color="C3", label="test")
-    a.plot(x, col("test_rloss_correct"), "--", color="C2", label="test, clean-correct examples")
-    a.plot(x, col("test_rloss_incorrect"), "-.", color="C1", label="test, clean-incorrect examples")
+    a.plot(x, col("test_rloss_correct"), "--", color=ROSE, label="test, clean-correct examples")
+    a.plot(x, col("test_rloss_incorrect"), "-.", color=GREEN, label="test, clean-incorrect examples")
     a.set(xlabel=LABELS["epochs"], ylabel="RLoss (PGD-7 cross-entropy)", title=f"Fig. 2 — RLoss, {run['label']}")
     # the first epochs of a fresh network can reach RLoss ≫ 10 and would flatten the curves that
     # matter (the rise after the lr decay): the y range ends above the largest value of the later 90 %
@@ -696,7 +768,7 @@ def fig7(points, colours, out, log, written):
             ax.annotate(p["label"].replace(f + " ", "") if len(v) > 1 else "", (p["flat_avg"], p["rloss"]),
                         fontsize=6, xytext=(3, 3), textcoords="offset points")
         if f in sweeps:
-            fit_line(ax, [p["flat_avg"] for p in v], [p["rloss"] for p in v], color=base, ls=":", lw=1.5)
+            fit_line(ax, [p["flat_avg"] for p in v], [p["rloss"] for p in v], f, color=base, ls=":", lw=1.5)
     family_legend(ax, ps, colours, loc="best")
     ax.set(xlabel=flat_label(ps, "flat_avg"), ylabel=LABELS["rloss"],
            title="Fig. 7 — flatness across hyper-parameters (dotted: fit per method)")
@@ -713,8 +785,9 @@ def fig8(points, colours, out, log, written, split=2.3):
     a = axes[0]
     scatter(a, points, "rloss", "rerr", colours, yscale=100)
     ps = points_with(points, "rloss", "rerr")
-    for side in ([p for p in ps if p["rloss"] < split], [p for p in ps if p["rloss"] >= split]):
-        fit_line(a, [p["rloss"] for p in side], [100 * p["rerr"] for p in side], color="r", ls=":", lw=1.5)
+    for what, side in ((f"RLoss < {split:g}", [p for p in ps if p["rloss"] < split]),
+                       (f"RLoss ≥ {split:g}", [p for p in ps if p["rloss"] >= split])):
+        fit_line(a, [p["rloss"] for p in side], [100 * p["rerr"] for p in side], what, color="r", ls=":", lw=1.5)
     a.axvline(split, color="k", lw=0.5, alpha=0.5)
     srcs = sorted({p["rerr_source"] for p in ps})
     a.set(xlabel=LABELS["rloss"], ylabel=f"test RErr (%, {'/'.join(srcs)})",
@@ -965,6 +1038,9 @@ def parse_args(argv=None):
     p.add_argument("--exact-thresholds", action="store_true",
                    help="Table 1 groups at the exact 30th/70th percentiles (default: rounded to whole percent, "
                         "which gives the paper's 57 %% / 60 %%)")
+    p.add_argument("--robustbench-dir", default=None, metavar="MODEL_DIR",
+                   help="also draw the RobustBench models measured into this folder (evaluate.py / flatness.py "
+                        "--robustbench NAME --model-dir MODEL_DIR) as ▲ in Fig. 1")
     p.add_argument("--formats", default="png,pdf", help="comma-separated figure formats")
     p.add_argument("--dpi", type=int, default=150, help="resolution of the PNG figures")
     args = p.parse_args(argv)
@@ -1013,8 +1089,12 @@ def main(argv=None):
             log(f"note: {r['name']} has no evaluation of ckpt_last.pt (evaluate.py {r['name']}/ckpt_last.pt): "
                 "left out of Table 1 and the scatter plots")
 
+    public = robustbench_points(args.robustbench_dir, log) if args.robustbench_dir else []
+    t = table1(points, es_points, log, args.exact_thresholds)
+    shown = highlighted(points, {r["run"] for r in t["rows"]} if t else set())  # Fig. 1/8: Table 1 rows in colour
+
     # ---- figures
-    fig1(points, colours, out, log, written)
+    fig1(shown, colours, out, log, written, public)
     baseline = choose_baseline(runs, args.baseline, log)
     if baseline is not None:
         fig2(baseline, out, log, written)
@@ -1023,12 +1103,11 @@ def main(argv=None):
     if not [fig6(r, out, log, written) for r in runs].count(True):
         log("skip fig6: no run has flatness of at least 2 snapshots (flatness.py --epochs runs/NAME)")
     fig7(points, colours, out, log, written)
-    fig8(points, colours, out, log, written, split=args.split)
+    fig8(shown, colours, out, log, written, split=args.split)
     fig9(points, es_points, colours, out, log, written)
 
     # ---- Table 1, correlations, everything read
     vers = common.versions(torch.device("cpu"))
-    t = table1(points, es_points, log, args.exact_thresholds)
     if t is None:
         log("skip table1: no run has an evaluation of ckpt_last.pt")
     else:
@@ -1044,7 +1123,7 @@ def main(argv=None):
     written += [str(out / "correlations.json"), str(out / "summary.json")]
     summary = {"runs": [{**run_meta(r), "dir": str(r["dir"]), "args": r["args"], "last": r["last"], "best": r["best"],
                          "es_epoch": es_epoch(r), "over_epochs": over_epochs(r)} for r in runs],
-               "skipped": log.lines, "written": written, "versions": vers}
+               "robustbench": public, "skipped": log.lines, "written": written, "versions": vers}
     common.write_json(out / "summary.json", summary)
     print(f"wrote {len(written)} files to {out}")
     return summary

@@ -42,7 +42,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 import common
-from common import NUM_CLASSES, UsageError, check, fraction
+from common import UsageError, check, fraction
 
 METHODS = ("rotation", "unlabeled", "entropy-sgd", "pgd-tau", "autoaugment")
 
@@ -139,7 +139,7 @@ def adversarial_batch(model, x, y, args):
 def training_loss(logits, y, args):
     """CE on the adversarial batch; label noise and smoothing change the training target only."""
     if args.label_noise > 0:
-        y = common.noisy_labels(y, args.label_noise)
+        y = common.noisy_labels(y, args.label_noise, logits.shape[1])
     return F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
 
 
@@ -168,14 +168,18 @@ def classifier(model):
 #   loss = CE_class(f(x'), y) + λ · CE_rot(h(x'_rot), k),   x'_rot = adversarial rot90^k(augmented image)
 # ==============================================================================================
 class RotationHead(nn.Module):
-    """Linear d→d/2, BN, ReLU, Linear d/2→4 on the pooled features (d = 512 at width 64: 512→256→4).
+    """Linear d→d/2, ReLU, BN, Linear d/2→4 on the pooled features (d = 512 at width 64: 512→256→4), the
+    paper's code's order and initialisation (Kaiming-normal fan_in weights, zero biases).
     `auxiliary = True` keeps it out of common.perturbable_params (it is never perturbed or measured)."""
     auxiliary = True
 
     def __init__(self, features):
         super().__init__()
-        self.layers = nn.Sequential(nn.Linear(features, features // 2), nn.BatchNorm1d(features // 2), nn.ReLU(),
+        self.layers = nn.Sequential(nn.Linear(features, features // 2), nn.ReLU(), nn.BatchNorm1d(features // 2),
                                     nn.Linear(features // 2, 4))
+        for m in self.layers[0], self.layers[3]:
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            nn.init.zeros_(m.bias)
 
     def forward(self, features):
         return self.layers(features)
@@ -191,13 +195,13 @@ class WithRotationHead(nn.Module):
     def __init__(self, net):
         super().__init__()
         self.net = net
-        self.rotation_head = RotationHead(net.linear.in_features)
+        self.rotation_head = RotationHead(net.head.in_features)
 
     def forward(self, x, n_labelled=None):
         features = self.net.features(x)
         if n_labelled is None:
-            return torch.cat([self.net.linear(features), self.rotation_head(features)], 1)
-        return self.net.linear(features[:n_labelled]), self.rotation_head(features[n_labelled:])
+            return torch.cat([self.net.head(features), self.rotation_head(features)], 1)
+        return self.net.head(features[:n_labelled]), self.rotation_head(features[n_labelled:])
 
 
 def rotate(x, k):
@@ -220,12 +224,13 @@ def rotation_batch(x_uint8, n, generator):
 
 
 def rotation_attack_loss(logits, target):
-    """Per-example attack objective on [class | rotation] logits: class CE where target < 10, rotation
-    CE on target − 10 elsewhere. Examples are independent in eval mode, so maximising the sum is
+    """Per-example attack objective on [K class | 4 rotation] logits: class CE where target < K, rotation
+    CE on target − K elsewhere. Examples are independent in eval mode, so maximising the sum is
     attacking each set with its own loss, as the paper's code does."""
-    is_rotated = target >= NUM_CLASSES
-    class_ce = F.cross_entropy(logits[:, :NUM_CLASSES], target.clamp(max=NUM_CLASSES - 1), reduction="none")
-    rot_ce = F.cross_entropy(logits[:, NUM_CLASSES:], (target - NUM_CLASSES).clamp(min=0), reduction="none")
+    k = logits.shape[1] - 4
+    is_rotated = target >= k
+    class_ce = F.cross_entropy(logits[:, :k], target.clamp(max=k - 1), reduction="none")
+    rot_ce = F.cross_entropy(logits[:, k:], (target - k).clamp(min=0), reduction="none")
     return torch.where(is_rotated, rot_ce, class_ce)
 
 
@@ -238,7 +243,7 @@ def rotation_loss(model, attack_model, x, y, x_rot, k, args):
     if args.attack_steps > 0:
         n_clean = round((1 - args.adv_fraction) * n)
         attacked = (torch.arange(n, device=x.device) >= n_clean).repeat(2)
-        target = torch.cat([y, k + NUM_CLASSES])
+        target = torch.cat([y, k + common.DATASETS[args.dataset]["classes"]])
         delta, _ = common.pgd(attack_model, x_all[attacked], target[attacked], args.epsilon, args.attack_step,
                               args.attack_steps, loss_fn=rotation_attack_loss, bn=args.attack_bn, autocast=args.amp)
         x_all[attacked] = x_all[attacked] + delta
@@ -287,7 +292,7 @@ class ArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def load_unlabeled(path):
+def load_unlabeled(path, classes):
     """(uint8 N×3×32×32, int64 N) from a pickle or .npz holding 'data' (uint8 N×32×32×3, HWC) and
     'extrapolated_targets' (the pseudo-labels, int N): the format of ti_500K_pseudo_labeled.pickle.
     Nothing in the file is executed: .npz without pickled objects, pickles through ArrayUnpickler."""
@@ -317,8 +322,8 @@ def load_unlabeled(path):
     check(np.issubdtype(y.dtype, np.integer) and y.shape == (len(x),),
           f"--unlabeled-data {path}: 'extrapolated_targets' must be {len(x)} integers, got {y.dtype} "
           f"{'×'.join(map(str, y.shape))}")
-    check(y.min() >= 0 and y.max() < NUM_CLASSES, f"--unlabeled-data {path}: pseudo-labels must be in "
-          f"0..{NUM_CLASSES - 1}, got {y.min()}..{y.max()}")
+    check(y.min() >= 0 and y.max() < classes, f"--unlabeled-data {path}: pseudo-labels must be in "
+          f"0..{classes - 1} (the classes of --dataset), got {y.min()}..{y.max()}")
     return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y.astype(np.int64))
 
 
@@ -406,12 +411,13 @@ def langevin_noise(params, world=1):
     return z
 
 
-def entropy_sgd_step(params, opt, inner_loss, L, gamma, noise, inner_lr, wd, mu_decay=0.75, world=1):
+def entropy_sgd_step(params, opt, inner_loss, L, gamma, noise, inner_lr, wd, centres, mu_decay=0.75, world=1):
     """One outer step. `inner_loss(i)` returns (loss, sums for the log) on the i-th fresh batch at the
     current weights. With w_c the current weights, w' ← w_c, μ ← w_c, for i = 1..L:
-        g  = ∇CE(w') + wd·w' − γ·(w_c − w') + noise·N(0, I)/√(0.5·η')
+        g  = ∇CE(w') + wd·(w' − c) − γ·(w_c − w') + noise·N(0, I)/√(0.5·η')
         w' ← w' − η'·g,      μ ← 0.75·μ + 0.25·w'
-    then w ← w_c and `opt` steps with the outer gradient (w_c − μ); its weight decay adds wd·w_c, and
+    (c = `centres`: 1 for the BN scales, 0 elsewhere, as common.make_optimizer's weight decay), then
+    w ← w_c and `opt` steps with the outer gradient (w_c − μ); its weight decay adds wd·(w_c − c), and
     its momentum and lr schedule apply (the released code ran with momentum 0 and a constant lr, by
     accident). Under DDP the noise is shared by the replicas (langevin_noise), so they stay identical.
     Returns the log sums over the L inner batches."""
@@ -425,8 +431,8 @@ def entropy_sgd_step(params, opt, inner_loss, L, gamma, noise, inner_lr, wd, mu_
         loss.backward()  # (not autograd.grad: DDP averages gradients in backward hooks)
         with torch.no_grad():
             z = langevin_noise(params, world) if noise > 0 else [None] * len(params)
-            for p, w, m, zp in zip(params, w_c, mu, z):
-                g = (p.grad if p.grad is not None else torch.zeros_like(p)) + wd * p - gamma * (w - p)
+            for p, w, m, zp, c in zip(params, w_c, mu, z, centres):
+                g = (p.grad if p.grad is not None else torch.zeros_like(p)) + wd * (p - c) - gamma * (w - p)
                 if zp is not None:
                     g = g + (noise / math.sqrt(0.5 * inner_lr)) * zp
                 p.sub_(inner_lr * g)
@@ -453,8 +459,9 @@ def entropy_sgd_train_step(model, attack_model, opt, sched, ema, batches, args):
         return training_loss(logits, y, args), common.batch_stats(logits, y)
 
     params = [p for p in model.parameters() if p.requires_grad]
+    scales = {id(p) for p in common.bn_scales(model)} if common.bn_decays_to_one(args) else set()
     sums = entropy_sgd_step(params, opt, inner_loss, args.L, gamma, args.esgd_noise, args.esgd_inner_lr, args.wd,
-                            world=common.world_size())
+                            [float(id(p) in scales) for p in params], world=common.world_size())
     sched.step()
     net = classifier(model)
     if args.clip:
@@ -523,30 +530,43 @@ def pgd_tau_train_step(model, attack_model, opt, sched, ema, batch, args):
 # (Cubuk et al. 2019; DeVries & Taylor 2017) on top of crop and flip
 # ==============================================================================================
 class Cutout:
-    """One 16×16 hole (zeros) at a uniformly drawn centre, clipped at the border (DeVries & Taylor 2017)."""
+    """One 16×16 hole at a uniformly drawn centre, clipped at the border (DeVries & Taylor 2017), filled with
+    `fill` per channel (the paper's code: the CIFAR-10 mean colour) on float images."""
 
-    def __init__(self, size=16):
-        self.size = size
+    def __init__(self, size=16, fill=common.CIFAR_MEAN):
+        self.size, self.fill = size, torch.tensor(fill).view(-1, 1, 1)
 
     def __call__(self, img):
         _, h, w = img.shape
         cy, cx, s = random.randrange(h), random.randrange(w), self.size // 2
         img = img.clone()
-        img[:, max(cy - s, 0):min(cy + s, h), max(cx - s, 0):min(cx + s, w)] = 0
+        img[:, max(cy - s, 0):min(cy + s, h), max(cx - s, 0):min(cx + s, w)] = self.fill
         return img
 
 
-class AutoAugmentLoader:
-    """Per image: random crop + flip, torchvision's CIFAR-10 AutoAugment policy, Cutout, in --workers DataLoader
-    workers (on uint8 tensors). Each epoch's order and worker seeds come from a generator seeded by (seed, epoch),
-    so resume reproduces it (with --workers 0 the transforms draw from the process's RNG, which checkpoints
-    restore); under DDP the ranks share the order and split each global batch."""
+def mean_uint8(dataset):
+    """The data set's mean colour on uint8 images: (125, 123, 114) for CIFAR-10."""
+    return tuple(round(255 * m) for m in common.DATASETS[dataset]["mean"])
 
-    def __init__(self, x, y, batch_size, device, seed, workers=2, rank=0, world=1):
+
+class AutoAugmentLoader:
+    """Per image: random crop + flip (not for SVHN), torchvision's AutoAugment policy of the data set (CIFAR-10's
+    for CIFAR-10/100, SVHN's for SVHN), Cutout, in --workers DataLoader workers (on uint8 tensors). Padding,
+    AutoAugment's empty areas and the Cutout hole take the data set's mean colour, as the paper's code
+    (round(255·mean) = (125, 123, 114) on CIFAR-10's uint8 images). Each epoch's
+    order and worker seeds come from a generator seeded by (seed, epoch), so resume reproduces it (with
+    --workers 0 the transforms draw from the process's RNG, which checkpoints restore); under DDP the ranks
+    share the order and split each global batch."""
+
+    def __init__(self, x, y, batch_size, device, seed, workers=2, rank=0, world=1, dataset="cifar10"):
         from torchvision import transforms as T
-        self.transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(),
-                                    T.AutoAugment(T.AutoAugmentPolicy.CIFAR10), T.ConvertImageDtype(torch.float32),
-                                    Cutout(16)])
+        from torchvision.transforms import v2  # (v2's RandomCrop pads tensors with a per-channel fill)
+        fill = mean_uint8(dataset)
+        crop_flip = [v2.RandomCrop(32, padding=4, fill=fill), T.RandomHorizontalFlip()]
+        policy = T.AutoAugmentPolicy.SVHN if dataset == "svhn" else T.AutoAugmentPolicy.CIFAR10
+        self.transform = T.Compose([*(crop_flip if common.DATASETS[dataset]["augment"] else []),
+                                    T.AutoAugment(policy, fill=list(fill)), T.ConvertImageDtype(torch.float32),
+                                    Cutout(16, fill=common.DATASETS[dataset]["mean"])])
         self.x, self.y, self.batch_size, self.device = x, y, batch_size, device
         self.seed, self.workers, self.rank, self.world, self.epoch = seed, workers, rank, world, 0
 
@@ -599,25 +619,28 @@ def main(argv=None):
     common.check_out(args)  # a folder that holds a run needs --resume; nothing is written before epoch 1 ends
 
     # ---- data: training set on the device; fixed logging / early-stopping subsets (README "Data")
-    x_train, y_train = common.load_cifar10(args.data_dir, train=True)
+    x_train, y_train = common.load_images(args.data_dir, train=True, dataset=args.dataset)
     if args.train_subset:
         idx = common.balanced_subset(y_train, args.train_subset)
         x_train, y_train = x_train[idx], y_train[idx]
     check(len(y_train) >= args.batch_size, f"{len(y_train)} training images < --batch-size {args.batch_size}")
     if args.method == "rotation":  # labelled batches plus as many rotated images
-        loader = RotationLoader(x_train, y_train, args.batch_size, device, args.seed, rank, world)
+        loader = RotationLoader(x_train, y_train, args.batch_size, device, args.seed, rank, world,
+                                augment=common.DATASETS[args.dataset]["augment"])
     elif args.method == "unlabeled":  # batches mixed with pseudo-labelled images
-        x_unl, y_unl = load_unlabeled(args.unlabeled_data)
+        x_unl, y_unl = load_unlabeled(args.unlabeled_data, common.DATASETS[args.dataset]["classes"])
         loader = MixedLoader(x_train, y_train, x_unl, y_unl, args.batch_size, args.unlabeled_fraction, device,
                              args.seed, rank=rank, world=world)
     elif args.method == "autoaugment":  # AutoAugment + Cutout in DataLoader workers
-        loader = AutoAugmentLoader(x_train, y_train, args.batch_size, device, args.seed, args.workers, rank, world)
+        loader = AutoAugmentLoader(x_train, y_train, args.batch_size, device, args.seed, args.workers, rank, world,
+                                   args.dataset)
     else:
-        loader = common.DeviceLoader(x_train, y_train, args.batch_size, device, args.seed, rank, world)
+        loader = common.DeviceLoader(x_train, y_train, args.batch_size, device, args.seed, rank, world,
+                                augment=common.DATASETS[args.dataset]["augment"])
     # an outer step of Entropy-SGD takes --L batches: its epoch makes L passes over the loader
     epoch_batches = (lambda: outer_steps(loader, args.L)) if args.method == "entropy-sgd" else (lambda: loader)
-    x_log, y_log = common.eval_split(args.data_dir, "log", args.n_log, device)
-    x_es, y_es = common.eval_split(args.data_dir, "early-stop", args.n_early_stop, device)
+    x_log, y_log = common.eval_split(args.data_dir, "log", args.n_log, device, args.dataset)
+    x_es, y_es = common.eval_split(args.data_dir, "early-stop", args.n_early_stop, device, args.dataset)
 
     # ---- model (+ rotation head), optimiser, schedule (stepped per batch / outer step), EMA; --resume
     # restores all of them
@@ -630,6 +653,7 @@ def main(argv=None):
     aux = trained.rotation_head if args.method == "rotation" else None  # saved as 'aux', outside 'model'
     opt, sched = common.make_optimizer(trained, args, len(loader))
     ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
+    es_model = net if ema is None else ema.module  # what early stopping selects (README "Deviations")
     epoch, history, best = 0, [], None  # epochs done, one metrics dict per epoch, early-stopping choice
     ckpt = common.resume_checkpoint(args, device, rank)  # ckpt_last.pt, or the newest intact snapshot
     if ckpt is not None:
@@ -646,13 +670,15 @@ def main(argv=None):
         t0 = time.time()
         loader.epoch = epoch - 1  # AutoAugmentLoader seeds its workers by (seed, epoch)
         trained.train()
-        sums = {}
+        lr, sums = opt.param_groups[0]["lr"], {}  # logged: the lr of the epoch's first step
         for batch in tqdm(epoch_batches(), total=len(loader), desc=f"epoch {epoch}",
                           disable=None if rank == 0 else True, leave=False):
             common.add_stats(sums, train_step(model, attack_model, opt, sched, ema, batch, args))
-        metrics = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], **common.train_means(sums, world),
+        metrics = {"epoch": epoch, "lr": lr, **common.train_means(sums, world),
                    "train_time_s": time.time() - t0}
         common.sync_buffers(trained, world)  # BN statistics of rank 0 on every rank
+        if ema is not None:  # its BN buffers average each rank's own statistics: rank 0's on every rank
+            common.sync_buffers(ema, world)
 
         # ---- test metrics (fp32): clean and PGD-7 on the first --n-log test images
         if epoch % args.eval_every == 0 or last:
@@ -661,10 +687,11 @@ def main(argv=None):
         if last and ema is not None:
             common.reestimate_bn(ema, loader, world)
         # ---- early stopping (paper §4): every --es-every epochs and the last, PGD-7 with --es-restarts
-        # restarts on the last --n-early-stop test images; the first minimum of RErr is the best epoch
+        # restarts on the last --n-early-stop test images; the first minimum of RErr is the best epoch.
+        # With --ema it checks the averaged model (its averaged BN buffers; re-estimated in the last epoch)
         snapshot = epoch % args.es_every == 0 or last
         if snapshot:
-            es = common.epoch_metrics(net, x_es, y_es, args.attack_step, args.es_restarts, "es_", rank, world)
+            es = common.epoch_metrics(es_model, x_es, y_es, args.attack_step, args.es_restarts, "es_", rank, world)
             metrics.update(es_rerr=es["es_rerr"], es_rloss=es["es_rloss"])
             if best is None or es["es_rerr"] < best["es_rerr"]:
                 best = {"epoch": epoch, "es_rerr": es["es_rerr"]}

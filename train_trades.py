@@ -115,7 +115,7 @@ def training_loss(logits_clean, logits, y, args):
     """The TRADES loss on the clean and adversarial logits; label noise and smoothing change the
     target of the CE term only (the KL term has no labels)."""
     if args.label_noise > 0:
-        y = common.noisy_labels(y, args.label_noise)
+        y = common.noisy_labels(y, args.label_noise, logits.shape[1])
     return trades_loss(logits_clean, logits, y, args.beta, args.label_smoothing)
 
 
@@ -146,14 +146,15 @@ def main(argv=None):
     common.check_out(args)  # a folder that holds a run needs --resume; nothing is written before epoch 1 ends
 
     # ---- data: training set on the device; fixed logging / early-stopping subsets (README "Data")
-    x_train, y_train = common.load_cifar10(args.data_dir, train=True)
+    x_train, y_train = common.load_images(args.data_dir, train=True, dataset=args.dataset)
     if args.train_subset:
         idx = common.balanced_subset(y_train, args.train_subset)
         x_train, y_train = x_train[idx], y_train[idx]
     check(len(y_train) >= args.batch_size, f"{len(y_train)} training images < --batch-size {args.batch_size}")
-    loader = common.DeviceLoader(x_train, y_train, args.batch_size, device, args.seed, rank, world)
-    x_log, y_log = common.eval_split(args.data_dir, "log", args.n_log, device)
-    x_es, y_es = common.eval_split(args.data_dir, "early-stop", args.n_early_stop, device)
+    loader = common.DeviceLoader(x_train, y_train, args.batch_size, device, args.seed, rank, world,
+                                augment=common.DATASETS[args.dataset]["augment"])
+    x_log, y_log = common.eval_split(args.data_dir, "log", args.n_log, device, args.dataset)
+    x_es, y_es = common.eval_split(args.data_dir, "early-stop", args.n_early_stop, device, args.dataset)
 
     # ---- model, optimiser, schedule (stepped per batch), EMA; --resume restores all of them
     net = common.build_model(vars(args)).to(device)
@@ -163,6 +164,7 @@ def main(argv=None):
         common.clip_weights(net, args.clip)
     opt, sched = common.make_optimizer(net, args, len(loader))
     ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
+    es_model = net if ema is None else ema.module  # what early stopping selects (README "Deviations")
     epoch, history, best = 0, [], None  # epochs done, one metrics dict per epoch, early-stopping choice
     ckpt = common.resume_checkpoint(args, device, rank)  # ckpt_last.pt, or the newest intact snapshot
     if ckpt is not None:
@@ -177,12 +179,14 @@ def main(argv=None):
         last = epoch == args.epochs
         t0 = time.time()
         net.train()
-        sums = {}
+        lr, sums = opt.param_groups[0]["lr"], {}  # logged: the lr of the epoch's first step
         for x, y in tqdm(loader, desc=f"epoch {epoch}", disable=None if rank == 0 else True, leave=False):
             common.add_stats(sums, train_step(model, attack_model, opt, sched, ema, x, y, args))
-        metrics = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], **common.train_means(sums, world),
+        metrics = {"epoch": epoch, "lr": lr, **common.train_means(sums, world),
                    "train_time_s": time.time() - t0}
         common.sync_buffers(net, world)  # BN statistics of rank 0 on every rank
+        if ema is not None:  # its BN buffers average each rank's own statistics: rank 0's on every rank
+            common.sync_buffers(ema, world)
 
         # ---- test metrics (fp32): clean and PGD-7 on the first --n-log test images
         if epoch % args.eval_every == 0 or last:
@@ -191,10 +195,11 @@ def main(argv=None):
         if last and ema is not None:
             common.reestimate_bn(ema, loader, world)
         # ---- early stopping (paper §4): every --es-every epochs and the last, PGD-7 with --es-restarts
-        # restarts on the last --n-early-stop test images; the first minimum of RErr is the best epoch
+        # restarts on the last --n-early-stop test images; the first minimum of RErr is the best epoch.
+        # With --ema it checks the averaged model (its averaged BN buffers; re-estimated in the last epoch)
         snapshot = epoch % args.es_every == 0 or last
         if snapshot:
-            es = common.epoch_metrics(net, x_es, y_es, args.attack_step, args.es_restarts, "es_", rank, world)
+            es = common.epoch_metrics(es_model, x_es, y_es, args.attack_step, args.es_restarts, "es_", rank, world)
             metrics.update(es_rerr=es["es_rerr"], es_rloss=es["es_rloss"])
             if best is None or es["es_rerr"] < best["es_rerr"]:
                 best = {"epoch": epoch, "es_rerr": es["es_rerr"]}

@@ -2,7 +2,7 @@
 ignores a flag, flips a comparison) in a scratch copy of the repository and runs the tests that must
 then fail. A mutant that leaves them green is a test gap.
 
-Usage:   python scripts/mutants.py                 # every mutant (37: about 2.5 minutes on 2 CPU cores)
+Usage:   python scripts/mutants.py                 # every mutant (56: about 6 minutes on 2 CPU cores)
          python scripts/mutants.py --only ema      # the mutants whose name contains 'ema'
          python scripts/mutants.py --list          # the table, nothing run
 Exit code 1 if a mutant survives or no longer applies (its line changed: update the table).
@@ -30,7 +30,7 @@ MUTANTS = [
      STEP("at-pgd-train-bn")),
     ("at-label-smoothing-ignored", "train_at.py", "label_smoothing=args.label_smoothing)", "label_smoothing=0.0)",
      STEP("at-adam-smoothing")),
-    ("at-label-noise-ignored", "train_at.py", "y = common.noisy_labels(y, args.label_noise)", "y = y",
+    ("at-label-noise-ignored", "train_at.py", "y = common.noisy_labels(y, args.label_noise, logits.shape[1])", "y = y",
      STEP("at-no-attack-smoothing-noise")),
     ("at-step-clip-ignored", "train_at.py", "common.clip_weights(common.unwrap(model), args.clip)", "pass",
      STEP("at-clip-ema")),
@@ -48,6 +48,12 @@ MUTANTS = [
      MAIN("at")),
     ("at-es-restarts-ignored", "train_at.py", 'args.attack_step, args.es_restarts, "es_"', 'args.attack_step, 1, "es_"',
      MAIN("at")),
+    ("at-es-on-raw-model-with-ema", "train_at.py", "es_model = net if ema is None else ema.module", "es_model = net",
+     MAIN("at")),
+    ("at-logged-lr-of-next-epoch", "train_at.py", '"lr": lr, **common', '"lr": opt.param_groups[0]["lr"], **common',
+     MAIN("at")),
+    ("at-ema-bn-buffers-not-synced", "train_at.py", "            common.sync_buffers(ema, world)\n",
+     "            pass\n", "tests/test_train_at.py::test_ddp_resume_equals_uninterrupted_run"),
     # ---- train_trades.py
     ("trades-beta-ignored", "train_trades.py", "trades_loss(logits_clean, logits, y, args.beta,",
      "trades_loss(logits_clean, logits, y, 6.0,", STEP("trades-beta")),
@@ -91,9 +97,28 @@ MUTANTS = [
      MISC("test_main_wires_each_method[entropy-sgd]")),
     ("misc-pgd-tau-ignored", "train_misc.py", "args.attack_steps, args.tau,", "args.attack_steps, 2,",
      MISC("test_pgd_tau_step_by_hand")),
+    ("misc-esgd-bn-scales-decay-to-zero", "train_misc.py", "wd * (p - c)", "wd * p", MISC("test_entropy_sgd_step_by_hand")),
+    ("misc-rotation-head-bn-before-relu", "train_misc.py", "nn.ReLU(), nn.BatchNorm1d(features // 2)",
+     "nn.BatchNorm1d(features // 2), nn.ReLU()", MISC("test_rotation_head_is_the_papers_linear_relu_bn_linear_with_kaiming_init")),
+    ("misc-rotation-head-default-init", "train_misc.py", 'nn.init.kaiming_normal_(m.weight, nonlinearity="relu")', "pass",
+     MISC("test_rotation_head_is_the_papers_linear_relu_bn_linear_with_kaiming_init")),
+    ("misc-crop-pads-with-zero", "train_misc.py", "padding=4, fill=fill)", "padding=4)",
+     MISC("test_autoaugment_pads_and_fills_with_the_mean_colour")),
+    ("misc-autoaugment-fills-with-zero", "train_misc.py", "T.AutoAugment(policy, fill=list(fill))", "T.AutoAugment(policy)",
+     MISC("test_autoaugment_pads_and_fills_with_the_mean_colour")),
+    ("misc-cutout-fills-with-zero", "train_misc.py", "min(cx + s, w)] = self.fill", "min(cx + s, w)] = 0",
+     MISC("test_cutout_fills_one_square_with_the_mean_colour_clipped_at_the_border")),
+    ("misc-es-on-raw-model-with-ema", "train_misc.py", "es_model = net if ema is None else ema.module", "es_model = net",
+     MISC("test_main_wires_each_method[rotation]")),
+    ("misc-logged-lr-of-next-epoch", "train_misc.py", '"lr": lr, **common', '"lr": opt.param_groups[0]["lr"], **common',
+     MISC("test_main_wires_each_method[rotation]")),
     # ---- common.py (only inside functions whose text is fixed: pgd, clip_weights, noisy_labels, ...)
     ("common-clip-bn-scale-to-zero", "common.py", "m.weight.clamp_(1 - w, 1 + w)", "m.weight.clamp_(-w, w)",
      STEP("at-clip-ema")),
+    ("common-wd-bn-scales-to-zero", "common.py", "p.grad.sub_(args.wd)", "pass",
+     "tests/test_regularisers.py::test_weight_decay_pulls_bn_scales_to_one_and_weights_to_zero " + STEP("at-pgd-eval-bn")),
+    ("common-cyclic-momentum-fixed", "common.py", 'group["momentum"] = m\n', "pass\n",
+     "tests/test_regularisers.py::test_cyclic_schedule_cycles_sgd_momentum_inversely_to_the_lr_and_resumes"),
     # ---- common.py: the run folder's commit protocol and its repair on --resume
     ("runfolder-best-never-written", "common.py", "        if is_best:\n", "        if False:\n",
      "tests/test_run_folder.py::test_reference_run"),

@@ -7,6 +7,8 @@
 #          JOBS=8 bash scripts/paper.sh                     # 8 rows at once, one GPU each (round robin)
 #          ROWS="at trades awp" bash scripts/paper.sh       # a subset of rows
 #          SWEEPS=1 bash scripts/paper.sh                   # also the hyper-parameter sweeps of Fig. 7
+#          ROBUSTBENCH="Carmon2019Unlabeled Zhang2019Theoretically" bash scripts/paper.sh
+#                                                           # also public models for Fig. 1's ▲ (files in MODEL_DIR)
 #          DRY_RUN=1 bash scripts/paper.sh                  # print every command; runs and writes nothing
 #          LIST_ROWS=1 bash scripts/paper.sh                # the rows, one name per line
 #          LAUNCHER="srun --gres=gpu:1 --time=12:00:00" JOBS=40 bash scripts/paper.sh
@@ -21,7 +23,11 @@
 #   command, e.g. "--batch-size 500"), LAUNCHER (prefix of every training, evaluate.py and
 #   flatness.py command, e.g. "srun --gres=gpu:1"; with it, JOBS rows are in flight at once and the
 #   scheduler, not this script, picks the GPUs), PLOTS (1: plots.py at the end; 0: not, for a
-#   scheduler task that runs one row; only: plots.py alone), PYTHON (python).
+#   scheduler task that runs one row; only: plots.py alone), PYTHON (python), ROBUSTBENCH (RobustBench
+#   CIFAR-10 Linf models, e.g. "Carmon2019Unlabeled Rice2020Overfitting": each one a row
+#   robustbench:<name> added to the default rows, evaluated and measured (average + worst case) for Fig. 1's
+#   ▲; with ROWS given, name such rows there), MODEL_DIR (models: RobustBench's folder, files in
+#   MODEL_DIR/cifar10/Linf/<name>.pt; the results land there and plots.py reads them with --robustbench-dir).
 #
 # Per row: train (the final snapshot ckpt_epochNNN.pt marks a finished run; an interrupted one is
 # resumed with --resume) → evaluate.py --train on the last and the early-stopped checkpoint (clean,
@@ -58,6 +64,8 @@ EVAL_FLAGS=${EVAL_FLAGS:-}
 FLAT_FLAGS=${FLAT_FLAGS:-}
 LAUNCHER=${LAUNCHER:-}
 PLOTS=${PLOTS:-1}
+ROBUSTBENCH=${ROBUSTBENCH:-}
+MODEL_DIR=${MODEL_DIR:-models}
 
 # run CMD...: CMD under $LAUNCHER; with DRY_RUN=1 only printed (shell-quoted, so it can be pasted)
 run() {
@@ -163,16 +171,32 @@ for v in 1 3 6;               do eval "row_trades$v() { train trades$v 150 train
 for v in 0.0001 0.001 0.005 0.01; do eval "row_wd$v() { train wd$v 150 train_at.py --wd $v && measure wd$v point; }"; sweep_rows+=("wd$v"); done
 for v in 0.001 0.0025 0.01;   do eval "row_awp$v() { train awp$v 150 train_awp.py --xi $v && measure awp$v point; }"; sweep_rows+=("awp$v"); done
 
+# ---- Fig. 1's ▲: a public RobustBench model (early-stopped models of other papers), read from
+# $MODEL_DIR/cifar10/Linf/<name>.pt; its results go to $MODEL_DIR (README "Public robust models")
+row_robustbench() {
+    evaluate --robustbench "$1" --model-dir "$MODEL_DIR" &&
+    flatness --robustbench "$1" --model-dir "$MODEL_DIR" --mode both
+}
+# run_row NAME: a row function, or robustbench:<model>
+run_row() { case $1 in robustbench:*) row_robustbench "${1#robustbench:}" ;; *) "row_$1" ;; esac; }
+
 # ---- the rows: checked before anything runs
 TABLE1="at unlabeled cyclic autoaugment awp label_noise clip trades rotation wd entropy_sgd mish late silu ema eps9 mart gelu label_smoothing"
 ALL="$TABLE1 adam batch8"
+ROWS_GIVEN=${ROWS:+1}
 ROWS=${ROWS:-$ALL}
 [ "$SWEEPS" = 1 ] && ROWS="$ROWS ${sweep_rows[*]}"
+# ROBUSTBENCH adds its rows to the default ones (a scheduler task that runs one given row runs only that)
+if [ -z "$ROWS_GIVEN" ]; then for m in $ROBUSTBENCH; do ROWS="$ROWS robustbench:$m"; done; fi
 for r in $ROWS; do
-    declare -F "row_$r" > /dev/null || { echo "error: unknown row '$r' (rows: $ALL ${sweep_rows[*]})" >&2; exit 1; }
+    case $r in robustbench:?*) continue ;; esac
+    declare -F "row_$r" > /dev/null || {
+        echo "error: unknown row '$r' (rows: $ALL ${sweep_rows[*]} robustbench:<RobustBench model>)" >&2; exit 1; }
 done
 case $PLOTS in 0|1|only) ;; *) echo "error: PLOTS must be 0, 1 or only, got '$PLOTS'" >&2; exit 1 ;; esac
 if [ "${LIST_ROWS:-0}" = 1 ]; then printf '%s\n' $ROWS; exit 0; fi
+RB_ROWS=$ROBUSTBENCH
+case " $ROWS " in *" robustbench:"*) RB_ROWS=1 ;; esac  # plots.py then draws them (--robustbench-dir)
 [ "$PLOTS" = only ] && ROWS=""
 
 # ---- run them: JOBS at a time, each on its own GPU (or wherever LAUNCHER puts it)
@@ -183,14 +207,14 @@ slot=0
 for r in $ROWS; do
     if [ "$JOBS" -le 1 ] || [ "$DRY_RUN" = 1 ]; then
         echo "=== row $r"
-        "row_$r" || failed+=("$r")
+        run_row "$r" || failed+=("$r")
     else
         mkdir -p "$RUNS/logs"
         while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 2; done
         gpu=$(( NGPU > 0 ? slot % NGPU : 0 )); slot=$((slot + 1))
         where=$([ "$NGPU" -gt 0 ] && echo ", GPU $gpu")
         echo "=== row $r (background$where, log $RUNS/logs/$r.log)"
-        ( [ "$NGPU" -gt 0 ] && export CUDA_VISIBLE_DEVICES=$gpu; "row_$r" > "$RUNS/logs/$r.log" 2>&1 ) &
+        ( [ "$NGPU" -gt 0 ] && export CUDA_VISIBLE_DEVICES=$gpu; run_row "$r" > "$RUNS/logs/$r.log" 2>&1 ) &
         pids+=($!) names+=("$r")
     fi
 done
@@ -201,7 +225,9 @@ done
 
 # ---- figures, Table 1, correlations from every run folder
 if [ "$PLOTS" != 0 ]; then
-    line="$PY plots.py $(printf '%q ' "$RUNS" --out "$FIGURES")"
-    if [ "$DRY_RUN" = 1 ]; then echo "${line% }"; else echo "+ ${line% }"; $PY plots.py "$RUNS" --out "$FIGURES" || exit 1; fi
+    plot_args=("$RUNS" --out "$FIGURES")
+    [ -n "$RB_ROWS" ] && plot_args+=(--robustbench-dir "$MODEL_DIR")  # Fig. 1's ▲
+    line="$PY plots.py $(printf '%q ' "${plot_args[@]}")"
+    if [ "$DRY_RUN" = 1 ]; then echo "${line% }"; else echo "+ ${line% }"; $PY plots.py "${plot_args[@]}" || exit 1; fi
 fi
 [ ${#failed[@]} -eq 0 ]

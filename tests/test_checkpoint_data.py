@@ -149,21 +149,21 @@ def test_balanced_subset():
 
 
 def test_load_cifar10_imagefolder(tiny_data):
-    x, y = common.load_cifar10(tiny_data, train=True)
+    x, y = common.load_images(tiny_data, train=True)
     assert x.dtype == torch.uint8 and x.shape == (200, 3, 32, 32)
     assert y.dtype == torch.int64 and y.tolist() == list(range(10)) * 20
     for i in (0, 1, 13):  # image i // 10 of class i % 10
         png = tiny_data / "train" / CLASSES[i % 10] / f"{i // 10:04d}.png"
         assert torch.equal(x[i], torch.from_numpy(np.array(Image.open(png))).permute(2, 0, 1))
-    xt, yt = common.load_cifar10(tiny_data, train=False)
+    xt, yt = common.load_images(tiny_data, train=False)
     assert xt.shape == (200, 3, 32, 32) and not torch.equal(xt, x)
-    x2, y2 = common.load_cifar10(tiny_data, train=True)  # second call: from the .npz cache
+    x2, y2 = common.load_images(tiny_data, train=True)  # second call: from the .npz cache
     assert torch.equal(x2, x) and torch.equal(y2, y)
 
 
 def test_eval_splits(tiny_data):
     x, y = common.eval_split(tiny_data, "early-stop", 30, torch.device("cpu"))
-    xt, yt = common.load_cifar10(tiny_data, train=False)
+    xt, yt = common.load_images(tiny_data, train=False)
     assert torch.equal(y, yt[-30:]) and torch.equal(x, xt[-30:].float() / 255)
     x, y = common.eval_split(tiny_data, "train-eval", 20, torch.device("cpu"))
     assert y.tolist() == list(range(10)) * 2 and x.dtype == torch.float32 and x.max() <= 1
@@ -175,7 +175,7 @@ def test_missing_data_dir_is_a_clear_error(tmp_path, monkeypatch):
     for k, v in NO_NETWORK.items():  # never download CIFAR-10 in a test
         monkeypatch.setenv(k, v)
     with pytest.raises(common.UsageError, match=r"could not find or download CIFAR-10 in .*nowhere.*--data-dir"):
-        common.load_cifar10(tmp_path / "nowhere", train=True)
+        common.load_images(tmp_path / "nowhere", train=True)
 
 
 def test_augment_crop_flip_is_a_padded_crop_and_flip():

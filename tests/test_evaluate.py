@@ -25,7 +25,7 @@ SCHEMA = {
     "top": {"settings", "settings_hash", "non_default", "checkpoint_sha256", "epoch", "versions", "source",
             "model_args", "clean", "pgd", "autoattack"},
     # README "Result files": which model, then how it was measured
-    "settings": {"tool", "mode", "checkpoint", "use_ema", "source", "arch", "data_dir", "n_eval", "n_clean", "train",
+    "settings": {"tool", "mode", "checkpoint", "use_ema", "source", "arch", "data_dir", "dataset", "n_eval", "n_clean", "train",
                  "epsilon", "attack_step", "steps", "restarts", "batch_size", "seed", "autoattack", "aa_attacks"},
     "clean": {"loss", "err", "n"},
     "pgd": {"rloss", "rerr", "rloss_correct", "rloss_incorrect", "n_correct", "n_incorrect", "n"},
@@ -108,7 +108,7 @@ def test_pgd_split_recombines_and_is_reproducible(subset):
     x, y = subset[0][:20], subset[1][:20]
     args = evaluate.parse_args(["x.pt", "--steps", "2", "--restarts", "2", "--seed", "7"])
     model = tiny_model(0)
-    section, clean_ok, robust_ok = evaluate.pgd_metrics(model, x, y, args)
+    section, clean_ok, robust_ok, _ = evaluate.pgd_metrics(model, x, y, args)
     n_c, n_i = section["n_correct"], section["n_incorrect"]
     assert n_c + n_i == section["n"] == len(y) and n_c == int(clean_ok.sum())
     assert 0 < n_c < len(y)  # both groups present, so the weighted mean is a real check
@@ -116,7 +116,7 @@ def test_pgd_split_recombines_and_is_reproducible(subset):
     assert total == pytest.approx(section["rloss"], rel=1e-5)
     assert not (robust_ok & ~clean_ok).any()  # robust-correct implies clean-correct
     assert section["rerr"] >= section["clean_err"]
-    again, _, _ = evaluate.pgd_metrics(model, x, y, args)  # --seed makes it reproducible
+    again, _, _, _ = evaluate.pgd_metrics(model, x, y, args)  # --seed makes it reproducible
     assert again["rloss"] == section["rloss"] and again["rerr"] == section["rerr"]
 
 
@@ -233,7 +233,7 @@ def test_external_state_dict(tmp_path, tiny_data, wrapped, capsys):
     check_invariants(result)
     assert result["source"] == "external" and result["epoch"] is None
     assert result["model_args"] == result["settings"]["arch"] == {"arch": "resnet18", "width": 8, "act": "relu",
-                                                                  "normalization": "none"}
+                                                                  "normalization": "none", "dataset": "cifar10"}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -72,7 +72,7 @@ def test_average_case_nu_on_the_sphere_and_model_untouched(trained):
     model, x, y = trained
     before, seen = snapshot(model), []
     weights = common.perturbable_params(model)
-    flatness.average_case(model, x, y, xi=0.3, samples=2, steps=2, on_sample=seen.append)
+    flatness.average_case_draws(model, x, y, xi=0.3, samples=2, steps=2, on_sample=seen.append)
     assert len(seen) == 2
     for nu in seen:
         assert_layers_only(model, nu)
@@ -91,7 +91,7 @@ def test_worst_case_iterates_inside_both_balls_and_model_untouched(trained, per_
     model.train()
     before, seen = snapshot(model), []
     xi = 0.00075
-    losses, _ = flatness.worst_case(model, x, y, xi, restarts=1, passes=2, batch_size=16, per_batch=per_batch,
+    losses, _ = flatness.worst_case_restarts(model, x, y, xi, restarts=1, passes=2, batch_size=16, per_batch=per_batch,
                                     on_restart=lambda nus, delta: seen.append((nus, delta)))
     assert model.training and model.bn1.training
     model.eval()
@@ -122,20 +122,20 @@ def test_weight_clipped_models_stay_in_their_box(trained, monkeypatch):
     assert max(w.abs().max().item() for w in weights.values()) == c  # many entries sit on the box
     perturbed = []
     monkeypatch.setattr(flatness, "Perturbed", lambda m, params: _Recorded(m, params, perturbed))
-    flatness.average_case(clipped, x, y, xi=0.5, samples=2, steps=1, box=c)
+    flatness.average_case_draws(clipped, x, y, xi=0.5, samples=2, steps=1, box=c)
     assert len(perturbed) == 2
     for params in perturbed:
         assert max(p.abs().max().item() for p in params.values()) <= c
         assert not torch.equal(params["conv1.weight"], weights["conv1.weight"])  # ν still moved the weights
 
     xi, seen = 0.05, []
-    flatness.worst_case(clipped, x, y, xi, restarts=1, passes=2, batch_size=16, box=c,
+    flatness.worst_case_restarts(clipped, x, y, xi, restarts=1, passes=2, batch_size=16, box=c,
                         on_restart=lambda nus, delta: seen.append(nus))
     for nu in seen[0]:
         assert max((weights[k] + v).abs().max().item() for k, v in nu.items()) <= c + 1e-7
         assert all(v.norm() <= xi * weights[k].norm() * (1 + 1e-5) for k, v in nu.items())
     free = []
-    flatness.worst_case(clipped, x, y, xi, restarts=1, passes=2, batch_size=16,
+    flatness.worst_case_restarts(clipped, x, y, xi, restarts=1, passes=2, batch_size=16,
                         on_restart=lambda nus, delta: free.append(nus))
     assert max((weights[k] + v).abs().max().item() for k, v in free[0][0].items()) > c  # without the box it leaves
 
@@ -198,9 +198,9 @@ def test_xi_zero(trained, ref):
     """ξ = 0: ν = 0, so the average case is a 1-restart PGD (≤ the 4-restart reference up to noise)
     and the worst case is a plain last-iterate PGD on the inputs (same start: equal)."""
     model, x, y = trained
-    losses, _ = flatness.average_case(model, x, y, xi=0.0, samples=2, steps=10)
+    losses, _ = flatness.average_case_draws(model, x, y, xi=0.0, samples=2, steps=10)
     assert losses.mean() - ref <= 0.02 * ref
-    worst, _ = flatness.worst_case(model, x, y, xi=0.0, restarts=1, passes=10, seed=3)
+    worst, _ = flatness.worst_case_restarts(model, x, y, xi=0.0, restarts=1, passes=10, seed=3)
     torch.testing.assert_close(worst[0], last_iterate_pgd(model, x, y, 10, seed=3), rtol=1e-4, atol=1e-5)
     assert abs(worst[0] - ref) <= 0.1 * ref  # the final iterate of one restart is close to the best of 4
 
@@ -209,14 +209,14 @@ def test_flatness_grows_with_xi_and_worst_exceeds_average(trained, ref):
     """Same seed, so ν(ξ) = ξ·(the same directions): the RLoss grows along each ray. The joint
     attack (at the paper's 20 passes) beats both random draws and the unperturbed reference."""
     model, x, y = trained
-    avg = {xi: flatness.average_case(model, x, y, xi=xi, samples=2, steps=10)[0].mean().item() - ref
+    avg = {xi: flatness.average_case_draws(model, x, y, xi=xi, samples=2, steps=10)[0].mean().item() - ref
            for xi in (0.1, 0.5, 1.0)}
     assert avg[0.1] < avg[0.5] < avg[1.0], avg
     xi = 0.02
-    average = flatness.average_case(model, x, y, xi=xi, samples=2, steps=10)[0].mean().item() - ref
-    worst = flatness.worst_case(model, x, y, xi=xi, restarts=1, passes=20)[0].max().item() - ref
+    average = flatness.average_case_draws(model, x, y, xi=xi, samples=2, steps=10)[0].mean().item() - ref
+    worst = flatness.worst_case_restarts(model, x, y, xi=xi, restarts=1, passes=20)[0].max().item() - ref
     assert worst > average + 0.1, (worst, average)
-    worst_paper = flatness.worst_case(model, x, y, xi=0.00075, restarts=1, passes=20)[0].max().item() - ref
+    worst_paper = flatness.worst_case_restarts(model, x, y, xi=0.00075, restarts=1, passes=20)[0].max().item() - ref
     assert worst_paper > 0, "the joint attack's RLoss must exceed the reference RLoss"
 
 
@@ -254,7 +254,7 @@ def independent_average_case(model, x, y, xi, samples, steps, seed):
 
 def test_average_case_matches_an_independent_implementation(trained):
     model, x, y = trained
-    mine, _ = flatness.average_case(model, x, y, xi=0.5, samples=3, steps=5, seed=7)
+    mine, _ = flatness.average_case_draws(model, x, y, xi=0.5, samples=3, steps=5, seed=7)
     plain = independent_average_case(model, x, y, xi=0.5, samples=3, steps=5, seed=7)
     assert mine.std() > 0.01, "the draws should differ"
     torch.testing.assert_close(mine, plain, rtol=1e-3, atol=1e-4)
@@ -302,7 +302,7 @@ def independent_worst_case(model, x, y, xi, restarts, passes, batch_size, seed, 
 
 def test_worst_case_matches_an_independent_implementation(trained):
     model, x, y = trained
-    mine, _ = flatness.worst_case(model, x, y, xi=0.01, restarts=2, passes=3, batch_size=16, seed=3)
+    mine, _ = flatness.worst_case_restarts(model, x, y, xi=0.01, restarts=2, passes=3, batch_size=16, seed=3)
     plain = independent_worst_case(model, x, y, xi=0.01, restarts=2, passes=3, batch_size=16, seed=3)
     torch.testing.assert_close(mine, plain, rtol=1e-3, atol=1e-4)
 
@@ -329,11 +329,11 @@ def test_rescaling_keeps_logits_and_flatness(trained, alpha):
     assert diff <= 1e-3 * top  # approximate: BN eps is not rescaled (the paper's operation)
     exact, _ = flatness.rescale(model, alpha, bn_eps=True)
     assert flatness.logit_change(model, exact, x)[0] <= 1e-4
-    a0, _ = flatness.average_case(model, x, y, xi=0.5, samples=2, steps=3)
-    a1, _ = flatness.average_case(scaled, x, y, xi=0.5, samples=2, steps=3)
+    a0, _ = flatness.average_case_draws(model, x, y, xi=0.5, samples=2, steps=3)
+    a1, _ = flatness.average_case_draws(scaled, x, y, xi=0.5, samples=2, steps=3)
     torch.testing.assert_close(a1, a0, rtol=1e-2, atol=0)
-    w0, _ = flatness.worst_case(model, x, y, xi=0.005, restarts=1, passes=3)
-    w1, _ = flatness.worst_case(scaled, x, y, xi=0.005, restarts=1, passes=3)
+    w0, _ = flatness.worst_case_restarts(model, x, y, xi=0.005, restarts=1, passes=3)
+    w1, _ = flatness.worst_case_restarts(scaled, x, y, xi=0.005, restarts=1, passes=3)
     torch.testing.assert_close(w1, w0, rtol=1e-2, atol=0)
 
 
@@ -439,7 +439,7 @@ def test_cli_both_modes_write_their_json(run_dir, tiny_data):
         s = r["settings"]
         assert files[mode].name == f"flatness_{mode}_last_{r['settings_hash']}.json"
         assert keys <= set(r) and r["settings_hash"] == evaluate.settings_hash(s)
-        assert set(s) == {"tool", "mode", "checkpoint", "use_ema", "source", "arch", "data_dir", "batch_size", "seed",
+        assert set(s) == {"tool", "mode", "checkpoint", "use_ema", "source", "arch", "data_dir", "dataset", "batch_size", "seed",
                           "scale", "scale_bn_eps", *flatness.MODE_SETTINGS[mode]}
         assert (s["tool"], s["mode"], s["checkpoint"], s["loss"], s["subset"], s["n_eval"], s["xi"], r["epoch"]) == \
             ("flatness.py", mode, "ckpt_last.pt", "robust", "eval", 20, xi, 10)

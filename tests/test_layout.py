@@ -42,10 +42,11 @@ def test_code_only_diff_with_train_at_is_the_method(script, limit):
 
 
 def test_common_does_not_grow():
-    """common.py holds only what several scripts use (README "Files"): 776 lines with one architecture, 924 with
-    the three of README "Architectures" (every script builds models). The target of one sitting (600) is not
-    reached: this guards against regrowth."""
-    assert len((ROOT / "common.py").read_text().splitlines()) <= 930
+    """common.py holds only what several scripts use (README "Files"): 776 lines with one architecture and one
+    data set; 979 with the three architectures of README "Architectures", the three data sets of README "Data"
+    and the paper's BN weight decay and cyclic momentum (every script builds models and loads data). The target
+    of one sitting (600) is not reached: this guards against regrowth."""
+    assert len((ROOT / "common.py").read_text().splitlines()) <= 979
 
 
 def test_code_cites_the_paper_and_readme_not_the_team_spec():
@@ -68,7 +69,7 @@ def test_main_shows_the_protocol_in_order(script):
     train_step."""
     loop = ast.unparse(loop_of(script))
     order = ["train_step(", "common.epoch_metrics(net, x_log", "common.reestimate_bn(",
-             "common.epoch_metrics(net, x_es", "es['es_rerr'] < best['es_rerr']", "common.save_epoch("]
+             "common.epoch_metrics(es_model, x_es", "es['es_rerr'] < best['es_rerr']", "common.save_epoch("]
     positions = [loop.find(s) for s in order]
     assert -1 not in positions and positions == sorted(positions), dict(zip(order, positions))
     source = (ROOT / script).read_text()

@@ -98,6 +98,19 @@ def test_rotation_head_learns_is_not_perturbable_and_adv_fraction_is_respected()
         assert (moved > 1e-4).all() and (moved <= 8 / 255 + 1e-6).all()
 
 
+def test_rotation_head_is_the_papers_linear_relu_bn_linear_with_kaiming_init():
+    """The paper's code: Linear d→d/2, ReLU, BatchNorm1d, Linear d/2→4; Kaiming-normal (fan_in, gain √2)
+    weights and zero biases, as its other linear layers."""
+    torch.manual_seed(0)
+    head = tm.RotationHead(512)
+    assert [type(m) for m in head.layers] == [nn.Linear, nn.ReLU, nn.BatchNorm1d, nn.Linear]
+    assert [(m.in_features, m.out_features) for m in (head.layers[0], head.layers[3])] == [(512, 256), (256, 4)]
+    first, last = head.layers[0], head.layers[3]
+    assert first.weight.std().item() == pytest.approx(math.sqrt(2 / 512), rel=0.02)  # PyTorch's default: 0.026
+    assert last.weight.std().item() == pytest.approx(math.sqrt(2 / 256), rel=0.1)
+    assert not first.bias.any() and not last.bias.any()
+
+
 def test_rotation_attack_loss_uses_each_head():
     logits = torch.randn(4, 14)
     target = torch.tensor([3, 7, 10 + 2, 10 + 0])
@@ -152,7 +165,7 @@ def _write_unlabeled(path, n=7, drop=None, data=None):
 @pytest.mark.parametrize("name", ["pseudo.pickle", "pseudo.npz"])
 def test_load_unlabeled_reads_pickle_and_npz(tmp_path, name):
     content = _write_unlabeled(tmp_path / name)
-    x, y = tm.load_unlabeled(tmp_path / name)
+    x, y = tm.load_unlabeled(tmp_path / name, 10)
     assert x.dtype == torch.uint8 and x.shape == (7, 3, 32, 32)
     assert torch.equal(x.permute(0, 2, 3, 1), torch.from_numpy(content["data"]))
     assert y.dtype == torch.int64 and y.tolist() == list(range(7))
@@ -167,7 +180,7 @@ def test_load_unlabeled_reads_pickle_and_npz(tmp_path, name):
 def test_load_unlabeled_errors(tmp_path, kwargs, message):
     _write_unlabeled(tmp_path / "bad.pickle", **kwargs)
     with pytest.raises(common.UsageError, match=message):
-        tm.load_unlabeled(tmp_path / "bad.pickle")
+        tm.load_unlabeled(tmp_path / "bad.pickle", 10)
 
 
 def test_unlabeled_file_without_targets_is_one_error_line(tiny_data, tmp_path):
@@ -186,7 +199,7 @@ def test_load_unlabeled_reads_every_python3_pickle_protocol(tmp_path, protocol):
     content = {"data": np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8),
                "extrapolated_targets": np.arange(5)}
     (tmp_path / "p.pickle").write_bytes(pickle.dumps(content, protocol=protocol))
-    x, y = tm.load_unlabeled(tmp_path / "p.pickle")
+    x, y = tm.load_unlabeled(tmp_path / "p.pickle", 10)
     assert torch.equal(x.permute(0, 2, 3, 1), torch.from_numpy(content["data"])) and y.tolist() == list(range(5))
 
 
@@ -216,7 +229,7 @@ def test_malicious_pickle_is_refused_without_running_code(tiny_data, tmp_path, k
     marker, evil = tmp_path / "pwned", tmp_path / "evil.pickle"
     evil.write_bytes(pickle.dumps(_malicious(kind, marker)))
     with pytest.raises(common.UsageError, match="not a readable pickle") as err:
-        tm.load_unlabeled(evil)
+        tm.load_unlabeled(evil, 10)
     assert "\n" not in str(err.value) and not marker.exists()
     out = tmp_path / "run"  # through main(): one error, nothing run, no run folder
     with pytest.raises(common.UsageError, match="--unlabeled-data"):
@@ -231,7 +244,7 @@ def test_object_arrays_are_refused(tmp_path, key):
     content[key] = content[key].astype(object)  # plain ints inside: ArrayUnpickler reads it, the check refuses
     (tmp_path / "obj.pickle").write_bytes(pickle.dumps(content))
     with pytest.raises(common.UsageError, match="arrays of Python objects"):
-        tm.load_unlabeled(tmp_path / "obj.pickle")
+        tm.load_unlabeled(tmp_path / "obj.pickle", 10)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,12 +264,12 @@ def test_entropy_sgd_L1_closed_form_with_momentum():
     lr, mom, wd, eta = 0.1, 0.9, 0.01, 0.1
     w = nn.Parameter(W0.clone())
     opt = torch.optim.SGD([w], lr=lr, momentum=mom, weight_decay=wd)
-    sums = tm.entropy_sgd_step([w], opt, _quadratic(w), 1, 0.0, 0.0, eta, wd)
+    sums = tm.entropy_sgd_step([w], opt, _quadratic(w), 1, 0.0, 0.0, eta, wd, [0.0])
     assert sums["calls"] == 1
     buf = 0.25 * eta * (A + wd) * W0 + wd * W0
     w1 = W0 - lr * buf
     assert torch.allclose(w.detach(), w1, atol=1e-7)
-    tm.entropy_sgd_step([w], opt, _quadratic(w), 1, 0.0, 0.0, eta, wd)
+    tm.entropy_sgd_step([w], opt, _quadratic(w), 1, 0.0, 0.0, eta, wd, [0.0])
     buf = mom * buf + 0.25 * eta * (A + wd) * w1 + wd * w1  # momentum is applied (released code: 0)
     assert torch.allclose(w.detach(), w1 - lr * buf, atol=1e-7)
 
@@ -265,7 +278,7 @@ def test_entropy_sgd_L2_with_coupling_by_hand():
     lr, wd, eta, gamma = 0.05, 5e-4, 0.1, 0.3
     w = nn.Parameter(W0.clone())
     opt = torch.optim.SGD([w], lr=lr, momentum=0.9, weight_decay=wd)
-    tm.entropy_sgd_step([w], opt, _quadratic(w), 2, gamma, 0.0, eta, wd)
+    tm.entropy_sgd_step([w], opt, _quadratic(w), 2, gamma, 0.0, eta, wd, [0.0])
     w1 = W0 - eta * (A * W0 + wd * W0)                          # coupling is 0 at w' = w_c
     w2 = w1 - eta * (A * w1 + wd * w1 - gamma * (W0 - w1))
     mu = 0.75 * (0.75 * W0 + 0.25 * w1) + 0.25 * w2
@@ -288,7 +301,7 @@ def test_entropy_sgd_resets_weights_to_anchor_before_the_outer_step():
         return 0.5 * (A * w * w).sum(), {}
 
     opt = _RecordingSGD([w], lr=0.1, momentum=0.9)
-    tm.entropy_sgd_step([w], opt, inner, 3, 1e-2, 1e-3, 0.1, 5e-4)
+    tm.entropy_sgd_step([w], opt, inner, 3, 1e-2, 1e-3, 0.1, 5e-4, [0.0])
     assert len(visited) == 3 and torch.equal(visited[0], W0)
     assert not torch.allclose(visited[2], W0)      # the inner loop did move the weights ...
     weights, grad = opt.seen[0]
@@ -614,7 +627,7 @@ def test_autoaugment_step_by_hand(monkeypatch):
 
 def test_autoaugment_loader_augments_every_image_once_per_epoch_and_replays_an_epoch():
     """An epoch visits every image once (labels a permutation), the images are augmented (not the raw
-    ones, and Cutout zeroes a hole), and in workers setting .epoch replays that epoch's draws (what
+    ones), and in workers setting .epoch replays that epoch's draws (what
     resume does; with --workers 0 the draws come from the process's RNG, which checkpoints restore)."""
     n = 40
     g = torch.Generator().manual_seed(0)
@@ -629,7 +642,7 @@ def test_autoaugment_loader_augments_every_image_once_per_epoch_and_replays_an_e
     assert all(not any(torch.equal(img, r) for r in raw) for img in xb)  # no image comes through unchanged
     names = [type(s).__name__ for s in loader.transform.transforms]
     assert names == ["RandomCrop", "RandomHorizontalFlip", "AutoAugment", "ConvertImageDtype", "Cutout"], names
-    assert loader.transform.transforms[2].policy.name == "CIFAR10" and loader.transform.transforms[0].padding == 4
+    assert loader.transform.transforms[2].policy.name == "CIFAR10" and loader.transform.transforms[0].padding == [4] * 4
     second = list(loader)  # epoch 1 draws differently
     assert not torch.equal(torch.cat([b for b, _ in second]), xb)
     loader.epoch = 0
@@ -637,18 +650,43 @@ def test_autoaugment_loader_augments_every_image_once_per_epoch_and_replays_an_e
     assert all(torch.equal(a, b) and torch.equal(ya, yb) for (a, ya), (b, yb) in zip(replay, first))
 
 
-def test_cutout_zeroes_one_square_clipped_at_the_border():
-    """Cutout(16): one 16×16 hole of zeros centred at a uniformly drawn pixel, clipped at the border."""
+def test_cutout_fills_one_square_with_the_mean_colour_clipped_at_the_border():
+    """Cutout(16): one 16×16 hole centred at a uniformly drawn pixel, clipped at the border, filled with
+    the CIFAR-10 mean colour (the paper's code)."""
     random.seed(0)
     areas = set()
+    mean = torch.tensor(common.CIFAR_MEAN).view(3, 1, 1)
     for _ in range(200):
-        hole = tm.Cutout(16)(torch.ones(3, 32, 32)) == 0
+        out = tm.Cutout(16)(torch.ones(3, 32, 32))
+        hole = out != 1
         assert torch.equal(hole[0], hole[1]) and torch.equal(hole[0], hole[2])
+        assert torch.equal(out[hole], mean.expand(3, 32, 32)[hole])
         rows, cols = hole[0].any(1).nonzero().flatten(), hole[0].any(0).nonzero().flatten()
         assert hole[0].sum() == len(rows) * len(cols)  # a rectangle
         assert 8 <= len(rows) <= 16 and 8 <= len(cols) <= 16  # clipped at most to half of 16
         areas.add(int(hole[0].sum()))
     assert 256 in areas and min(areas) < 256  # whole holes inside, clipped ones at the border
+
+
+def test_autoaugment_pads_and_fills_with_the_mean_colour():
+    """The paper's code fills the crop padding, AutoAugment's empty areas and Cutout with the CIFAR-10 mean
+    colour: as uint8, round(255·mean) = (125, 123, 114). Every crop of a white image shows the fill exactly
+    where it is shifted out of the image."""
+    loader = tm.AutoAugmentLoader(torch.zeros(1, 3, 32, 32, dtype=torch.uint8), torch.zeros(1, dtype=torch.long),
+                                  1, torch.device("cpu"), seed=0, workers=0)
+    crop, _, autoaugment, _, cutout = loader.transform.transforms
+    fill = torch.tensor([125, 123, 114], dtype=torch.uint8).view(3, 1, 1)
+    white = torch.full((3, 32, 32), 255, dtype=torch.uint8)
+    torch.manual_seed(0)
+    padded = 0
+    for _ in range(20):
+        out = crop(white)
+        border = (out != 255).any(0)
+        assert torch.equal(out[:, border], fill.expand(3, 32, 32)[:, border])
+        padded += int(border.sum())
+    assert padded > 0
+    assert list(autoaugment.fill) == [125, 123, 114]
+    assert torch.allclose(cutout.fill.flatten(), torch.tensor(common.CIFAR_MEAN))
 
 
 def test_pgd_tau_changes_delta():
@@ -664,14 +702,14 @@ def test_pgd_tau_changes_delta():
 
 def test_entropy_sgd_step_by_hand(monkeypatch):
     """One outer step on L = 2 attacked batches: the Langevin iterates w' with coupling γ_t at t = the
-    outer steps taken (sched.last_epoch = 3), noise, η' and wd; μ; then SGD with momentum and wd on
-    w_c − μ from w_c, clipping, EMA, one schedule step."""
+    outer steps taken (sched.last_epoch = 3), noise, η' and wd (towards c = 1 for the BN scales γ, 0
+    elsewhere, inner and outer); μ; then make_optimizer's SGD with momentum and wd on w_c − μ from w_c,
+    clipping, EMA, one schedule step."""
     L, gamma, scoping, t, noise, eta, wd, lr = 2, 0.5, 0.4, 3, 0.01, 0.5, 0.05, 0.1
     args, model, _, sched, ema = _setup("entropy-sgd", "--attack-steps", 2, "--L", L, "--esgd-gamma", gamma,
                                         "--esgd-scoping", scoping, "--esgd-noise", noise, "--esgd-inner-lr", eta,
-                                        "--wd", wd)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+                                        "--wd", wd, "--lr", lr, "--lr-schedule", "const")
+    opt, sched = common.make_optimizer(model, args, steps_per_epoch=1)  # SGD, momentum 0.9
     sched.last_epoch = t  # three outer steps taken
     batches = [(torch.rand(6, 3, 32, 32), torch.randint(10, (6,))) for _ in range(L)]
     spies = _spies(monkeypatch)
@@ -683,6 +721,8 @@ def test_entropy_sgd_step_by_hand(monkeypatch):
     gamma_t = gamma * (1 + scoping) ** t
     assert len(spies["pgd"].calls) == len(seen) == len(spies["noise"].calls) == len(spies["langevin"].calls) == L
     params = list(before.parameters())
+    scales = {id(m.weight) for m in before.modules() if isinstance(m, nn.BatchNorm2d)}
+    centres = [1.0 if id(p) in scales else 0.0 for p in params]
     w_c = [p.detach().clone() for p in params]
     mu = [w.clone() for w in w_c]
     for i, (x, y) in enumerate(batches):
@@ -695,12 +735,12 @@ def test_entropy_sgd_step_by_hand(monkeypatch):
         grads = torch.autograd.grad(_smoothed_ce(before(x_adv), labels["out"], 0.2), params)
         z = spies["langevin"].calls[i]["out"]
         with torch.no_grad():
-            for p, w, m, g, zp in zip(params, w_c, mu, grads, z):
-                p -= eta * (g + wd * p - gamma_t * (w - p) + noise / math.sqrt(0.5 * eta) * zp)
+            for p, w, m, g, zp, c in zip(params, w_c, mu, grads, z, centres):
+                p -= eta * (g + wd * (p - c) - gamma_t * (w - p) + noise / math.sqrt(0.5 * eta) * zp)
                 m.mul_(0.75).add_(0.25 * p)
     with torch.no_grad():
-        for p, w, m in zip(params, w_c, mu):
-            p.copy_(w - lr * ((w - m) + wd * w))  # the first SGD step: momentum buffer = gradient
+        for p, w, m, c in zip(params, w_c, mu, centres):
+            p.copy_(w - lr * ((w - m) + wd * (w - c)))  # the first SGD step: momentum buffer = gradient
         common.clip_weights(before, 0.1)
     _check_update_and_ema(model, before, ema, ema_before)
     assert sched.last_epoch == t + 1 and _clipped(model, 0.1)
@@ -720,11 +760,12 @@ METHOD_FLAGS = {"rotation": [], "unlabeled": ["--unlabeled-fraction", "0.25"],
 def _run_main(monkeypatch, method, argv):
     """train_misc.main(argv) with the method's step wrapped; per step: the batch, the schedule's count
     and lr, the classifier's and the EMA's weights before and after, and what the step returned."""
-    real, steps = tm.TRAIN_STEPS[method], []
+    real, steps, real_metrics = tm.TRAIN_STEPS[method], [], common.epoch_metrics
 
     def spy(model, attack_model, opt, sched, ema, batch, args):
         net = tm.classifier(model)
         rec = {"batch": batch, "t": sched.last_epoch, "lr": opt.param_groups[0]["lr"], "w": _float_params(net),
+               "net": net, "ema_module": ema.module,
                "clipped": _clipped(net, args.clip), "ema": _float_params(ema.module), "n_averaged": int(ema.n_averaged)}
         rec["out"] = real(model, attack_model, opt, sched, ema, batch, args)
         head = getattr(model, "rotation_head", nn.Module())
@@ -733,7 +774,13 @@ def _run_main(monkeypatch, method, argv):
         steps.append(rec)
         return rec["out"]
 
+    def epoch_metrics(model, *a, **kw):
+        out = real_metrics(model, *a, **kw)
+        steps[-1].setdefault("evaluated", {})[a[4]] = model  # prefix → the model it measured
+        return out
+
     monkeypatch.setitem(tm.TRAIN_STEPS, method, spy)
+    monkeypatch.setattr(common, "epoch_metrics", epoch_metrics)
     tm.main([str(a) for a in argv])
     return steps
 
@@ -777,7 +824,12 @@ def test_main_wires_each_method(monkeypatch, tiny_data, tmp_path, method):
             x, y = batch
             assert x.dtype == torch.float32 and x.shape == (20, 3, 32, 32) and 0 <= x.min() and x.max() <= 1
 
+    # the test metrics measure the trained classifier, early stopping the EMA model (--ema)
+    assert steps[-1]["evaluated"]["es_"] is steps[-1]["ema_module"]
+    assert steps[-1]["evaluated"]["test_"] is steps[-1]["net"]
+
     (m,) = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert math.isclose(m["lr"], 0.1, rel_tol=1e-12)  # the lr of the epoch's first step (after it: 0)
     keys = {"rotation": ["train_rot_loss", "train_rot_err"], "unlabeled": ["train_loss_labelled", "train_err_labelled"],
             "entropy-sgd": ["train_esgd_gamma"], "pgd-tau": ["train_attack_steps"], "autoaugment": []}[method]
     for k in ["train_loss", "train_err", "test_rloss", "test_rerr", "es_rerr", *keys]:

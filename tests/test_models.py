@@ -194,7 +194,7 @@ def test_training_records_the_architecture(arch, tiny_data, tmp_path):
 
 
 def test_external_preact_checkpoint_with_cifar10_normalisation(tmp_path):
-    """Rice et al.'s code normalises outside the network: `--normalization cifar10` puts the CIFAR-10 mean/std in
+    """Rice et al.'s code normalises outside the network: `--normalization dataset` puts the CIFAR-10 mean/std in
     front, so the loaded model on [0, 1] inputs equals the reference on normalised ones; without it the keys
     have no normaliser and the model is the bare network. A normaliser in the keys refuses a second one."""
     torch.manual_seed(2)
@@ -204,13 +204,32 @@ def test_external_preact_checkpoint_with_cifar10_normalisation(tmp_path):
     flags = [str(path), "--arch", "preact-resnet18", "--arch-width", "8", "--no-autoattack"]
     x = torch.rand(4, 3, 32, 32)
     mean, std = torch.tensor(common.CIFAR_MEAN).view(1, 3, 1, 1), torch.tensor(common.CIFAR_STD).view(1, 3, 1, 1)
-    model, info = evaluate.load_model(evaluate.parse_args(flags + ["--normalization", "cifar10"]), torch.device("cpu"))
+    model, info = evaluate.load_model(evaluate.parse_args(flags + ["--normalization", "dataset"]), torch.device("cpu"))
     bare, bare_info = evaluate.load_model(evaluate.parse_args(flags), torch.device("cpu"))
     with torch.no_grad():
         assert torch.allclose(model(x), ref((x - mean) / std), atol=1e-5)
         assert torch.equal(bare(x), ref(x))
-    assert info["args"]["normalization"] == "cifar10" and bare_info["args"]["normalization"] == "none"
+    assert info["args"]["normalization"] == "dataset" and bare_info["args"]["normalization"] == "none"
     ours = common.build_model({"arch": "preact-resnet18", "width": 8, "act": "relu"})
     torch.save(ours.state_dict(), path)
     with pytest.raises(common.UsageError, match="carries its own input normaliser"):
-        evaluate.load_model(evaluate.parse_args(flags + ["--normalization", "cifar10"]), torch.device("cpu"))
+        evaluate.load_model(evaluate.parse_args(flags + ["--normalization", "dataset"]), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "preact-resnet18", "wrn-10-2"])
+def test_rescaling_keeps_the_function_and_the_hessian_runs_on_each_architecture(arch):
+    """§3.2's ×α check and the Hessian work on every architecture: the BN-compensated rescaling (every conv whose
+    only consumer is a BN) finds pairs and leaves the logits unchanged up to BN's eps; the power iteration
+    runs on the conv/linear weights (a WRN's unused sub_block1 is not among them) and gives a finite λ."""
+    import flatness
+    torch.manual_seed(3)
+    model = randomise_bn(common.build_model({"arch": arch, "act": "relu", "width": 4},
+                                            sub_block1=arch.startswith("wrn"))).eval()
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    scaled, pairs = flatness.rescale(model, 2.0, bn_eps=True)
+    assert len(pairs) >= {"resnet18": 17, "preact-resnet18": 8, "wrn-10-2": 3}[arch]
+    diff, top = flatness.logit_change(model, scaled, x)
+    assert diff <= 1e-5 * top
+    assert not [c for c, _ in pairs if c.startswith("sub_block1")]  # never called, so never traced
+    lam, iters, _, _ = flatness.hessian_top_eigenvalue(model, x, y, iters=3)
+    assert iters == 3 and torch.isfinite(torch.tensor(lam))

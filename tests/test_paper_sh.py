@@ -240,3 +240,35 @@ def test_jobs_run_rows_in_the_background_with_a_log_each(tmp_path, fake_python):
     assert calls.read_text().splitlines()[-1].startswith("plots.py")
     ok = sh(tmp_path, ROWS="clip late", JOBS=2, PYTHON=fake_python, CALLS=calls, PLOTS=0)
     assert ok.returncode == 0, ok.stderr
+
+
+def test_robustbench_rows_measure_public_models_for_fig1(tmp_path):
+    """ROBUSTBENCH="A B" (with MODEL_DIR) adds one row per RobustBench model after the default rows: evaluate.py and
+    flatness.py --mode both (average and worst case) with --robustbench NAME --model-dir MODEL_DIR, and plots.py
+    draws them from there (--robustbench-dir). A scheduler task given one row (ROWS) runs only that row."""
+    models = tmp_path / "my models"
+    names = ["Carmon2019Unlabeled", "Jia2022LAS-AT_34_10"]
+    rows = plan(tmp_path, ROBUSTBENCH=" ".join(names), MODEL_DIR=models, EVAL_FLAGS="--no-autoattack")
+    assert list(rows)[-3:] == [f"robustbench:{n}" for n in names] + [None]
+    for n in names:
+        cmds = rows[f"robustbench:{n}"]
+        assert len(cmds) == 2
+        ev, fl = commands(cmds, "evaluate.py"), commands(cmds, "flatness.py")
+        assert len(ev) == len(fl) == 1
+        for c in ev + fl:
+            assert has(c, "--robustbench", n) and has(c, "--model-dir", str(models))
+            module = importlib.import_module(c[1][:-3])
+            assert module.parse_args(c[2:]).robustbench == n  # the flags parse
+        assert has(fl[0], "--mode", "both") and has(ev[0], "--no-autoattack")
+    assert rows[None] == [["python", "plots.py", str(tmp_path / "runs"), "--out", str(tmp_path / "figures"),
+                           "--robustbench-dir", str(models)]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ti_500K.pickle"]  # a dry run writes nothing
+
+    listed = sh(tmp_path, LIST_ROWS=1, ROBUSTBENCH=" ".join(names)).stdout.split()
+    assert listed == list(TABLE1) + ["adam", "batch8"] + [f"robustbench:{n}" for n in names]
+    task = sh(tmp_path, ARRAY, SLURM_ARRAY_TASK_ID=len(listed) - 1, ROBUSTBENCH=" ".join(names), DRY_RUN=1)
+    assert [ln for ln in task.stdout.splitlines() if ln.startswith("=== row")] == [f"=== row robustbench:{names[1]}"]
+    given = plan(tmp_path, ROWS="clip", ROBUSTBENCH=" ".join(names))
+    assert list(given) == ["clip", None]  # one given row: only that one
+    one = plan(tmp_path, ROWS="robustbench:Standard")
+    assert list(one) == ["robustbench:Standard", None] and one[None][0][-2:] == ["--robustbench-dir", "models"]

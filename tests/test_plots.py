@@ -524,3 +524,121 @@ def test_a_row_never_mixes_the_averaged_and_the_plain_model(tmp_path):
     flat_value(d, "ckpt_last.pt", "average", 99.0, 3.0)
     m = plots.measures(plots.load_run(d, plots.Log()), "last")
     assert m["rloss"] == pytest.approx(2.0) and "flat_avg" not in m
+
+
+RB_INFO = {"source": "robustbench", "args": {"arch": "wrn-28-10"}}  # load_model's info for a RobustBench model
+
+
+def rb_results(models, name, rloss=None, avg=None, worst=None):
+    """evaluate.py / flatness.py --robustbench NAME --model-dir MODELS results, by their own functions."""
+    source = ["--robustbench", name, "--model-dir", str(models)]
+    if rloss is not None:
+        args = evaluate.parse_args(source)
+        args.data_dir = "/data"
+        settings, non_default = evaluate.eval_settings(args, RB_INFO)
+        pgd = {"rloss": rloss, "rerr": 0.4, "rloss_correct": rloss / 2, "rloss_incorrect": rloss * 2, "n": 1000}
+        evaluate.write_result(evaluate.result_path(models, settings), settings, non_default, None,
+                              {"epoch": None, "pgd": pgd, "autoattack": {"rerr": 0.45, "n": 1000}})
+    for mode, value in (("average", avg), ("worst", worst)):
+        if value is not None:
+            args = flatness.parse_args(source + ["--mode", mode])
+            args.data_dir = "/data"
+            settings, non_default = flatness.flatness_settings(args, RB_INFO, mode)
+            evaluate.write_result(evaluate.result_path(models, settings), settings, non_default, None,
+                                  {"n": 1000, "epoch": None, "value": value, "reference": rloss or 1.0})
+
+
+def test_robustbench_models_are_triangles_in_fig1(drawn, tmp_path, monkeypatch, capsys):
+    """--robustbench-dir MODELS: every RobustBench model measured into MODELS is a ▲ in Fig. 1 (labelled by its
+    name, apart from the runs' fit), never a run: not in Table 1 nor the correlations. Results of other models in
+    that folder are ignored; a model without flatness is named in one line."""
+    root, _, _ = drawn
+    models = tmp_path / "models"
+    models.mkdir()
+    rb_results(models, "Carmon2019Unlabeled", rloss=1.3, avg=0.25, worst=0.9)
+    rb_results(models, "Rice2020Overfitting", rloss=1.7, avg=0.4)
+    rb_results(models, "Standard", rloss=9.0)  # evaluated only
+    eval_file(models, "ckpt_last.pt", 0.5, 2.0)  # a checkpoint of ours lying there: not a RobustBench model
+    drawn_fig1 = []
+    fig1 = plots.fig1
+    monkeypatch.setattr(plots, "fig1", lambda *a, **k: drawn_fig1.extend(fig1(*a, **k)))
+    out = tmp_path / "fig"
+    summary = plots.main([str(root), "--out", str(out), "--formats", "png", "--dpi", "40", "--robustbench-dir",
+                          str(models)])
+    assert [(p["label"], p["marker"], p.get("rloss"), p.get("flat_avg"), p.get("flat_worst"))
+            for p in summary["robustbench"]] == [("Carmon2019Unlabeled", "^", 1.3, 0.25, 0.9),
+                                                 ("Rice2020Overfitting", "^", 1.7, 0.4, None),
+                                                 ("Standard", "^", 9.0, None, None)]
+    assert ("Carmon2019Unlabeled", "^") in drawn_fig1 and ("Rice2020Overfitting", "^") in drawn_fig1
+    assert ("Standard", "^") not in drawn_fig1 and ("AT", "o") in drawn_fig1
+    assert_png(out / "fig1_rloss_vs_flatness.png")
+    assert any("RobustBench model Standard lacks average-case flatness" in line for line in summary["skipped"])
+    t = json.loads((out / "table1.json").read_text())
+    assert len(t["rows"]) == 7 and not any("robustbench" in r["run"] for r in t["rows"])
+    assert json.loads((out / "correlations.json").read_text())["last"] == before_correlations(root)
+    capsys.readouterr()
+    with pytest.raises(UsageError, match="--robustbench-dir .* is not a folder"):
+        plots.main([str(root), "--out", str(out), "--robustbench-dir", str(tmp_path / "nowhere")])
+
+
+def before_correlations(root):
+    """The correlations of the runs alone."""
+    points = [{**plots.run_meta(r), **plots.measures(r, "last")} for r in plots.find_runs(root, plots.Log())]
+    return json.loads(json.dumps(plots.correlations(points, [])["last"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures a reader of the paper recognises
+# ---------------------------------------------------------------------------------------------
+def test_too_few_points_say_so_instead_of_a_fit():
+    fig, ax = plt.subplots()
+    assert plots.fit_line(ax, [1.0, 2.0], [3.0, 4.0], "AT label-noise") is None  # two points: no fit
+    assert plots.fit_line(ax, [1.0], [3.0], "TRADES") is None
+    assert not ax.lines
+    assert ax.fit_note.get_text() == ("AT label-noise: 2 distinct point(s), too few for a fit\n"
+                                      "TRADES: 1 distinct point(s), too few for a fit")
+    assert plots.fit_line(ax, [1.0, 2.0, 3.0], [3.0, 4.0, 6.0]) is not None and len(ax.lines) == 1
+    plt.close(fig)
+
+
+def test_fig2_colours_incorrect_green_and_correct_rose(drawn, monkeypatch):
+    root, out, _ = drawn
+    drawn_lines = {}
+    real_close = plt.close
+
+    def keep(fig=None):
+        if fig is not None and hasattr(fig, "axes") and fig.axes:
+            for line in fig.axes[0].lines:
+                drawn_lines[line.get_label()] = line.get_color()
+        real_close(fig)
+    monkeypatch.setattr(plots.plt, "close", keep)
+    run = next(r for r in plots.find_runs(root, plots.Log()) if r["name"].endswith("at"))
+    plots.fig2(run, out, plots.Log(), [])
+    assert drawn_lines["test, clean-incorrect examples"] == plots.GREEN
+    assert drawn_lines["test, clean-correct examples"] == plots.ROSE
+
+
+def test_many_runs_colour_the_table1_rows_and_grey_the_others(tmp_path):
+    """Past MANY_POINTS runs (a sweep present), Fig. 1/8 draw Table 1's rows in colour with their labels and
+    every other run small and grey, unlabelled, with one "Other runs" legend entry; the legend lies beside the
+    axes, over no data."""
+    points = [{"run": f"r{i}", "label": f"AT label-noise={i / 20:g}", "family": "AT label-noise", "sweep": i,
+               "marker": "o", "rloss": 2 + i / 10, "flat_avg": 0.5 + i / 20, "rerr": 0.5 + i / 100,
+               "rerr_source": "AutoAttack"}
+              for i in range(plots.MANY_POINTS)]
+    points.append({"run": "at", "label": "AT", "family": "AT", "sweep": 0, "marker": "o", "rloss": 4.0,
+                   "flat_avg": 1.2, "rerr": 0.63, "rerr_source": "AutoAttack"})
+    t = plots.table1(points, [], plots.Log())
+    shown = plots.highlighted(points, {r["run"] for r in t["rows"]})
+    assert [p["run"] for p in shown if not p["other"]] == ["r0", "at"]  # each family's best test RErr
+    assert plots.highlighted(points[:3], set()) == [{**p, "other": False} for p in points[:3]]  # few: all colour
+    colours = plots.family_colours(points)
+    fig, ax = plt.subplots()
+    plots.scatter(ax, shown, "flat_avg", "rloss", colours, annotate=True)
+    plots.family_legend(ax, shown, colours, loc="upper left", bbox_to_anchor=(1.01, 1))
+    faces = [tuple(c.get_facecolor()[0][:3]) for c in ax.collections]
+    assert faces.count(tuple(plots.OTHER)) == plots.MANY_POINTS - 1  # AT keeps the baseline's darker grey
+    assert [t.get_text() for t in ax.texts] == ["AT label-noise=0", "AT"]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["AT", "AT label-noise", "Other runs", "AT variants"]
+    plt.close(fig)

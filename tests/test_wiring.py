@@ -6,13 +6,14 @@ A. One call of each script's `train_step` (args from the script's own parse_args
    attack (δ from PGD with the expected ε / step / steps / BN mode; for TRADES PGD on a KL written here),
    what every forward sees (its BN mode and its input: the training forward must see exactly x + δ of
    the attack), the loss (β, label smoothing, label noise reproduced by seeding), AWP's ν and the
-   restore, the first optimiser step (SGD: w − lr·(g + wd·w), momentum buffer g + wd·w; Adam), gradient
-   clipping, weight clipping, the EMA and the schedule.
+   restore, the first optimiser step (SGD: w − lr·(g + wd·(w − c)), momentum buffer g + wd·(w − c), c = 1
+   for the BN scales γ and 0 elsewhere; Adam), gradient clipping, weight clipping, the EMA and the schedule.
 B. Each script's `main()` in-process on the tiny ImageFolder with a spy around its train_step and a
    scripted common.epoch_metrics: the EMA decay, the schedule and the init clipping of main, the EMA's
    BN statistics re-estimated after the last epoch (what its BN layer saw, averaged by hand), the
-   --awp-warmup epochs, the early-stopping rule and its data (last --n-early-stop test images,
-   --es-restarts), the per-epoch test data (first --n-log), the checkpoints, and --resume.
+   --awp-warmup epochs, the early-stopping rule, its model (the EMA with --ema) and its data (last
+   --n-early-stop test images, --es-restarts), the per-epoch test data (first --n-log) and the logged lr
+   (the epoch's first step's), the checkpoints, and --resume.
 """
 import copy
 import inspect
@@ -90,6 +91,10 @@ def clip_by_hand(model, c):
                 m.bias.copy_(torch.clamp(m.bias, -c, c))
 
 
+def bn_scales(model):
+    return {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+
+
 def conv_linear_weights(model):
     return [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
@@ -139,10 +144,10 @@ def hand_step(method, model0, x, y, seed, cfg):
     if method == "awp" and xi > 0 and cfg.get("grad_clip", 0):
         grads = [g.clamp(-cfg["grad_clip"], cfg["grad_clip"]) for g in grads]
     # 5. the first optimiser step (at w + ν for AWP), then the restore w ← w − ν
-    buffers = {}
+    buffers, scales = {}, bn_scales(m)
     with torch.no_grad():
         for (k, p), g in zip(params.items(), grads):
-            d = g + cfg["wd"] * p
+            d = g + cfg["wd"] * (p - 1 if k in scales else p)  # weight decay pulls the BN scales γ to 1
             if cfg.get("optimizer", "sgd") == "sgd":
                 buffers[k] = d.clone()  # momentum buffer of the first step
                 p.sub_(cfg["lr"] * d)
@@ -390,7 +395,7 @@ def install_spies(monkeypatch, method, es_rerr):
     def step(model, attack_model, opt, sched, ema, x, y, args, *rest):
         if ema is not None and not calls:
             ema.module.bn1.register_forward_pre_hook(record_ema_bn)
-        rec = {"lr": opt.param_groups[0]["lr"], "model": model, "attack_model": attack_model, "rest": rest,
+        rec = {"lr": opt.param_groups[0]["lr"], "model": model, "attack_model": attack_model, "rest": rest, "ema": ema,
                "w_before": state_of(model), "ema_before": state_of(ema.module) if ema is not None else None}
         out = real(model, attack_model, opt, sched, ema, x, y, args, *rest)
         rec.update(w_after=state_of(model), ema_after=state_of(ema.module) if ema is not None else None)
@@ -446,8 +451,8 @@ def test_main_wiring(method, tiny_data, tmp_path, monkeypatch):
     # ---- the schedule of main: base · lr_factor(cosine, i, epochs · steps per epoch) at step i
     assert [c["lr"] for c in calls] == pytest.approx([LR * common.lr_factor("cosine", i, steps) for i in range(steps)])
     history = read_metrics(out)
-    assert [m["lr"] for m in history] == pytest.approx(
-        [LR * common.lr_factor("cosine", SPE * e, steps) for e in range(1, EPOCHS + 1)], abs=1e-12)
+    assert [m["lr"] for m in history] == pytest.approx(  # the lr of each epoch's first step
+        [LR * common.lr_factor("cosine", SPE * e, steps) for e in range(EPOCHS)], abs=1e-12)
 
     # ---- --clip at init: the weights the first step starts from are already clipped
     w0 = calls[0]["w_before"]
@@ -483,8 +488,9 @@ def test_main_wiring(method, tiny_data, tmp_path, monkeypatch):
     else:
         assert all(c["rest"] == () for c in calls)
 
-    # ---- test metrics every --eval-every epochs on the first --n-log test images (1 restart);
-    # early stopping every --es-every epochs on the last --n-early-stop with --es-restarts restarts
+    # ---- test metrics every --eval-every epochs on the first --n-log test images (1 restart), of the trained
+    # weights; early stopping every --es-every epochs on the last --n-early-stop with --es-restarts restarts,
+    # of the EMA model (--ema): its averaged weights and BN buffers, re-estimated BN statistics in the last epoch
     x_log, y_log = common.eval_split(tiny_data, "log", N_LOG, torch.device("cpu"))
     x_es, y_es = common.eval_split(tiny_data, "early-stop", N_ES, torch.device("cpu"))
     assert [(e["prefix"], e["after_steps"]) for e in evals] == [
@@ -493,9 +499,15 @@ def test_main_wiring(method, tiny_data, tmp_path, monkeypatch):
         x_want, y_want, restarts = (x_es, y_es, ES_RESTARTS) if e["prefix"] == "es_" else (x_log, y_log, 1)
         assert torch.equal(e["x"], x_want) and torch.equal(e["y"], y_want), e["prefix"]
         assert e["restarts"] == restarts and e["alpha"] == pytest.approx(args.attack_step)
-        assert e["model"] is net  # the trained weights of that epoch (not the EMA)
-        for k in float_keys(e["w"]):
-            assert torch.equal(e["w"][k], calls[e["after_steps"] - 1]["w_after"][k]), k
+        step = calls[e["after_steps"] - 1]
+        if e["prefix"] == "test_":
+            assert e["model"] is net
+            assert all(torch.equal(e["w"][k], step["w_after"][k]) for k in float_keys(e["w"]))
+        else:
+            assert e["model"] is step["ema"].module
+            want = last["ema"] if e["after_steps"] == steps else step["ema_after"]
+            assert all(torch.equal(e["w"][k], want[k]) for k in float_keys(e["w"]))
+            assert not torch.equal(e["w"]["conv1.weight"], step["w_after"]["conv1.weight"])
 
     # ---- early stopping: the first minimum of es_rerr; ckpt_best.pt is that epoch's snapshot
     assert [m["es_rerr"] for m in history] == ES_RERR
