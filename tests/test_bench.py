@@ -4,6 +4,7 @@ import argparse
 import json
 import math
 
+import pytest
 import torch
 
 import bench
@@ -68,17 +69,24 @@ def test_epoch_times_runs_the_eager_variants_on_cpu():
     times = bench.epoch_times(args, torch.device("cpu"), images=256, variants=bench.EPOCH_VARIANTS[:2], warmup=1)
     assert set(times) == {"fp32_eager", "bf16_channels_last"}
     assert all(t > 0 for t in times.values())
-    wrn = bench.epoch_times(args, torch.device("cpu"), images=256, variants=bench.EPOCH_VARIANTS[:1], warmup=1,
+    wrn = bench.epoch_times(args, torch.device("cpu"), images=128, variants=bench.EPOCH_VARIANTS[:1], warmup=1,
                             arch="wrn-10-1")
     assert set(wrn) == {"fp32_eager"} and wrn["fp32_eager"] > 0
 
 
 def test_bad_flags_get_one_error_line(tmp_path):
-    for flags in (["--width", "0"], ["--repeats", "0"], ["--device", "cpu", "--epoch-time"], ["--wrn", "resnet18"],
-                  ["--wrn", "wrn-11-2"],
+    for flags in (["--width", "0"], ["--repeats", "0"], ["--device", "cpu", "--epoch-time"],
                   ["--device", "cuda:7"] if not torch.cuda.is_available() else ["--steps", "0"]):
         proc = run_script("bench.py", *flags, "--out", tmp_path / "b.json", check=False)
         assert proc.returncode == 1, (flags, proc.stderr)
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:"), (flags, proc.stderr)
         assert not (tmp_path / "b.json").exists()
+
+
+def test_wrn_flag_takes_a_wideresnet(capsys):
+    with pytest.raises(common.UsageError, match="--wrn takes a WideResNet"):
+        bench.parse_args(["--wrn", "resnet18"])
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(["--wrn", "wrn-11-2"])
+    assert e.value.code == 1 and "6n+4" in capsys.readouterr().err

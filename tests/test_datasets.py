@@ -35,19 +35,21 @@ def cifar100_tree(tmp_path_factory):
 
 
 def test_cifar100_run_has_100_classes_its_normaliser_and_needs_no_flag_to_evaluate(cifar100_tree, tmp_path):
+    import train_at
     out = tmp_path / "run"
-    run_script("train_at.py", *TINY, "--dataset", "cifar100", "--width", "4", "--data-dir", cifar100_tree,
-               "--batch-size", "100", "--epochs", "1", "--attack-steps", "1", "--label-noise", "0.5",
-               "--n-log", "100", "--n-early-stop", "50", "--out", out)
+    train_at.main([*TINY, "--dataset", "cifar100", "--width", "4", "--data-dir", str(cifar100_tree),
+                   "--batch-size", "100", "--epochs", "1", "--attack-steps", "1", "--label-noise", "0.5",
+                   "--n-log", "100", "--n-early-stop", "50", "--out", str(out)])
     assert json.loads((out / "args.json").read_text())["dataset"] == "cifar100"
     model, _ = evaluate.model_from_checkpoint(out / "ckpt_last.pt", torch.device("cpu"))
     assert model.linear.out_features == 100
     torch.testing.assert_close(model.normalize.mean.flatten(), torch.tensor(common.DATASETS["cifar100"]["mean"]))
     torch.testing.assert_close(model.normalize.std.flatten(), torch.tensor(common.DATASETS["cifar100"]["std"]))
-    proc = run_script("evaluate.py", out / "ckpt_last.pt", "--no-autoattack", "--n-eval", "20", "--n-clean", "100",
-                      "--steps", "1", "--restarts", "1", "--device", "cpu")
+    evaluate.main([str(out / "ckpt_last.pt"), "--no-autoattack", "--n-eval", "20", "--n-clean", "100",
+                   "--steps", "1", "--restarts", "1", "--device", "cpu"])  # no --dataset: the checkpoint's
     (result,) = out.glob("eval_last_*.json")
-    assert json.loads(result.read_text())["clean"]["n"] == 100, proc.stdout
+    result = json.loads(result.read_text())
+    assert result["clean"]["n"] == 100 and result["settings"]["dataset"] == "cifar100"
 
 
 def test_a_tree_with_other_classes_than_the_dataset_is_refused(cifar100_tree, tmp_path):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import common
 import evaluate
-from conftest import TINY, run_script
+from conftest import TINY
 
 
 # ---- the reference layer structures, written out as the public code builds them (Rice et al.'s and AWP's
@@ -173,20 +173,24 @@ def test_perturbable_layers_of_each_architecture():
         assert list(common.perturbable_params(model, weights_only=True)) == [n for n in names if not n.endswith("bias")]
 
 
-def test_arch_flag_is_checked():
+def test_arch_flag_is_checked(capsys):
+    import train_at
     for bad in ("wrn-11-2", "wrn-34", "resnet50", "wrn-34-0"):
         with pytest.raises(Exception, match="unknown architecture"):
             common.parse_arch(bad)
-    proc = run_script("train_at.py", "--arch", "wrn-12-2", check=False)
-    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "6n+4" in proc.stderr
+    with pytest.raises(SystemExit) as e:
+        train_at.parse_args(["--arch", "wrn-12-2"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1 and "6n+4" in err
 
 
 @pytest.mark.parametrize("arch", ["preact-resnet18", "wrn-10-1"])
 def test_training_records_the_architecture(arch, tiny_data, tmp_path):
     """One epoch of AT on the architecture; the checkpoint's args rebuild it (evaluate.py needs no model flags)."""
+    import train_at
     out = tmp_path / "run"
-    run_script("train_at.py", *TINY, "--arch", arch, "--width", "4", "--data-dir", tiny_data, "--epochs", "1",
-               "--train-subset", "100", "--attack-steps", "1", "--out", out)
+    train_at.main([*TINY, "--arch", arch, "--width", "4", "--data-dir", str(tiny_data), "--epochs", "1",
+                   "--train-subset", "100", "--attack-steps", "1", "--out", str(out)])
     assert json.loads((out / "args.json").read_text())["arch"] == arch
     model, ckpt = evaluate.model_from_checkpoint(out / "ckpt_last.pt", torch.device("cpu"))
     assert type(model) is type(common.build_model({"arch": arch, "act": "relu", "width": 4}))
