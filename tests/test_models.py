@@ -237,3 +237,19 @@ def test_rescaling_keeps_the_function_and_the_hessian_runs_on_each_architecture(
     assert not [c for c, _ in pairs if c.startswith("sub_block1")]  # never called, so never traced
     lam, iters, _, _ = flatness.hessian_top_eigenvalue(model, x, y, iters=3)
     assert iters == 3 and torch.isfinite(torch.tensor(lam))
+
+
+def test_a_rescaling_that_changes_the_function_is_refused(tiny_data, tmp_path):
+    """flatness.py --scale checks the rescaled logits: where BN's eps dominates a tiny running variance the
+    ×α rescaling is no longer function-preserving, and the measurement is refused with the reason."""
+    import flatness
+    torch.manual_seed(4)
+    model = randomise_bn(common.build_model({"arch": "wrn-10-1", "act": "relu", "width": 4}, normalize=False))
+    with torch.no_grad():
+        model.block1.layer[0].bn2.running_var.fill_(1e-7)  # ≪ eps = 1e-5
+    torch.save(model.state_dict(), tmp_path / "wrn.pt")
+    with pytest.raises(common.UsageError, match="--scale 4 changed the logits by .* more than --scale-tol"):
+        flatness.main([str(tmp_path / "wrn.pt"), "--arch", "wrn-10-1", "--normalization", "none", "--mode", "average",
+                       "--scale", "4", "--n-eval", "10", "--samples", "1", "--steps", "1", "--ref-restarts", "1",
+                       "--data-dir", str(tiny_data), "--device", "cpu"])
+    assert not list(tmp_path.glob("flatness_*.json"))
