@@ -117,7 +117,7 @@ def weight_perturbation(net, weights, x_adv, y, xi, world=1):
     the forward runs on throwaway copies of the BN running
     statistics (their proxy is a copy of the model), so the real running statistics are untouched.
     Under DDP g is averaged over the ranks before normalising, so every replica adds the same ν
-    (a per-rank ν makes the replicas drift apart; research/ecosystem.md §4.2)."""
+    (a per-rank ν makes the replicas drift apart; tests/test_methods.py checks that they stay identical)."""
     buffers = {k: b.clone() for k, b in net.named_buffers()}
     with common.bn_mode(net, "train"):
         logits = torch.func.functional_call(net, buffers, (x_adv,))
