@@ -54,12 +54,15 @@ def parse_args(argv=None):
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile our model")
     p.add_argument("--epoch-time", action="store_true", help="GPU: seconds per 50k-image PGD-7 AT epoch")
+    p.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows to run (default: all)")
     p.add_argument("--only", choices=ROWS, help=argparse.SUPPRESS)  # internal: one row per process
     p.add_argument("--out", default="bench.json")
     args = p.parse_args(argv)
     common.check(args.width >= 1 and args.batch_size >= 0, "--width must be >= 1 and --batch-size >= 0")
     common.check(args.repeats >= 1 and args.steps >= 1, "--repeats and --steps must be >= 1")
     common.check(args.wrn.startswith("wrn-"), f"--wrn takes a WideResNet (wrn-D-K), got {args.wrn}")
+    args.rows = [r for r in args.rows.split(",") if r]
+    common.check(args.rows and set(args.rows) <= set(ROWS), f"--rows takes some of {','.join(ROWS)}")
     return args
 
 
@@ -338,8 +341,9 @@ def main():
         print("RESULT " + json.dumps(result))
         return
     results = {}
-    for row in ROWS:
-        cmd = [sys.executable, __file__, "--only", row, "--device", str(device), "--width", str(args.width), "--wrn", args.wrn,
+    for row in args.rows:
+        cmd = [sys.executable, __file__, "--only", row, "--device", str(device), "--width", str(args.width),
+               "--wrn", args.wrn,
                "--batch-size", str(b), "--repeats", str(args.repeats), "--steps", str(args.steps)]
         cmd += [f for f, on in (("--amp", args.amp), ("--channels-last", args.channels_last),
                                 ("--compile", args.compile)) if on]

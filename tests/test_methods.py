@@ -303,12 +303,14 @@ def test_awp_resume_equals_uninterrupted(tiny_data, tmp_path):
     --awp-warmup 1: epoch 1 is plain AT, epoch 2 (the resumed one) is AWP."""
     flags = ["--data-dir", tiny_data, *TINY, "--xi", "0.01", "--awp-warmup", "1", "--epochs", "2", "--es-every", "1"]
     full, crashed = tmp_path / "full", tmp_path / "crashed"
-    run_script("train_awp.py", *flags, "--out", full)
+    import train_awp
+    flags = [str(f) for f in flags]
+    train_awp.main([*flags, "--out", str(full)])  # in-process: both runs seed everything themselves
     crashed.mkdir()
     shutil.copy(full / "args.json", crashed / "args.json")
     shutil.copy(full / "ckpt_epoch001.pt", crashed / "ckpt_last.pt")
     (crashed / "metrics.jsonl").write_text((full / "metrics.jsonl").read_text().splitlines()[0] + "\n")
-    run_script("train_awp.py", *flags, "--out", crashed, "--resume")
+    train_awp.main([*flags, "--out", str(crashed), "--resume"])
 
     a, b = read_metrics(full), read_metrics(crashed)
     assert [m["epoch"] for m in b] == [1, 2]
