@@ -87,6 +87,15 @@ def run_ddp(script, tmp_path, *args):
     return proc, torch.load(rank1, weights_only=True)
 
 
+def separable_data(n, seed, size=8):
+    """One random colour per class plus noise (size×size images in [0, 1]): a tiny network separates it in a
+    few dozen steps."""
+    y = torch.arange(n) % 10
+    colours = torch.rand(10, 3, 1, 1, generator=torch.Generator().manual_seed(99))
+    x = colours[y] + 0.15 * torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    return x.clamp(0, 1), y
+
+
 def fit(model, x, y, steps, batch_size, lr=3e-3):
     """A few Adam steps on random mini-batches of (x, y) (seed the global RNG first); returns the
     model in eval mode with no gradients left behind."""

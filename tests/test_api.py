@@ -14,7 +14,7 @@ import torch.nn as nn
 import common
 import evaluate
 import flatness
-from conftest import fit
+from conftest import fit, separable_data
 
 SIZE = 8  # 8×8 images: the tiny CNN runs the paper's default settings in seconds
 
@@ -38,21 +38,14 @@ def plain_cnn():
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
 
 
-def separable(n, seed):
-    y = torch.arange(n) % 10
-    colours = torch.rand(10, 3, 1, 1, generator=torch.Generator().manual_seed(99))
-    x = colours[y] + 0.15 * torch.randn(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
-    return x.clamp(0, 1), y
-
-
 @pytest.fixture(scope="module")
 def plain():
     """The plain CNN after 60 Adam steps (so the measures are not all ln 10) and 30 held-out images."""
     torch.manual_seed(0)
     model = plain_cnn()
-    x, y = separable(300, seed=1)
+    x, y = separable_data(300, seed=1, size=SIZE)
     fit(model, x, y, steps=60, batch_size=50)
-    xt, yt = separable(30, seed=2)
+    xt, yt = separable_data(30, seed=2, size=SIZE)
     with torch.no_grad():
         assert (model(xt).argmax(1) == yt).float().mean() >= 0.5, "the fixture model did not learn"
     return model, xt, yt

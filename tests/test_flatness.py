@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import ROOT, fit, run_script
+from conftest import ROOT, fit, run_script, separable_data
 
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
@@ -25,22 +25,14 @@ EPS, ALPHA = 8 / 255, 0.007
 SIZE = 8  # 8×8 images: a width-8 ResNet-18 (global pooling) runs them 16× cheaper than 32×32
 
 
-def separable_data(n, seed):
-    """One random colour per class plus noise: a tiny network separates it in a few dozen steps."""
-    y = torch.arange(n) % 10
-    colours = torch.rand(10, 3, 1, 1, generator=torch.Generator().manual_seed(99))
-    x = colours[y] + 0.15 * torch.randn(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
-    return x.clamp(0, 1), y
-
-
 @pytest.fixture(scope="module")
 def trained():
     """A width-8 ResNet-18 trained for 40 Adam steps (eval mode) and 40 held-out images."""
     torch.manual_seed(0)
     model = common.ResNet18(width=8)
-    x, y = separable_data(400, seed=1)
+    x, y = separable_data(400, seed=1, size=SIZE)
     fit(model, x, y, steps=40, batch_size=64)
-    xt, yt = separable_data(40, seed=2)
+    xt, yt = separable_data(40, seed=2, size=SIZE)
     with torch.no_grad():
         assert (model(xt).argmax(1) == yt).float().mean() >= 0.7, "the fixture model did not learn"
     return model, xt, yt
