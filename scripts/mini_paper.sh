@@ -12,8 +12,8 @@
 #   thread each), PYTHON. Finished steps are skipped when the script is run again: a finished training by its
 #   final snapshot; evaluate.py and flatness.py are always called and skip what they measured with the same
 #   settings themselves (README "Result files").
-# Cost: a full run measured 3558 s (59 min) on the 2-core development machine while other jobs
-#   shared it; QUICK=1 measured 9.5 min on a loaded machine.
+# Cost: a full run measured 4248 s (71 min) on the otherwise idle 2-core development machine;
+#   QUICK=1 measured 9.5 min on a loaded machine.
 #
 # Rows: AT (baseline), AT label noise 0.2 and 0.4 (a sweep for Fig. 7), AT weight decay 0.05,
 # TRADES β=6, AWP ξ=0.005, AT + weight averaging (EMA; τ = 0.99 instead of the paper's 0.9975,
