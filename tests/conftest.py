@@ -56,6 +56,25 @@ def run_script(script, *args, check=True, timeout=600, env=None):
     return proc
 
 
+@pytest.fixture
+def run_main(monkeypatch, capsys):
+    """run_script's contract in this process (saves the ~2 s start of a child): `run_main(module, *args)` runs
+    the script's command line (sys.argv and common.run_cli, as its `__main__`) and returns (exit code, stdout,
+    stderr). One subprocess test per command line stays, for what only a fresh process shows."""
+    import common
+
+    def run(module, *args):
+        monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *map(str, args)])
+        try:
+            common.run_cli(module.main)
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+    return run
+
+
 DDP_WRAPPER = """
 import os, sys
 sys.path.insert(0, {root!r})

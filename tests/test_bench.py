@@ -3,6 +3,7 @@ its floor does the passes it claims; bad flags get one error line."""
 import argparse
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -75,25 +76,29 @@ def test_floor_step_takes_input_gradients_and_one_update():
 
 
 def test_epoch_times_runs_the_eager_variants_on_cpu():
-    """The GPU epoch timing's loop, on CPU with a tiny network and a 2-batch 'epoch' (compile left out:
+    """The GPU epoch timing's loop, on CPU with a tiny network and a one-batch 'epoch' (compile left out:
     it takes minutes to build on a CPU)."""
     args = argparse.Namespace(width=8)
-    times = bench.epoch_times(args, torch.device("cpu"), images=256, variants=bench.EPOCH_VARIANTS[:2], warmup=1)
+    times = bench.epoch_times(args, torch.device("cpu"), images=128, variants=bench.EPOCH_VARIANTS[:2], warmup=1)
     assert set(times) == {"fp32_eager", "bf16_channels_last"}
     assert all(t > 0 for t in times.values())
-    wrn = bench.epoch_times(args, torch.device("cpu"), images=128, variants=bench.EPOCH_VARIANTS[:1], warmup=1,
+    wrn = bench.epoch_times(args, torch.device("cpu"), images=64, variants=bench.EPOCH_VARIANTS[:1], warmup=1,
                             arch="wrn-10-1")
     assert set(wrn) == {"fp32_eager"} and wrn["fp32_eager"] > 0
 
 
-def test_bad_flags_get_one_error_line(tmp_path):
-    for flags in (["--width", "0"], ["--repeats", "0"], ["--device", "cpu", "--epoch-time"],
+def test_bad_flags_get_one_error_line(tmp_path, monkeypatch, capsys):
+    """The contract (one `error:` line, exit code 1, nothing written) from the command line once, then in-process."""
+    proc = run_script("bench.py", "--width", "0", "--out", tmp_path / "b.json", check=False)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("error:"), proc.stderr
+    for flags in (["--repeats", "0"], ["--device", "cpu", "--epoch-time"],
                   ["--device", "cuda:7"] if not torch.cuda.is_available() else ["--steps", "0"]):
-        proc = run_script("bench.py", *flags, "--out", tmp_path / "b.json", check=False)
-        assert proc.returncode == 1, (flags, proc.stderr)
-        lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error:"), (flags, proc.stderr)
-        assert not (tmp_path / "b.json").exists()
+        monkeypatch.setattr(sys, "argv", ["bench.py", *flags, "--out", str(tmp_path / "b.json")])
+        with pytest.raises(SystemExit) as e:
+            common.run_cli(bench.main)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 1 and len(lines) == 1 and lines[0].startswith("error:"), (flags, lines)
+    assert not (tmp_path / "b.json").exists()
 
 
 def test_wrn_flag_takes_a_wideresnet(capsys):

@@ -3,6 +3,7 @@ clear errors for bad files, the class-interleaved order, the balanced subset, th
 crop/flip and the loader's epoch coverage."""
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,8 @@ from PIL import Image
 
 import common
 import evaluate
-from conftest import CLASSES, TINY, run_script
+import train_at
+from conftest import CLASSES, TINY
 
 NO_NETWORK = {"HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
               "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
@@ -94,15 +96,20 @@ def _metrics(path):
     return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
 
 
-def test_resume_equals_uninterrupted_run(tiny_data, tmp_path):
-    """2 epochs straight vs. the epoch-1 checkpoint + `--resume` for epoch 2: the
-    same metrics apart from timings and bit-identical weights on CPU. Label noise and the EMA
-    make the check cover the global torch RNG and the averaged model too."""
-    flags = [*TINY, "--data-dir", tiny_data, "--epochs", 2, "--es-every", 1, "--label-noise", 0.2,
-             "--ema", 0.9, "--seed", 7]
-    env = {"OMP_NUM_THREADS": "1"}
+def test_resume_equals_uninterrupted_run(tiny_data, tmp_path, monkeypatch, capsys):
+    """2 epochs straight vs. the epoch-1 checkpoint + `--resume` for epoch 2 (train_at.py's command line,
+    in-process): the same metrics apart from timings and bit-identical weights on CPU. Label noise and the
+    EMA make the check cover the global torch RNG and the averaged model too."""
+    flags = [str(f) for f in [*TINY, "--data-dir", tiny_data, "--epochs", 2, "--es-every", 1, "--label-noise", 0.2,
+                              "--ema", 0.9, "--seed", 7]]
+
+    def train(out, *extra):
+        monkeypatch.setattr(sys, "argv", ["train_at.py", *flags, "--out", str(out), *extra])
+        common.run_cli(train_at.main)
+        return capsys.readouterr().out
+
     full = tmp_path / "full"
-    run_script("train_at.py", *flags, "--out", full, env=env)
+    train(full)
     # a run 'interrupted' after epoch 1: its ckpt_last.pt is what epoch 1 wrote (= the snapshot),
     # and its metrics.jsonl already holds the line of the lost epoch 2, which resume must drop
     part = tmp_path / "part"
@@ -110,8 +117,7 @@ def test_resume_equals_uninterrupted_run(tiny_data, tmp_path):
     shutil.copy(full / "ckpt_epoch001.pt", part / "ckpt_last.pt")
     shutil.copy(full / "metrics.jsonl", part / "metrics.jsonl")
     shutil.copy(full / "args.json", part / "args.json")
-    proc = run_script("train_at.py", *flags, "--out", part, "--resume", env=env)
-    assert "resumed" in proc.stdout
+    assert "resumed" in train(part, "--resume")
 
     a, b = _metrics(full / "metrics.jsonl"), _metrics(part / "metrics.jsonl")
     assert [m["epoch"] for m in a] == [m["epoch"] for m in b] == [1, 2]

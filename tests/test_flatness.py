@@ -441,23 +441,24 @@ def test_cli_both_modes_write_their_json(run_dir, tiny_data):
         assert r["value"] == pytest.approx(agg - r["reference"])
 
 
-def test_cli_epochs_measures_snapshots_skips_done_ones_and_force_replaces(run_dir, tiny_data):
-    flags = ["--epochs", run_dir, "--mode", "average", "--loss", "clean", "--n-eval", "20", "--data-dir", tiny_data,
-             *FAST]
+def test_cli_epochs_measures_snapshots_skips_done_ones_and_force_replaces(run_dir, tiny_data, capsys):
+    """The command line once (a child process), then the same flags in-process: skip, other settings, --force."""
+    flags = [str(f) for f in ["--epochs", run_dir, "--mode", "average", "--loss", "clean", "--n-eval", "20",
+                              "--data-dir", tiny_data, *FAST]]
     run_script("flatness.py", *flags, env=ONE_THREAD)
     files = sorted(run_dir.glob("flatness_average_epoch*.json"))
     assert [f.name.split("_")[2] for f in files] == ["epoch005", "epoch010"]
     stamps = [f.stat().st_mtime_ns for f in files]
     assert [json.loads(f.read_text())["epoch"] for f in files] == [5, 10]
     assert json.loads(files[0].read_text())["settings"]["loss"] == "clean"
-    proc = run_script("flatness.py", *flags, env=ONE_THREAD)
-    assert proc.stdout.splitlines() == [f"done: {f} (same settings; --force re-measures)" for f in files]
+    flatness.main(flags)
+    assert capsys.readouterr().out.splitlines() == [f"done: {f} (same settings; --force re-measures)" for f in files]
     assert [f.stat().st_mtime_ns for f in files] == stamps
     # other settings: new files beside these, which stay
-    run_script("flatness.py", *flags, "--samples", "1", env=ONE_THREAD)
+    flatness.main(flags + ["--samples", "1"])
     assert len(list(run_dir.glob("flatness_average_epoch*.json"))) == 4
     assert [f.stat().st_mtime_ns for f in files] == stamps
-    run_script("flatness.py", *flags, "--force", env=ONE_THREAD)
+    flatness.main(flags + ["--force"])
     assert all(f.stat().st_mtime_ns != t for f, t in zip(files, stamps))
     assert len(list(run_dir.glob("flatness_average_epoch*.json"))) == 4
 
@@ -492,12 +493,13 @@ def test_cli_landscape_rescaled_landscape_and_scaled_hessian(run_dir, tiny_data,
                                rtol=1e-3, atol=0)
 
     flags = ["--scale", "2", "--n-hessian", "20", "--hessian-iters", "3", "--data-dir", tiny_data, "--device", "cpu"]
-    proc = run_script("flatness.py", ckpt, "--mode", "hessian", *flags, env=ONE_THREAD)
-    r = json.loads(written(proc.stdout)["hessian"].read_text())
+    flatness.main([str(ckpt), "--mode", "hessian", *map(str, flags)])
+    stdout = capsys.readouterr().out
+    r = json.loads(written(stdout)["hessian"].read_text())
     assert r["iterations"] <= 3 and r["n"] == 20 and r["settings"]["scale"] == 2.0
     assert r["settings"]["n_hessian"] == 20 and r["settings"]["hessian_iters"] == 3
     assert r["scale_pairs"] == 20 and r["scale_logit_max_diff"] <= 1e-3 * r["scale_logit_max"]
-    assert r["eigenvalue"] == pytest.approx(r["history"][-1]) and "max |Δlogit|" in proc.stdout
+    assert r["eigenvalue"] == pytest.approx(r["history"][-1]) and "max |Δlogit|" in stdout
 
 
 def test_every_setting_names_its_own_file():
