@@ -560,9 +560,9 @@ def check_inputs(function, model, x, y):
             f"y must be a 1-D tensor of integer class labels, got dtype {y.dtype} and shape {tuple(y.shape)}")
     require(function, len(x) == len(y) >= 1, f"x and y must hold the same number (>= 1) of examples, "
             f"got {len(x)} and {len(y)}")
-    require(function, x.min().item() >= 0 and x.max().item() <= 1,
-            f"x must be in [0, 1] (the model normalises inside), got values in [{x.min().item():.3g}, "
-            f"{x.max().item():.3g}]")
+    low, high = (v.item() for v in torch.aminmax(x))
+    require(function, low >= 0 and high <= 1,
+            f"x must be in [0, 1] (the model normalises inside), got values in [{low:.3g}, {high:.3g}]")
     param = next(model.parameters(), None)
     require(function, param is None or param.device == x.device,
             f"x is on {x.device} but the model on {param.device if param is not None else '?'}")

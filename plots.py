@@ -5,8 +5,8 @@ Usage:   python plots.py runs/ --out figures/ [--baseline NAME] [--robustbench-d
 
 Reads every run folder under the given path (any folder with an args.json): `args.json`,
 `metrics.jsonl`, and every result of evaluate.py / flatness.py beside the checkpoints. Each result file
-says what it measured (its "checkpoint" names last / best / epochNNN, flatness files carry "mode",
-"loss", "subset", "xi"); file names are only a fallback. Writes, as PNG and PDF:
+says what it measured in its "settings" ("checkpoint" names last / best / epochNNN; "mode", "loss",
+"subset", "xi", the attack, n, ...); results are chosen by those, never by file name. Writes, as PNG and PDF:
 
   fig1_rloss_vs_flatness     Fig. 1: test RLoss vs average-case flatness, one labelled point per run; with
                              --robustbench-dir, ▲ for each RobustBench model measured into that folder
@@ -484,8 +484,9 @@ def highlighted(points, selected):
     return [{**p, "other": many and p["run"] not in selected} for p in points]
 
 
-def family_legend(fig_or_ax, points, colours, **kw):
-    """A legend entry per method family drawn in colour, one "Other" for the grey points, and the two markers."""
+def family_legend(fig_or_ax, points, colours, extra=(), **kw):
+    """A legend entry per method family drawn in colour, one "Other" for the grey points, the two markers and
+    the `extra` handles."""
     from matplotlib.lines import Line2D
     fams = sorted({p["family"] for p in points if not p.get("other")}, key=lambda f: (f != "AT", f))
     handles = [Line2D([], [], marker="s", ls="", color=colours[f], markeredgecolor="k", label=f) for f in fams]
@@ -494,6 +495,7 @@ def family_legend(fig_or_ax, points, colours, **kw):
     markers = {p["marker"] for p in points}
     handles += [Line2D([], [], marker=m, ls="", color="w", markeredgecolor="k", label=text)
                 for m, text in (("o", "AT variants"), ("D", "flatness-oriented (AWP, Entropy-SGD, EMA)")) if m in markers]
+    handles += list(extra)
     if handles:
         fig_or_ax.legend(handles=handles, **kw)
 
@@ -536,13 +538,10 @@ def fig1(points, colours, out, log, written, public=()):
         ax.scatter(p["flat_avg"], p["rloss"], color=RB_COLOUR, marker="^", s=48, edgecolor="k", linewidth=0.4,
                    zorder=3)
         ax.annotate(p["label"], (p["flat_avg"], p["rloss"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    family_legend(ax, ps, colours, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7)  # beside the data
-    if pub:
-        from matplotlib.lines import Line2D
-        legend = ax.get_legend()
-        handles = (legend.legend_handles if legend else []) + [Line2D(
-            [], [], marker="^", ls="", color=RB_COLOUR, markeredgecolor="k", label="RobustBench (public, early-stopped)")]
-        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7)
+    from matplotlib.lines import Line2D
+    rb = [Line2D([], [], marker="^", ls="", color=RB_COLOUR, markeredgecolor="k",
+                 label="RobustBench (public, early-stopped)")] if pub else []
+    family_legend(ax, ps, colours, extra=rb, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7)  # beside the data
     ax.set(xlabel=flat_label(ps + pub, "flat_avg"), ylabel=LABELS["rloss"],
            title="Fig. 1 — robust loss vs. flatness (● AT variants, ◆ flatness-oriented"
                  + (", ▲ RobustBench)" if pub else ")"))

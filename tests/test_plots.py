@@ -562,9 +562,15 @@ def test_robustbench_models_are_triangles_in_fig1(drawn, tmp_path, monkeypatch, 
     drawn_fig1 = []
     fig1 = plots.fig1
     monkeypatch.setattr(plots, "fig1", lambda *a, **k: drawn_fig1.extend(fig1(*a, **k)))
+    legends, save = {}, plots.save
+    monkeypatch.setattr(plots, "save", lambda fig, out, name, *a, **k: legends.update(
+        {name: [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]})
+        or save(fig, out, name, *a, **k))
     out = tmp_path / "fig"
     summary = plots.main([str(root), "--out", str(out), "--formats", "png", "--dpi", "40", "--robustbench-dir",
                           str(models)])
+    assert "RobustBench (public, early-stopped)" in legends["fig1_rloss_vs_flatness"]
+    assert "AT" in legends["fig1_rloss_vs_flatness"]  # the families' entries stay beside it
     assert [(p["label"], p["marker"], p.get("rloss"), p.get("flat_avg"), p.get("flat_worst"))
             for p in summary["robustbench"]] == [("Carmon2019Unlabeled", "^", 1.3, 0.25, 0.9),
                                                  ("Rice2020Overfitting", "^", 1.7, 0.4, None),
