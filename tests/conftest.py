@@ -36,9 +36,42 @@ def tiny_data(tmp_path_factory):
     return make_imagefolder(tmp_path_factory.mktemp("tiny_cifar"))
 
 
-@pytest.fixture(autouse=True)
-def _cache_dir(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("ROBUST_FLATNESS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir(tmp_path_factory):
+    """The decoded-image cache in the session's temporary folder, set before any fixture of any scope loads data
+    (a function-scoped setenv came after module-scoped fixtures, which then wrote into ~/.cache)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ROBUST_FLATNESS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+        yield
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "numerics: compares implementations of an attack, a measure or a method's "
+                            "loss; .ci/run also runs these under ATEN_CPU_CAPABILITY=avx2 and default, whose kernels "
+                            "round differently")
+
+
+# The suite writes only into its temporary folders: what it finds new at the end, in the user's cache or in the
+# repository (ignored files included), fails the run.
+WATCHED = (Path.home() / ".cache" / "robust_flatness", ROOT)
+
+
+def written_paths():
+    """Every file under WATCHED but the bytecode caches pytest and Python write themselves."""
+    return {p for root in WATCHED if root.is_dir() for p in root.rglob("*")
+            if p.is_file() and not {"__pycache__", ".pytest_cache", ".git"} & set(p.relative_to(root).parts)}
+
+
+def pytest_sessionstart(session):
+    session.config._paths_before = written_paths()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    new = sorted(written_paths() - session.config._paths_before)
+    if new:
+        print(f"\nERROR: the suite wrote {len(new)} file(s) outside its temporary folders: "
+              + ", ".join(map(str, new[:10])), file=sys.stderr)
+        session.exitstatus = 1
 
 
 # Flags that make a training run take seconds on a CPU with the tiny tree above.

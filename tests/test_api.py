@@ -69,6 +69,7 @@ def assert_same_state(model, before):
 # ---------------------------------------------------------------------------------------------
 # The API gives the numbers of the functions the measures are made of
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.numerics
 def test_api_equals_the_internal_functions(plain):
     model, x, y = plain
     model.eval()

@@ -226,11 +226,11 @@ def independent_average_case(model, x, y, xi, samples, steps, seed):
             for module in net.modules():
                 if isinstance(module, (nn.Conv2d, nn.Linear)):
                     for p in module.parameters(recurse=False):  # weight, then bias
-                        g = torch.randn(p.shape, generator=generator)
+                        g = torch.randn(p.shape, dtype=p.dtype, generator=generator)
                         p.add_(g * (xi * p.norm() / g.norm()))
         delta = torch.empty_like(x).uniform_(-EPS, EPS)
         delta = (x + delta).clamp(0, 1) - x
-        best = torch.full((len(y),), -float("inf"))
+        best = torch.full((len(y),), -float("inf"), dtype=x.dtype)
         for t in range(steps + 1):
             delta.requires_grad_(True)
             loss = F.cross_entropy(net(x + delta), y, reduction="none")
@@ -244,12 +244,22 @@ def independent_average_case(model, x, y, xi, samples, steps, seed):
     return torch.stack(out)
 
 
-def test_average_case_matches_an_independent_implementation(trained):
+@pytest.fixture(scope="module")
+def trained64(trained):
+    """The fixture model and images in float64. Two implementations of a sign-step ascent part ways at the first
+    rounding difference that flips a sign (float32 kernels round differently per CPU: AVX2, AVX-512, none), so
+    they are compared where no rounding difference can flip one."""
     model, x, y = trained
+    return copy.deepcopy(model).double(), x.double(), y
+
+
+@pytest.mark.numerics
+def test_average_case_matches_an_independent_implementation(trained64):
+    model, x, y = trained64
     mine, _ = flatness.average_case_draws(model, x, y, xi=0.5, samples=3, steps=5, seed=7)
     plain = independent_average_case(model, x, y, xi=0.5, samples=3, steps=5, seed=7)
     assert mine.std() > 0.01, "the draws should differ"
-    torch.testing.assert_close(mine, plain, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(mine, plain, rtol=1e-5, atol=1e-6, check_dtype=False)  # the CE is taken in fp32
 
 
 def independent_worst_case(model, x, y, xi, restarts, passes, batch_size, seed, weight_step=0.01):
@@ -267,7 +277,7 @@ def independent_worst_case(model, x, y, xi, restarts, passes, batch_size, seed, 
     for _ in range(restarts):
         nu = []
         for w in centre:
-            g = torch.randn(w.shape, generator=generator)
+            g = torch.randn(w.shape, dtype=w.dtype, generator=generator)
             nu.append(g * (xi * w.norm() * torch.rand((), generator=generator) / g.norm()))
         delta = torch.empty_like(x).uniform_(-EPS, EPS)
         delta = (x + delta).clamp(0, 1) - x
@@ -292,11 +302,13 @@ def independent_worst_case(model, x, y, xi, restarts, passes, batch_size, seed, 
     return torch.tensor(scores)
 
 
-def test_worst_case_matches_an_independent_implementation(trained):
-    model, x, y = trained
+@pytest.mark.numerics
+def test_worst_case_matches_an_independent_implementation(trained64):
+    model, x, y = trained64
     mine, _ = flatness.worst_case_restarts(model, x, y, xi=0.01, restarts=2, passes=3, batch_size=16, seed=3)
     plain = independent_worst_case(model, x, y, xi=0.01, restarts=2, passes=3, batch_size=16, seed=3)
-    torch.testing.assert_close(mine, plain, rtol=1e-3, atol=1e-4)
+    assert (mine - mine[0]).abs().max() > 1e-3, "the restarts should differ"
+    torch.testing.assert_close(mine, plain, rtol=1e-5, atol=1e-6, check_dtype=False)  # the CE is taken in fp32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,6 +321,7 @@ def test_rescale_pairs_every_resnet_conv_with_its_bn(trained):
     assert ("layer2.0.shortcut.0", "layer2.0.shortcut.1") in pairs and ("conv1", "bn1") in pairs
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("alpha", [2.0, 0.5])
 def test_rescaling_keeps_logits_and_flatness(trained, alpha):
     """The rescaled copy has different weights but the same logits (exactly once the BN eps is
@@ -329,6 +342,7 @@ def test_rescaling_keeps_logits_and_flatness(trained, alpha):
     torch.testing.assert_close(w1, w0, rtol=1e-2, atol=0)
 
 
+@pytest.mark.numerics
 def test_hessian_eigenvalue_scales_with_one_over_alpha_squared(trained):
     """Conv weights feeding a BN scale by α, so their curvature scales by 1/α². The head is not
     rescaled, so the joint top eigenvalue follows only approximately (conv block dominates here)."""
@@ -357,6 +371,7 @@ class SmallNet(nn.Module):
         return self.linear(self.pool(F.relu(self.bn(self.conv(x)))).flatten(1))
 
 
+@pytest.mark.numerics
 def test_power_iteration_matches_exact_hessian():
     torch.manual_seed(0)
     net = SmallNet()

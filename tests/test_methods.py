@@ -65,6 +65,7 @@ def tiny_batch():
 # ------------------------------------------------------------------------------------------------
 # TRADES
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.numerics
 def test_trades_loss_equals_hand_computation():
     beta, B, K = 6.0, 4, 3
     lc, la = LOGITS_CLEAN.clone().requires_grad_(True), LOGITS_ADV.clone().requires_grad_(True)
@@ -138,6 +139,7 @@ def mart_by_hand(logits_clean, logits_adv, y, beta):
     return total_bce / B + beta * total_kl / B
 
 
+@pytest.mark.numerics
 def test_mart_loss_equals_hand_computation():
     assert (LOGITS_ADV.argmax(1) == Y).tolist() == [True, False, True, True]  # both y' branches
     beta = 6.0
@@ -166,6 +168,7 @@ def sgd_constant_lr(net, lr, momentum=0.0, wd=0.0):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("grad_clip,wd", [(0.0, 0.0), (0.02, 0.0), (0.0, 0.1)])
 def test_awp_step_equals_manual_update(grad_clip, wd):
     """SGD without momentum: every parameter ends at p − lr·∇L(w + ξd) (clipped with --grad-clip),

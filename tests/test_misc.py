@@ -258,6 +258,7 @@ def _quadratic(w):
     return lambda i: (0.5 * (A * w * w).sum(), {"calls": torch.tensor(1.0)})
 
 
+@pytest.mark.numerics
 def test_entropy_sgd_L1_closed_form_with_momentum():
     """L = 1, γ = 0, noise 0 on f(w) = ½ Σ a·w²: w' = w − η'(a + wd)w, μ = 0.75w + 0.25w', so the outer
     gradient is w − μ = 0.25·η'(a + wd)·w; SGD adds wd·w and momentum."""
@@ -274,6 +275,7 @@ def test_entropy_sgd_L1_closed_form_with_momentum():
     assert torch.allclose(w.detach(), w1 - lr * buf, atol=1e-7)
 
 
+@pytest.mark.numerics
 def test_entropy_sgd_L2_with_coupling_by_hand():
     lr, wd, eta, gamma = 0.05, 5e-4, 0.1, 0.3
     w = nn.Parameter(W0.clone())
@@ -500,6 +502,7 @@ def _check_attack_call(call, args, x, y):
     assert call["out"][0].abs().max() > 1e-3  # a real perturbation
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("steps", [2, 0])
 def test_rotation_step_by_hand(monkeypatch, steps):
     """loss = CE_class(smoothed, noisy y) + λ·CE_rot on one forward of [x | x_rot] where, of each set, the
@@ -544,6 +547,7 @@ def test_rotation_step_by_hand(monkeypatch, steps):
     assert float(stats["n"]) == n and float(stats["rot_err"]) <= n
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("steps", [2, 0])
 def test_unlabeled_step_by_hand(monkeypatch, steps):
     """AT on the whole mixed batch: the pseudo-labelled images are attacked and trained on with their
@@ -573,6 +577,7 @@ def test_unlabeled_step_by_hand(monkeypatch, steps):
     assert float(stats["n_labelled"]) == 3 and float(stats["n"]) == 8
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("steps", [3, 0])
 def test_pgd_tau_step_by_hand(monkeypatch, steps):
     """The training forward sees x + pgd_tau's δ, with --tau passed through; the update is AT's."""
@@ -603,6 +608,7 @@ def test_pgd_tau_step_by_hand(monkeypatch, steps):
     assert sched.last_epoch == 1 and _clipped(model, 0.1)
 
 
+@pytest.mark.numerics
 def test_autoaugment_step_by_hand(monkeypatch):
     """--method autoaugment trains as train_at.py does: the training forward sees x + PGD's δ, on the
     noisy labels with smoothing, then SGD, clipping, EMA and one schedule step."""
@@ -700,6 +706,7 @@ def test_pgd_tau_changes_delta():
     assert not torch.equal(deltas[0], deltas[1]) and not torch.equal(deltas[1], deltas[2])
 
 
+@pytest.mark.numerics
 def test_entropy_sgd_step_by_hand(monkeypatch):
     """One outer step on L = 2 attacked batches: the Langevin iterates w' with coupling γ_t at t = the
     outer steps taken (sched.last_epoch = 3), noise, η' and wd (towards c = 1 for the BN scales γ, 0

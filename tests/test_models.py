@@ -131,6 +131,7 @@ CASES = [("preact-resnet18", lambda: RefPreActResNet18(width=8), {"width": 8}, F
          ("wrn-16-1", lambda: RefWideResNet(16, 1, sub_block1=False), {}, False)]
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("arch,reference,extra,sub_block1", CASES, ids=[c[0] for c in CASES])
 def test_public_state_dicts_give_identical_logits(arch, reference, extra, sub_block1):
     torch.manual_seed(0)

@@ -10,6 +10,7 @@ from conftest import fit
 
 EPS, ALPHA, STEPS = 8 / 255, 4 / 255, 10
 SIZE = 8  # 8×8 images keep the attack cheap; nothing in pgd depends on the image size
+pytestmark = pytest.mark.numerics  # .ci/run runs these under every CPU kernel set too
 
 
 def teacher_data(n, seed):

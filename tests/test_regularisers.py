@@ -77,6 +77,7 @@ def test_label_noise_in_training_loss_uses_noisy_targets():
     assert noisy.item() == pytest.approx(expected.item(), abs=0.05)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("tau", [0.1, 0.3])
 def test_label_smoothing_equals_hand_written_target(tau):
     """CE against (1−τ)·onehot + τ/K (a distribution: sums to 1), as training_loss computes it."""

@@ -99,6 +99,7 @@ def test_run_folder(tiny_data, tmp_path, name, run_main):
         assert "ema" not in ckpt
 
 
+@pytest.mark.numerics
 def test_epoch_metrics_against_hand_computation():
     """common.epoch_metrics: means of common.clean_metrics / robust_metrics (same seed), with RLoss
     split by clean correctness (Fig. 2) computed by hand."""

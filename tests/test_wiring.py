@@ -259,6 +259,7 @@ def assert_states_close(actual, expected, what):
             assert torch.equal(a, v), (what, k)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("name", SCENARIOS)
 def test_train_step_equals_hand_formula(name, monkeypatch):
     method, flags, cfg = SCENARIOS[name]
@@ -266,6 +267,9 @@ def test_train_step_equals_hand_formula(name, monkeypatch):
     module = MODULES[method]
     args = module.parse_args([*BASE, *flags])
     model, x, y = tiny_problem()
+    # in float64: the step written twice differs only by rounding, and in float32 AWP's two passes summed it past
+    # the tolerance on some CPUs' kernels (ATEN_CPU_CAPABILITY=default)
+    model, x = model.double(), x.double()
     seed = 1
     expected = hand_step(method, model, x, y, seed, cfg)
 
