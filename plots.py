@@ -21,7 +21,12 @@ says what it measured in its "settings" ("checkpoint" names last / best / epochN
                              early-stopped vs last models
 and table1.md / table1.csv / table1.json (Table 1 with the Good/Average/Poor group means),
 correlations.json (Pearson and Spearman with p-values and n) and summary.json (every number read).
-A figure whose inputs are missing is skipped with one line that says what is missing.
+A figure whose inputs are missing is skipped with one line that says what is missing; a figure that leaves
+runs out names them and why in one line, in small print under it and in its files' metadata.
+
+The AT baseline (Fig. 2, the grey "AT") is a plain AT run (no Table 1 flag off the paper's value) of any
+length, width or subset: of several, the one whose size most runs share (choose_baseline()). Labels name the
+method and what the paper varies; run length, width and subset only where nothing else tells runs apart.
 
 Conventions (paper §4, README "plots.py"): RLoss = PGD-20×10 robust cross-entropy on test images
 0…999 (an evaluation's "pgd"); RErr = AutoAttack where the run folder has it, else PGD (marked);
@@ -32,6 +37,7 @@ import itertools
 import json
 import math
 import re
+import textwrap
 from collections import Counter
 from pathlib import Path
 
@@ -60,14 +66,19 @@ METHOD_FLAGS = {"trades": ["beta"], "mart": ["beta"], "awp": ["xi"], "rotation":
 BASELINE = {"wd": 5e-4, "label_smoothing": 0.0, "label_noise": 0.0, "clip": 0.0, "ema": 0.0, "act": "relu",
             "lr_schedule": "multistep", "optimizer": "sgd", "epsilon": 8 / 255, "attack_steps": 7, "momentum": 0.9,
             "nesterov": False, "awp_warmup": 0, "grad_clip": 0.0, "adv_fraction": 1.0}
-# Flags whose reference is the value most runs share (a CPU reproduction shrinks them all alike).
-RUN_SCALE = ("epochs", "batch_size", "lr")
+# Flags whose reference is the baseline run's value, not the paper's: a CPU reproduction may shrink them for
+# every run alike, while a run that differs from its baseline in them is a variant the paper draws (Fig. 4:
+# batch size 8, Adam with lr 0.1).
+RUN_SCALE = ("batch_size", "lr")
+# Settings that size a run rather than define its method (a CPU reproduction trains fewer epochs of a narrower
+# ResNet on a subset): a label names them only where nothing else tells two runs apart (name_run_size()).
+RUN_SIZE = ("epochs", "width", "train_subset", "arch", "dataset")
 SYMBOLS = {"beta": "β", "xi": "ξ", "rot_weight": "λ", "tau": "τ", "L": "L", "unlabeled_fraction": "fraction",
            "wd": "wd", "label_smoothing": "label-smoothing", "label_noise": "label-noise", "clip": "clip",
            "ema": "EMA", "act": "act", "lr_schedule": "schedule", "optimizer": "optimizer", "epsilon": "ε",
            "attack_steps": "PGD-steps", "momentum": "momentum", "nesterov": "nesterov", "awp_warmup": "warm-up",
            "grad_clip": "grad-clip", "adv_fraction": "adv-fraction", "epochs": "epochs", "batch_size": "batch",
-           "lr": "lr"}
+           "lr": "lr", "width": "width", "train_subset": "subset", "arch": "arch", "dataset": "dataset"}
 FLATNESS_METHODS = ("awp", "entropy-sgd")  # "◆" in Fig. 1 (with weight averaging); AT variants "●"
 PAPER_XI = {"average": 0.5, "worst": 0.00075}  # the paper's ξ (§3.3, Eq. 3, 5), preferred when several ξ exist
 METHOD_ORDER = list(METHOD_NAMES)
@@ -88,15 +99,18 @@ def differs(value, reference):
 def format_value(flag, v):
     if flag == "epsilon" and isinstance(v, (int, float)) and abs(v * 255 - round(v * 255)) < 1e-3:
         return f"{round(v * 255)}/255"
+    if flag == "train_subset" and v == 0:
+        return "all"
     if isinstance(v, float):
         return f"{v:g}"
     return str(v)
 
 
-def differing_flags(args, scale_reference):
-    """[(flag, value)] of the AT hyper-parameters that differ from the baseline."""
+def differing_flags(args, reference):
+    """[(flag, value)] of the AT hyper-parameters that differ from the paper's (BASELINE) or, for RUN_SCALE,
+    from `reference` (the baseline run's values)."""
     out = []
-    for flag, ref in list(BASELINE.items()) + [(f, scale_reference.get(f)) for f in RUN_SCALE]:
+    for flag, ref in list(BASELINE.items()) + [(f, reference.get(f)) for f in RUN_SCALE]:
         if flag in args and ref is not None and differs(args[flag], ref):
             out.append((flag, args[flag]))
     return out
@@ -108,14 +122,15 @@ def flag_text(flag, v):
     return f"{SYMBOLS.get(flag, flag)}={format_value(flag, v)}"
 
 
-def describe(args, scale_reference):
+def describe(args, reference, size=()):
     """(label, family, sweep value): label "TRADES β=9" / "AT wd=0.05"; family groups a sweep of
     one method (Fig. 7): the method plus the flags that differ, numeric ones by name only
-    ("AT label-noise"), others with their value ("AT act=silu")."""
+    ("AT label-noise"), others with their value ("AT act=silu"). `size`: run-size flags [(flag, value)] to
+    name as well (name_run_size())."""
     method = args.get("method", "at")
     name = METHOD_NAMES.get(method, method)
     own = [(f, args[f]) for f in METHOD_FLAGS.get(method, []) if f in args]
-    other = differing_flags(args, scale_reference)
+    other = differing_flags(args, reference) + list(size)
     label = " ".join([name] + [flag_text(f, v) for f, v in own + other])
     numeric = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
     family = " ".join([name] + [SYMBOLS.get(f, f) if numeric(v) else flag_text(f, v) for f, v in other])
@@ -132,6 +147,7 @@ class Log:
 
     def __init__(self):
         self.lines = []
+        self.left_out = {}  # figure → {run: why}, from left_out()
 
     def __call__(self, text):
         self.lines.append(text)
@@ -178,6 +194,9 @@ def load_result(path, log):
             "them, or not a result; measure again)")
         return None
     mode = settings["mode"]
+    if Path(settings.get("checkpoint", "")).parent != Path("."):  # evaluate.py --out put it here: not this run's
+        log(f"skip {path}: it measured {settings['checkpoint']}, a checkpoint of another folder")
+        return None
     if not has_numbers(obj, mode):
         log(f"skip {path}: {mode} result without its numbers")
         return None
@@ -213,7 +232,57 @@ def load_run(folder, log):
             "evals": [r for r in results if r["mode"] == "eval"], "flats": [r for r in results if r["mode"] != "eval"]}
 
 
-def find_runs(root, log):
+def choose_baseline(runs, name, log):
+    """The AT baseline (paper §4: PGD-7 AT, ResNet-18, no regulariser): the run of Fig. 2, the grey "AT" of every
+    figure, and the reference of the labels' batch size and lr. --baseline NAME, else a plain AT run (method
+    at, every Table 1 flag at the paper's value) whatever its epochs, width or data; of several, the one whose
+    run size (RUN_SIZE, RUN_SCALE) most other runs share (then the first folder), so a 2-epoch quick start
+    beside 1-epoch method runs is their baseline when it is the only plain AT run. One line says which."""
+    if name:
+        found = [r for r in runs if r["name"] == name or r["dir"].name == name]
+        check(found, f"--baseline {name}: no such run folder (have: {', '.join(r['name'] for r in runs)})")
+        log(f"baseline: {found[0]['name']} (--baseline)")
+        return found[0]
+    plain = [r for r in runs if r["args"].get("method", "at") == "at" and not differing_flags(r["args"], {})]
+    if not plain:
+        log("skip fig2: no AT baseline run (method at without regularisers); pass --baseline NAME")
+        return None
+    size = RUN_SIZE + RUN_SCALE
+
+    def shared(r):  # (other runs of exactly its size, other runs' settings equal to its own)
+        same = [[not differs(o["args"].get(f), r["args"].get(f)) for f in size] for o in runs if o is not r]
+        return sum(all(s) for s in same), sum(map(sum, same))
+    best = max(plain, key=shared)  # the first of equals
+    what = ", ".join(flag_text(f, best["args"][f]) for f in RUN_SIZE + RUN_SCALE if f in best["args"])
+    why = "the only plain AT run" if len(plain) == 1 else \
+        (f"of the plain AT runs {', '.join(r['name'] for r in plain)} the one whose run size most other runs share "
+         f"({shared(best)[0]} of {len(runs) - 1} exactly)")
+    log(f"baseline: {best['name']} ({what}; {why})")
+    return best
+
+
+def name_run_size(runs, base, reference):
+    """Run-size settings (RUN_SIZE) enter a label only where they alone tell runs apart: a plain AT run of
+    another size than the baseline ("AT epochs=1", a family of its own, so Table 1's "AT" row and Fig. 2 stay
+    the baseline's), and runs that share a label ("TRADES β=6 epochs=1" / "... epochs=2", still one family)."""
+    for r in runs:
+        r["size"] = []
+        if base is not None and r is not base and r["label"] == base["label"]:
+            r["size"] = [(f, r["args"][f]) for f in RUN_SIZE
+                         if f in r["args"] and differs(r["args"][f], reference.get(f))]
+            if r["size"]:
+                r["label"], r["family"], r["sweep"] = describe(r["args"], reference, r["size"])
+    by_label = {}
+    for r in runs:
+        by_label.setdefault(r["label"], []).append(r)
+    for same in by_label.values():
+        varying = [f for f in RUN_SIZE if len({r["args"].get(f) for r in same}) > 1]
+        for r in same if len(same) > 1 else ():
+            extra = [(f, r["args"][f]) for f in varying if f in r["args"] and f not in dict(r["size"])]
+            r["label"] = describe(r["args"], reference, r["size"] + extra)[0]
+
+
+def find_runs(root, log, baseline=None):
     root = Path(root)
     check(root.exists(), f"{root} does not exist; give the folder that holds the run folders (e.g. runs/)")
     folders = [root] if (root / "args.json").exists() else sorted(p.parent for p in root.rglob("args.json"))
@@ -223,10 +292,14 @@ def find_runs(root, log):
     names = [r["dir"].relative_to(root).as_posix() if r["dir"] != root else r["dir"].name for r in runs]
     for r, n in zip(runs, names):
         r["name"] = n
-    scale_reference = {f: Counter(r["args"].get(f) for r in runs if f in r["args"]).most_common(1)[0][0]
-                       for f in RUN_SCALE if any(f in r["args"] for r in runs)}
+    base = choose_baseline(runs, baseline, log)
+    # the baseline run's batch size, lr and size; without one, the values most runs share
+    reference = {f: base["args"].get(f) if base else Counter(r["args"].get(f) for r in runs).most_common(1)[0][0]
+                 for f in RUN_SCALE + RUN_SIZE}
     for r in runs:
-        r["label"], r["family"], r["sweep"] = describe(r["args"], scale_reference)
+        r["label"], r["family"], r["sweep"] = describe(r["args"], reference)
+        r["baseline"] = r is base
+    name_run_size(runs, base, reference)
     counts = Counter(r["label"] for r in runs)
     for r in runs:  # two runs with the same flags (e.g. seeds): the folder name tells them apart
         if counts[r["label"]] > 1:
@@ -390,7 +463,10 @@ def over_epochs(run):
 # Drawing helpers
 # ---------------------------------------------------------------------------------------------
 plt.rcParams.update({"text.usetex": False, "axes.grid": True, "grid.alpha": 0.3, "axes.titlesize": 11,
-                     "axes.labelsize": 10, "legend.fontsize": 7, "lines.linewidth": 1.8, "figure.dpi": 100})
+                     "axes.labelsize": 10, "legend.fontsize": 7, "lines.linewidth": 1.8, "figure.dpi": 100,
+                     # ticks below ~1e-3 or above 1e4 as multiples of a power of ten, shown once at the axis end:
+                     # short labels (worst-case flatness at ξ = 0.00075 can be ~1e-4)
+                     "axes.formatter.limits": (-3, 4)})
 PALETTE = plt.get_cmap("tab10").colors + plt.get_cmap("Dark2").colors + plt.get_cmap("Set1").colors
 GREY = (0.6, 0.6, 0.6)
 OTHER = (0.82, 0.82, 0.82)  # runs outside the selection when there are many (lighter than the AT baseline's grey)
@@ -422,16 +498,118 @@ def marker_of(run):
 
 
 SAVE = {"formats": ("png", "pdf"), "dpi": 150}  # set from --formats / --dpi in main()
+CAPTION_LINES = 3  # a longer "left out" note is cut in the figure (it is whole in the metadata and summary.json)
 
 
-def save(fig, out, name, written, rect=None):
+def save(fig, out, name, written, rect=None, note=None):
+    """Lay out (tick labels untangled), write every --formats file, close. `note` (left_out(): the runs the figure
+    leaves out and why) is printed small under the axes and kept in each file's metadata (PNG / SVG
+    "Description", PDF "Subject")."""
+    if note:
+        rect = caption(fig, note, rect)
     fig.tight_layout(rect=rect)
+    if untangle_ticks(fig):
+        fig.tight_layout(rect=rect)
     for ext in SAVE["formats"]:
         path = out / f"{name}.{ext}"
-        fig.savefig(path, dpi=SAVE["dpi"] if ext == "png" else None)
+        meta = {"Subject" if ext == "pdf" else "Description": note} if note else None
+        fig.savefig(path, dpi=SAVE["dpi"] if ext == "png" else None, metadata=meta)
         written.append(str(path))
     plt.close(fig)
     print(f"wrote {out / name}.{'/.'.join(SAVE['formats'])}")
+
+
+def caption(fig, note, rect):
+    """`note` in 6-pt grey under everything; figure legends below the axes (Fig. 8, 9) move up above it.
+    Returns the layout rect with room for both."""
+    chars = int(fig.get_figwidth() * 72 / 3.4)  # a 6-pt character is ~3.3 pt wide
+    lines = textwrap.wrap(note, chars)
+    if len(lines) > CAPTION_LINES:
+        lines = lines[:CAPTION_LINES]
+        lines[-1] = lines[-1][:chars - 30] + " … (whole: summary.json)"
+    fig.text(0.005, 0.005, "\n".join(lines), fontsize=6, color="0.3", ha="left", va="bottom")
+    h = (len(lines) * 6 * 1.3 + 4) / 72 / fig.get_figheight()  # its height, as a fraction of the figure
+    for legend in fig.legends:
+        anchor = legend.get_bbox_to_anchor().transformed(fig.transFigure.inverted())
+        legend.set_bbox_to_anchor((anchor.x0, max(anchor.y0, 0) + h), transform=fig.transFigure)
+    left, bottom, right, top = rect or (0, 0, 1, 1)
+    return left, bottom + h, right, top
+
+
+def shown_ticks(axis):
+    """The major tick labels drawn (inside the view, with text)."""
+    lo, hi = sorted(axis.get_view_interval())
+    ticks = axis.get_major_ticks(len(axis.get_majorticklocs()))
+    return [t.label1 for t in ticks if lo <= t.get_loc() <= hi and t.label1.get_visible() and t.label1.get_text()]
+
+
+def ticks_overlap(axis, renderer):
+    boxes = [t.get_window_extent(renderer) for t in shown_ticks(axis)]
+    return any(a.overlaps(b) for a, b in zip(boxes, boxes[1:]))
+
+
+def untangle_ticks(fig):
+    """Tick labels never run into each other: an axis whose labels overlap gets fewer ticks, and x labels that
+    still do are turned by 30°. Returns whether anything changed."""
+    from matplotlib.ticker import MaxNLocator
+    fig.canvas.draw()
+    renderer, changed = fig.canvas.get_renderer(), False
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            if axis.get_scale() != "linear":
+                continue
+            for nbins in (5, 4, 3, 2):
+                if not ticks_overlap(axis, renderer):
+                    break
+                axis.set_major_locator(MaxNLocator(nbins))
+                fig.canvas.draw()
+                changed = True
+            if axis is ax.xaxis and ticks_overlap(axis, renderer):
+                plt.setp(shown_ticks(axis), rotation=30, ha="right")
+    return changed
+
+
+def percent_axis(ax):
+    """An error axis in % ends at 0 and 100 (margins would show 104 %): call after drawing."""
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(max(lo, 0), min(hi, 100))
+
+
+# What a run lacks for a figure's panel: left_out()'s reasons
+MISSING = {"rloss": "no evaluation of ckpt_last.pt", "rerr": "no evaluation of ckpt_last.pt",
+           "flat_avg": "no average-case flatness of ckpt_last.pt",
+           "flat_worst": "no worst-case flatness of ckpt_last.pt",
+           "flat_avg_train": "no flatness on train examples (--subset train-eval)",
+           "gap": "no train RLoss (evaluate.py --train)",
+           "last_minus_es": "no evaluation of ckpt_best.pt with the same settings"}
+
+
+def lacking(points, keys):
+    """{run: why} of the points that lack one of `keys` (MISSING); without an evaluation, what an evaluation
+    would give (RErr, the gaps) is not named again."""
+    out = {}
+    for p in points:
+        gone = [k for k in keys if not is_number(p.get(k))]
+        if "rloss" in gone:
+            gone = [k for k in gone if k not in ("rerr", "gap", "last_minus_es")] + ["rloss"]
+        whys = list(dict.fromkeys(MISSING[k] for k in sorted(gone, key=lambda k: k != "rloss")))
+        if whys:
+            out[p["run"]] = " and ".join(whys)
+    return out
+
+
+def left_out(figure, reasons, log, where="left out"):
+    """One line naming the runs `figure` leaves out and why ({run: why}), printed and kept in summary.json
+    ("skipped", "left_out"); returns it for the figure's caption (save(note=...)), None when none was."""
+    if not reasons:
+        return None
+    by_why = {}
+    for run, why in reasons.items():
+        by_why.setdefault(why, []).append(run)
+    text = f"{where}: " + "; ".join(f"{', '.join(runs)} ({why})" for why, runs in by_why.items())
+    log(f"{figure}: {text}")
+    log.left_out[figure] = dict(reasons)
+    return text
 
 
 def no_data(ax, text):
@@ -485,13 +663,17 @@ def highlighted(points, selected):
 
 
 def family_legend(fig_or_ax, points, colours, extra=(), **kw):
-    """A legend entry per method family drawn in colour, one "Other" for the grey points, the two markers and
-    the `extra` handles."""
+    """A legend entry per method family drawn in colour with the marker its points use, one "Other" for the grey
+    points, the two markers and the `extra` handles."""
     from matplotlib.lines import Line2D
+    def marker(ps):  # the marker the points use (a family is one method, so one marker)
+        return Counter(p["marker"] for p in ps).most_common(1)[0][0]
     fams = sorted({p["family"] for p in points if not p.get("other")}, key=lambda f: (f != "AT", f))
-    handles = [Line2D([], [], marker="s", ls="", color=colours[f], markeredgecolor="k", label=f) for f in fams]
+    handles = [Line2D([], [], marker=marker([p for p in points if p["family"] == f and not p.get("other")]), ls="",
+                      color=colours[f], markeredgecolor="k", label=f) for f in fams]
     if any(p.get("other") for p in points):
-        handles.append(Line2D([], [], marker="s", ls="", color=OTHER, label="Other runs"))
+        handles.append(Line2D([], [], marker=marker([p for p in points if p.get("other")]), ls="", color=OTHER,
+                              markeredgecolor="0.5", label="Other runs"))
     markers = {p["marker"] for p in points}
     handles += [Line2D([], [], marker=m, ls="", color="w", markeredgecolor="k", label=text)
                 for m, text in (("o", "AT variants"), ("D", "flatness-oriented (AWP, Entropy-SGD, EMA)")) if m in markers]
@@ -531,6 +713,7 @@ def fig1(points, colours, out, log, written, public=()):
     if not ps and not pub:
         log("skip fig1: needs runs with an evaluation (RLoss) and average-case flatness of ckpt_last.pt")
         return []
+    note = left_out("fig1", lacking(points, ("rloss", "flat_avg")), log)
     fig, ax = plt.subplots(figsize=(9, 5))
     scatter(ax, ps, "flat_avg", "rloss", colours, annotate=True)
     fit_line(ax, [p["flat_avg"] for p in ps], [p["rloss"] for p in ps], "least-squares line", color="k", ls=":", lw=1)
@@ -545,7 +728,7 @@ def fig1(points, colours, out, log, written, public=()):
     ax.set(xlabel=flat_label(ps + pub, "flat_avg"), ylabel=LABELS["rloss"],
            title="Fig. 1 — robust loss vs. flatness (● AT variants, ◆ flatness-oriented"
                  + (", ▲ RobustBench)" if pub else ")"))
-    save(fig, out, "fig1_rloss_vs_flatness", written)
+    save(fig, out, "fig1_rloss_vs_flatness", written, note=note)
     return [(p["label"], p["marker"]) for p in ps] + [(p["label"], "^") for p in pub]
 
 
@@ -599,6 +782,7 @@ def fig2(run, out, log, written):
     b.plot(x, 100 * col("train_err"), ":", color="C0", label="train")
     b.plot(x, 100 * col("test_rerr"), "-", color="C3", label="test")
     b.set(xlabel=LABELS["epochs"], ylabel="RErr (%, PGD-7)", title=f"Fig. 2 — RErr, {run['label']}")
+    percent_axis(b)
     if es is not None:
         for ax in (a, b):
             ax.axvline(es / T, color="k", ls=":", lw=1, label=f"early stopping (epoch {es})")
@@ -624,12 +808,13 @@ def fig4(runs, out, log, written):
     def unscaled(e):
         return {k: v for k, v in e["settings"].items() if k not in ("scale", "scale_bn_eps")}
 
-    curves, originals = [], 0  # curves: (label, colour, line style, result)
+    curves, originals, reasons = [], 0, {}  # curves: (label, colour, line style, result)
     for r in runs:
         prefer = bool(r["args"].get("ema"))
         landscapes = [e for e in r["flats"] if e["mode"] == "landscape" and e["kind"] == "last"]
         original = pick([e for e in landscapes if e["scale"] == 1], prefer)
         if original is None:
+            reasons[r["name"]] = "no landscape of ckpt_last.pt"
             continue
         colour, originals = f"C{originals}", originals + 1
         curves.append((r["label"], colour, "-", original))
@@ -643,6 +828,7 @@ def fig4(runs, out, log, written):
     if not curves:
         log("skip fig4: no landscape (flatness.py CKPT --mode landscape) of a ckpt_last.pt")
         return
+    note = left_out("fig4", reasons, log)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for label, colour, style, e in curves:
         d, s = e["data"], np.asarray(e["data"]["s"], float)
@@ -665,17 +851,20 @@ def fig4(runs, out, log, written):
             ax.legend()
         else:
             no_data(ax, f"no {direction} curves")
-    save(fig, out, "fig4_landscape", written)
+    save(fig, out, "fig4_landscape", written, note=note)
     return curves
 
 
 def fig5(runs, out, log, written):
     """Fig. 5: training curves, one column per method: RLoss and RErr (test solid, train dotted)
     and test RLoss on clean-correct (solid) / clean-incorrect (dashed) examples."""
-    rs = [r for r in runs if sum(is_number(m.get("test_rloss")) for m in r["metrics"]) >= 2]
+    logged = {r["name"]: sum(is_number(m.get("test_rloss")) for m in r["metrics"]) for r in runs}
+    rs = [r for r in runs if logged[r["name"]] >= 2]
     if not rs:
         log("skip fig5: no run has metrics.jsonl with at least 2 epochs of test_rloss")
         return
+    note = left_out("fig5", {n: f"{k} epoch(s) of test_rloss in metrics.jsonl, a curve needs 2"
+                             for n, k in logged.items() if k < 2}, log)
     methods = sorted({r["args"].get("method", "at") for r in rs},
                      key=lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER))
     fig, axes = plt.subplots(3, len(methods), figsize=(4.2 * len(methods), 10), squeeze=False)
@@ -697,9 +886,10 @@ def fig5(runs, out, log, written):
         axes[1, j].set(title=f"{name}: RErr (test —, train ···)", ylabel="RErr (%, PGD-7)")
         axes[2, j].set(title=f"{name}: test RLoss, clean-correct — / incorrect - -", ylabel="RLoss (PGD-7 CE)",
                        xlabel=LABELS["epochs"])
+        percent_axis(axes[1, j])
         for i in range(3):
             axes[i, j].legend()
-    save(fig, out, "fig5_training_curves", written)
+    save(fig, out, "fig5_training_curves", written, note=note)
 
 
 def fig6(run, out, log, written):
@@ -757,6 +947,7 @@ def fig7(points, colours, out, log, written):
         log("skip fig7: needs a hyper-parameter sweep (at least 2 runs of one method with RLoss and "
             "average-case flatness)")
         return
+    note = left_out("fig7", lacking(points, ("rloss", "flat_avg")), log)
     fig, ax = plt.subplots(figsize=(7, 5))
     for f, v in by_family.items():
         base = colours[f]
@@ -771,7 +962,7 @@ def fig7(points, colours, out, log, written):
     family_legend(ax, ps, colours, loc="best")
     ax.set(xlabel=flat_label(ps, "flat_avg"), ylabel=LABELS["rloss"],
            title="Fig. 7 — flatness across hyper-parameters (dotted: fit per method)")
-    save(fig, out, "fig7_hyperparameters", written)
+    save(fig, out, "fig7_hyperparameters", written, note=note)
 
 
 def fig8(points, colours, out, log, written, split=2.3):
@@ -780,6 +971,8 @@ def fig8(points, colours, out, log, written, split=2.3):
     if not points_with(points, "rloss", "rerr"):
         log("skip fig8: needs runs with an evaluation (evaluate.py) of ckpt_last.pt")
         return
+    note = left_out("fig8", lacking(points, ("rloss", "rerr", "flat_avg", "flat_worst")), log,
+                    "left out of the panels that need it")
     fig, axes = plt.subplots(1, 4, figsize=(19, 4.5))
     a = axes[0]
     scatter(a, points, "rloss", "rerr", colours, yscale=100)
@@ -801,8 +994,10 @@ def fig8(points, colours, out, log, written, split=2.3):
             log(f"fig8: panel {yk} vs {xk} empty (no {what} of a ckpt_last.pt)")
         ax.set(xlabel=flat_label(points_with(points, xk), xk), ylabel=yl,
                title=f"{'RLoss' if yk == 'rloss' else 'RErr'} vs {'average' if xk == 'flat_avg' else 'worst'}-case flatness")
+    percent_axis(axes[0])
+    percent_axis(axes[2])
     family_legend(fig, ps, colours, loc="lower center", ncol=min(8, len(colours)), bbox_to_anchor=(0.5, -0.02))
-    save(fig, out, "fig8_rloss_flatness", written, rect=(0, 0.08, 1, 1))
+    save(fig, out, "fig8_rloss_flatness", written, rect=(0, 0.08, 1, 1), note=note)
 
 
 def fig9(points, es_points, colours, out, log, written):
@@ -821,6 +1016,13 @@ def fig9(points, es_points, colours, out, log, written):
         log("skip fig9: needs train-example flatness, evaluate.py --train, or an evaluation and flatness of "
             "ckpt_best.pt")
         return
+    reasons = lacking(points, ("flat_avg_train", "rloss", "flat_avg", "gap", "last_minus_es"))
+    for p in points:  # the ES panel also needs ckpt_best.pt's flatness
+        q = es_by_run.get(p["run"], {})
+        if is_number(q.get("rloss")) and not is_number(q.get("flat_avg")):
+            why = "no average-case flatness of ckpt_best.pt"
+            reasons[p["run"]] = f"{reasons[p['run']]} and {why}" if p["run"] in reasons else why
+    note = left_out("fig9", reasons, log, "left out of the panels that need it")
     fig, axes = plt.subplots(1, 4, figsize=(19, 4.5))
     for ax, (xk, yk, yl, title, missing) in zip(axes, panels):
         if scatter(ax, points, xk, yk, colours) == 0:
@@ -841,7 +1043,7 @@ def fig9(points, es_points, colours, out, log, written):
            title="early stopping: last ● → ES ■")
     drawn = [p for p in points if any(is_number(p.get(k)) for k in ("flat_avg", "flat_avg_train"))]
     family_legend(fig, drawn, colours, loc="lower center", ncol=min(8, len(colours)), bbox_to_anchor=(0.5, -0.02))
-    save(fig, out, "fig9_generalisation", written, rect=(0, 0.08, 1, 1))
+    save(fig, out, "fig9_generalisation", written, rect=(0, 0.08, 1, 1), note=note)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -889,6 +1091,8 @@ def table1(points, es_points, log=print, exact_thresholds=False):
     groups = []
     for g in ("Good", "Average", "Poor"):
         members = [r for r in rows if r["group"] == g]
+        if not members:  # e.g. tied RErr (all 100 % after one epoch): no "mean of 0" row
+            continue
         mean = {}
         for c in TABLE_COLUMNS:
             vals = [r[c] for r in members if r[c] is not None]
@@ -928,10 +1132,13 @@ def table1_markdown(t):
                      f"{fmt(g['flat_avg'], 2)} | {fmt(g['flat_worst'], 2)} | {es} | |")
     p30, p70 = t["percentiles"]
     how = "rounded to whole percent" if t["rounded"] else "exact"
+    shown = {g["group"] for g in t["groups"]}
+    splits = {"Good": f"Good RErr < {lo:g} %", "Average": f"Average {lo:g}–{hi:g} %", "Poor": f"Poor ≥ {hi:g} %"}
     attacks = Counter(r["rerr_test_attack"] for r in t["rows"])
     ns = sorted({r["rerr_test_n"] for r in t["rows"] if r["rerr_test_n"]})
-    lines += ["", f"Groups: Good RErr < {lo:g} %, Average {lo:g}–{hi:g} %, Poor ≥ {hi:g} % — the 30th / 70th "
-              f"percentiles of test RErr are {p30:.2f} % / {p70:.2f} % ({how}).",
+    lines += ["", f"Groups: {', '.join(v for k, v in splits.items() if k in shown)}"
+              + (f" (no {' or '.join(k for k in splits if k not in shown)} row)" if len(shown) < 3 else "")
+              + f" — the 30th / 70th percentiles of test RErr are {p30:.2f} % / {p70:.2f} % ({how}).",
               "RErr: AutoAttack where available; † = PGD (no AutoAttack result). Test RErr from "
               + ", ".join(f"{k} for {v} run(s)" for k, v in attacks.items())
               + (f", on n = {'/'.join(map(str, ns))} test images." if ns else "."),
@@ -1028,11 +1235,11 @@ def print_correlations(result):
 # main
 # ---------------------------------------------------------------------------------------------
 def parse_args(argv=None):
-    p = common.ArgumentParser(description=__doc__.split("\n")[0])
+    p = common.ArgumentParser(description=__doc__)
     p.add_argument("runs", help="folder holding run folders (each with args.json), or one run folder")
     p.add_argument("--out", default="figures", help="output folder for figures, tables and JSON")
-    p.add_argument("--baseline", default=None, help="run folder (relative to RUNS) for Fig. 2; default: the "
-                   "AT run without regularisers")
+    p.add_argument("--baseline", default=None, help="run folder (relative to RUNS) of the AT baseline (Fig. 2, the "
+                   "labels' reference); default: the plain AT run whose size most runs share")
     p.add_argument("--split", type=float, default=2.3, help="RLoss at which Fig. 8's two linear fits split (paper: 2.3)")
     p.add_argument("--exact-thresholds", action="store_true",
                    help="Table 1 groups at the exact 30th/70th percentiles (default: rounded to whole percent, "
@@ -1050,27 +1257,15 @@ def parse_args(argv=None):
     return args
 
 
-def choose_baseline(runs, name, log):
-    if name:
-        found = [r for r in runs if r["name"] == name or r["dir"].name == name]
-        check(found, f"--baseline {name}: no such run folder (have: {', '.join(r['name'] for r in runs)})")
-        return found[0]
-    found = [r for r in runs if r["family"] == "AT" and r["args"].get("method", "at") == "at"]
-    if not found:
-        log("skip fig2: no AT baseline run (method at without regularisers); pass --baseline NAME")
-        return None
-    return found[0]
-
-
 def run_meta(r):
     return {"run": r["name"], "label": r["label"], "family": r["family"], "sweep": r["sweep"],
-            "marker": marker_of(r), "method": r["args"].get("method", "at")}
+            "marker": marker_of(r), "method": r["args"].get("method", "at"), "baseline": r.get("baseline", False)}
 
 
 def main(argv=None):
     args = parse_args(argv)
     log = Log()
-    runs = find_runs(args.runs, log)
+    runs = find_runs(args.runs, log, args.baseline)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     SAVE.update(formats=args.formats, dpi=args.dpi)
@@ -1094,13 +1289,17 @@ def main(argv=None):
 
     # ---- figures
     fig1(shown, colours, out, log, written, public)
-    baseline = choose_baseline(runs, args.baseline, log)
+    baseline = next((r for r in runs if r["baseline"]), None)  # choose_baseline(): None has said so
     if baseline is not None:
         fig2(baseline, out, log, written)
     fig4(runs, out, log, written)
     fig5(runs, out, log, written)
-    if not [fig6(r, out, log, written) for r in runs].count(True):
+    drawn6 = [fig6(r, out, log, written) for r in runs]
+    if not any(drawn6):
         log("skip fig6: no run has flatness of at least 2 snapshots (flatness.py --epochs runs/NAME)")
+    else:  # a figure per run: the others are named once
+        left_out("fig6", {r["name"]: "flatness of fewer than 2 snapshots: flatness.py --epochs"
+                          for r, ok in zip(runs, drawn6) if not ok}, log)
     fig7(points, colours, out, log, written)
     fig8(shown, colours, out, log, written, split=args.split)
     fig9(points, es_points, colours, out, log, written)
@@ -1122,7 +1321,8 @@ def main(argv=None):
     written += [str(out / "correlations.json"), str(out / "summary.json")]
     summary = {"runs": [{**run_meta(r), "dir": str(r["dir"]), "args": r["args"], "last": r["last"], "best": r["best"],
                          "es_epoch": es_epoch(r), "over_epochs": over_epochs(r)} for r in runs],
-               "robustbench": public, "skipped": log.lines, "written": written, "versions": vers}
+               "robustbench": public, "skipped": log.lines, "left_out": log.left_out, "written": written,
+               "versions": vers}
     common.write_json(out / "summary.json", summary)
     print(f"wrote {len(written)} files to {out}")
     return summary

@@ -173,6 +173,8 @@ def test_fig7_draws_one_trend_line_per_swept_method(tmp_path, monkeypatch):
                   ("TRADES β=1", "TRADES", 1, 1.0, 3.0), ("TRADES β=3", "TRADES", 3, 0.8, 2.5),
                   ("TRADES β=9", "TRADES", 9, 0.5, 2.0), ("AT label-noise=0.2", "AT label-noise", 0.2, 0.9, 3.2),
                   ("AT label-noise=0.4", "AT label-noise", 0.4, 0.4, 2.2), ("AT", "AT", 0, 1.2, 3.9)])]
+    points.append({"run": "no_flatness", "label": "AT wd=0.05", "family": "AT wd", "sweep": 0.05, "marker": "o",
+                   "rloss": 2.0})
     colours = plots.family_colours(points)
     assert colours["AT"] == plots.GREY
     written, log = [], plots.Log()
@@ -180,13 +182,14 @@ def test_fig7_draws_one_trend_line_per_swept_method(tmp_path, monkeypatch):
     plots.fig7(points, colours, tmp_path, log, written)
     assert_png(tmp_path / "fig7_hyperparameters.png")
     assert (tmp_path / "fig7_hyperparameters.pdf").read_bytes()[:5] == b"%PDF-"
-    assert log.lines == []
+    assert log.lines == ["fig7: left out: no_flatness (no average-case flatness of ckpt_last.pt)"]
 
 
 def test_labels_say_method_and_differing_flags(drawn):
     _, _, summary = drawn
     labels = {r["run"]: r["label"] for r in summary["runs"]}
-    assert labels == {"at": "AT", "awp": "AWP ξ=0.005", "cyclic": "AT schedule=cyclic epochs=30",
+    # cyclic's 30 epochs (the paper's for that schedule) is run length, not what the row varies
+    assert labels == {"at": "AT", "awp": "AWP ξ=0.005", "cyclic": "AT schedule=cyclic",
                       "mart": "MART β=6", "trades": "TRADES β=9", "unlabeled": "AT+unlabeled fraction=0.7",
                       "wd": "AT wd=0.05", "no_results": "AT label-noise=0.4"}
 
@@ -285,6 +288,11 @@ def test_result_files_identified_by_their_settings(drawn):
     assert any("eval.json: no 'settings'" in line for line in summary["skipped"])
     assert any("no_results has no evaluation" in line for line in summary["skipped"])
     assert any(line.startswith("skip fig7: needs a hyper-parameter sweep") for line in summary["skipped"])
+    # the runs a figure leaves out, one line each (fig6: a figure per run, the others named once)
+    assert "fig6: left out: awp, cyclic, mart, no_results, trades, unlabeled, wd (flatness of fewer than 2 " \
+        "snapshots: flatness.py --epochs)" in summary["skipped"]
+    assert "fig9: left out of the panels that need it: no_results (no evaluation of ckpt_last.pt and no flatness " \
+        "on train examples (--subset train-eval) and no average-case flatness of ckpt_last.pt)" in summary["skipped"]
 
 
 def test_fig4_draws_rescaled_landscapes_dashed_over_the_original(drawn, tmp_path):
@@ -296,7 +304,8 @@ def test_fig4_draws_rescaled_landscapes_dashed_over_the_original(drawn, tmp_path
     curves = plots.fig4(runs, tmp_path, log, [])
     assert [(label, style) for label, _, style, _ in curves] == \
         [("AT", "-"), ("AT ×0.5 (rescaled)", "-."), ("AT ×2 (rescaled)", "--")]
-    assert len({colour for _, colour, _, _ in curves}) == 1 and log.lines == []
+    no_landscape = "fig4: left out: awp, cyclic, mart, no_results, trades, unlabeled, wd (no landscape of ckpt_last.pt)"
+    assert len({colour for _, colour, _, _ in curves}) == 1 and log.lines == [no_landscape]
     at = root / "at"
     other = landscape(at, 0.6, flags=["--scale", "3", "--directions", "2"])
     try:
@@ -304,7 +313,7 @@ def test_fig4_draws_rescaled_landscapes_dashed_over_the_original(drawn, tmp_path
     finally:
         other.unlink()
     assert "AT ×3 (rescaled)" not in [c[0] for c in curves]
-    assert len(log.lines) == 1 and "×3 landscape of at has other settings" in log.lines[0]
+    assert len(log.lines) == 3 and "×3 landscape of at has other settings" in log.lines[1]
 
 
 def test_ema_runs_use_the_ema_evaluation(tmp_path):
