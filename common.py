@@ -15,6 +15,7 @@ import random
 import shutil
 import subprocess
 import sys
+import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -41,20 +42,30 @@ class UsageError(Exception):
     """Bad input from the user: reported as one `error:` line and exit code 1, never as a traceback."""
 
 
-def run_cli(main):
+def run_cli(main, kept="result files already written are kept; the same command measures only what is missing"):
+    """A script's entry point: bad input is one `error:` line and exit code 1; Ctrl-C one line saying what was
+    kept (`kept`; a training run's folder says its own, see check_out) and exit code 130."""
+    _interrupted.clear()
     try:
         main()
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {_interrupted[0]() if _interrupted else kept}", file=sys.stderr)
+        sys.exit(130)
+
+
+_interrupted = []  # what Ctrl-C reports, set by check_out for a training run
 
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with the same contract (a bad flag is one `error:` line and exit code 1, not the usage text and
-    exit code 2); --help shows every default."""
+    exit code 2); --help shows every default and the script's first docstring paragraph, whole."""
 
-    def __init__(self, **kwargs):
-        super().__init__(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+    def __init__(self, description=None, **kwargs):
+        description = " ".join(description.split("\n\n")[0].split()) if description else None
+        super().__init__(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
 
     def error(self, message):
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
@@ -67,6 +78,55 @@ def fraction(text):
         return float(Fraction(text)) if "/" in text else float(text)
     except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"{text!r} is not a number or a fraction like 8/255")
+
+
+def pixels(text):
+    """argparse type for a size in pixel units, a fraction of the [0, 1] range (ε, PGD steps): `8/255`, `0.007`.
+    `8` (the 0-255 scale) is refused with the fraction to pass instead."""
+    value = fraction(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not in [0, 1]: inputs are in [0, 1], so ε and step sizes are "
+                                         f"fractions of it" + (f"; for {text} of 255 levels pass {text}/255" if value > 1 else ""))
+    return value
+
+
+PROGRESS_EVERY = 30  # seconds between progress lines in a log file
+_open_loops, _last_line = [], [0.0]
+
+
+def progress_loop(iterable, desc, total=None, disable=False):
+    """tqdm on a terminal; in a log file (nohup, SLURM, `> log`) one line at most every PROGRESS_EVERY seconds
+    naming each open loop, how far it is, its elapsed time and an estimate of the time left."""
+    if disable:
+        return iterable
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+        return tqdm(iterable, desc=desc, total=total, leave=False)
+    return _log_progress(iterable, desc, total if total is not None else len(iterable))
+
+
+def _log_progress(iterable, desc, total):
+    loop = {"desc": desc, "done": 0, "total": total, "start": time.monotonic()}
+    if not _open_loops:
+        _last_line[0] = loop["start"]
+    _open_loops.append(loop)
+    try:
+        for item in iterable:
+            yield item
+            loop["done"] += 1
+            now = time.monotonic()
+            if now - _last_line[0] >= PROGRESS_EVERY:
+                _last_line[0] = now
+                print(" | ".join(_loop_status(o, now) for o in _open_loops), file=sys.stderr, flush=True)
+    finally:
+        _open_loops.remove(loop)
+
+
+def _loop_status(loop, now):
+    clock = lambda s: f"{int(s) // 3600}:{int(s) % 3600 // 60:02d}:{int(s) % 60:02d}"
+    elapsed, done, total = now - loop["start"], loop["done"], loop["total"]
+    left = f", ~{clock(elapsed / done * (total - done))} left" if done else ""
+    return f"{loop['desc']}: {done}/{total} ({100 * done / max(total, 1):.0f} %), {clock(elapsed)} elapsed{left}"
 
 
 def check(condition, message):
@@ -204,12 +264,15 @@ def load_images(data_dir, train, dataset="cifar10"):
         order = class_interleaved_order(y)
         return x[order].permute(0, 3, 1, 2).contiguous(), y[order]
     import torchvision.datasets as tv
+    created = next((p for p in reversed([root, *root.parents]) if not p.exists()), None)
     try:
         if dataset == "svhn":
             ds = tv.SVHN(str(root), split=split, download=True)
             return torch.from_numpy(ds.data).contiguous(), torch.from_numpy(ds.labels).long()
         ds = (tv.CIFAR100 if dataset == "cifar100" else tv.CIFAR10)(str(root), train=train, download=True)
     except Exception as e:  # no network, bad path, corrupt archive
+        if created is not None:  # a mistyped --data-dir leaves no folders behind
+            shutil.rmtree(created, ignore_errors=True)
         name = DATASETS[dataset]["name"]
         raise UsageError(f"could not find or download {name} in {root.resolve()} ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else 'no detail'}); point --data-dir at a {name} root "
@@ -585,9 +648,8 @@ def clean_metrics(model, x, y, batch_size=500):
 def robust_metrics(model, x, y, eps, alpha, steps, restarts=1, batch_size=128, progress=False, clean_ok=None):
     """Per-example robust CE (max over iterates and restarts) and robust correctness (correct on the clean input
     and on the chosen adversarial one), in eval mode and fp32. `clean_ok`: the clean correctness, if known."""
-    from tqdm import tqdm
     losses, correct = [], []
-    for i in tqdm(range(0, len(y), batch_size), desc="PGD", disable=not progress, leave=False):
+    for i in progress_loop(range(0, len(y), batch_size), f"PGD-{steps}x{restarts}", disable=not progress):
         xb, yb = x[i:i + batch_size], y[i:i + batch_size]
         _, loss, pred = pgd(model, xb, yb, eps, alpha, steps, restarts, with_pred=True)
         if clean_ok is None:
@@ -750,13 +812,36 @@ def save_checkpoint(path, **state):
 
 
 def load_checkpoint(path, device="cpu"):
-    """torch.load(weights_only=True) with one clear error for a missing or unreadable file."""
+    """torch.load(weights_only=True); a missing or unreadable file is one error line saying what is wrong with it
+    and what to do (torch's reasons are internal, and cut to one line they stop mid-sentence)."""
+    import re, warnings, zipfile  # noqa: E401 (the error path)
     check(Path(path).is_file(), f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():  # another pickle protocol: no stray warning line on stderr
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            ckpt = torch.load(path, map_location=device, weights_only=True)
+    except OSError as e:  # no permission, an I/O error
+        raise UsageError(f"{path} cannot be read ({e.strerror or e})")
     except Exception as e:
-        raise UsageError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200] if str(e) else ''})")
+        with open(path, "rb") as f:
+            head, text = f.read(4), str(e)
+        zipped, legacy = head == b"PK\x03\x04", head == b"\x80\x02\x8a\x0a"  # torch.save's formats (legacy: < 1.6)
+        unsafe, refused = re.search(r"GLOBAL (\S+) was not", text), re.search(r"WeightsUnpickler error:\s*(\S.*)", text)
+        again = "copy or download it again, or use another checkpoint of the run (ckpt_best.pt, ckpt_epoch*.pt)"
+        if unsafe:  # e.g. torch.save(model): weights_only=True runs no pickled code, by design
+            why = (f"holds a pickled {unsafe.group(1)}, not only tensors (a whole model saved with torch.save(model)?), "
+                   "which torch.load(weights_only=True) does not execute; save its state_dict() and pass that file")
+        elif not head or (zipped and not zipfile.is_zipfile(path)) or (  # no zip end record, or the data ends early
+                legacy and (isinstance(e, EOFError) or "unexpected EOF" in text)):
+            why = f"is {'empty' if not head else 'truncated'} (an interrupted save, copy or download?); {again}"
+        elif not (legacy or zipped and any(n.endswith("data.pkl") for n in zipfile.ZipFile(path).namelist())):
+            why = "is not a PyTorch checkpoint (neither torch.save's zip format nor its legacy format); check the path"
+        elif refused:
+            why = (f"holds data that torch.load(weights_only=True) refuses ({refused.group(1).strip()}; e.g. saved with "
+                   "pickle_protocol=4); if you trust the file, load it with weights_only=False and save it again")
+        else:
+            why = f"is corrupt (torch.save's archive is damaged inside: a failed copy or download?); {again}"
+        raise UsageError(f"{path} {why}")
     check(isinstance(ckpt, dict), f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
     return ckpt
 
@@ -853,6 +938,16 @@ def check_out(args):
     """Before anything is loaded: a folder that holds a run is continued with --resume, never overwritten."""
     check(args.resume or not holds_results(args.out),
           f"{args.out} already holds a run; pass --resume to continue it or choose another --out")
+    _interrupted[:] = [lambda: interrupted_run(args.out, args.epochs)]
+
+
+def interrupted_run(out, epochs):
+    """What Ctrl-C reports for a training run: the last committed epoch (ckpt_last.pt) and how to go on."""
+    metrics = Path(out) / "metrics.jsonl"
+    done = sum(map(_is_json, metrics.read_text().splitlines())) if metrics.is_file() else 0
+    if done == 0:
+        return f"no epoch had finished, so nothing was kept in {out}; run the same command again"
+    return f"{out} keeps epoch {done} of {epochs} (ckpt_last.pt); continue with the same command and --resume"
 
 
 def resume_checkpoint(args, device, rank=0):

@@ -33,6 +33,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -40,7 +41,6 @@ import types
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 import common
 from common import UsageError, check, fraction
@@ -51,7 +51,7 @@ AA_ATTACKS = {"standard": ["apgd-ce", "apgd-t", "fab-t", "square"],
 
 
 def parse_args(argv=None):
-    p = common.ArgumentParser(description=__doc__.split("\n")[0])
+    p = common.ArgumentParser(description=__doc__)
     add_model_source_args(p)
     common.add_runtime_args(p, data_dir=None)
     g = p.add_argument_group("evaluation subsets")
@@ -59,8 +59,8 @@ def parse_args(argv=None):
     g.add_argument("--n-clean", type=int, default=0, help="test images for clean loss/error (0 = the full test set, paper)")
     g.add_argument("--train", action="store_true", help="also attack train images 0…N-1 (Table 1 'train' column)")
     g = p.add_argument_group("attacks")
-    g.add_argument("--epsilon", type=fraction, default=8 / 255, help="L∞ radius (paper: 8/255; its code 0.0314)")
-    g.add_argument("--attack-step", type=fraction, default=0.007, help="PGD step size (paper: 0.007)")
+    g.add_argument("--epsilon", type=common.pixels, default=8 / 255, help="L∞ radius (paper: 8/255; its code 0.0314)")
+    g.add_argument("--attack-step", type=common.pixels, default=0.007, help="PGD step size (paper: 0.007)")
     g.add_argument("--steps", type=int, default=20, help="PGD iterations (paper: 20)")
     g.add_argument("--restarts", type=int, default=10, help="PGD random restarts, per example the max-CE one (paper: 10)")
     g.add_argument("--no-autoattack", action="store_true", help="skip AutoAttack (PGD only; much faster on a CPU)")
@@ -105,13 +105,25 @@ def eval_settings(args, info):
 # functions. A file is named by the tool, the mode, the checkpoint and the hash of its settings, so a
 # measurement with other settings lands beside it; one with the same settings finds it and skips.
 # ----------------------------------------------------------------------------------------------
+def result_folder(args):
+    """Where a result goes: --out (evaluate.py), else beside the checkpoint (--robustbench: --model-dir)."""
+    return Path(getattr(args, "out", None) or (args.model_dir if args.robustbench else Path(args.checkpoint).parent))
+
+
+def checkpoint_name(args):
+    """The settings' `checkpoint`: `robustbench:NAME`, else the checkpoint's path relative to the result's folder.
+    Beside it that is the file name (a short name, and a moved run folder keeps its results); elsewhere (--out) a
+    path, so that runs/a/ckpt_last.pt and runs/b/ckpt_last.pt measured into one folder never share a file."""
+    if args.robustbench:
+        return f"robustbench:{args.robustbench}"
+    return Path(os.path.relpath(os.path.abspath(args.checkpoint), os.path.abspath(result_folder(args)))).as_posix()
+
+
 def result_settings(tool, mode, args, info, how, default):
-    """(settings, non_default): which model was measured (the checkpoint's file name, since the result lies
-    beside it and a moved run folder keeps its results; EMA or not; the architecture flags of an external
-    state dict; the data) and how (`how`, the tool's flags); non_default lists the keys of `how` that differ
-    from `default`, the paper's protocol."""
-    checkpoint = f"robustbench:{args.robustbench}" if args.robustbench else Path(args.checkpoint).name
-    model = {"checkpoint": checkpoint, "use_ema": args.use_ema, "source": info["source"],
+    """(settings, non_default): which model was measured (checkpoint_name; EMA or not; the architecture flags of
+    an external state dict; the data) and how (`how`, the tool's flags); non_default lists the keys of `how` that
+    differ from `default`, the paper's protocol."""
+    model = {"checkpoint": checkpoint_name(args), "use_ema": args.use_ema, "source": info["source"],
              "arch": info["args"] if info["source"] == "external" else None, "data_dir": str(args.data_dir),
              "dataset": args.dataset}
     return {"tool": tool, "mode": mode, **model, **how}, sorted(k for k in how if how[k] != default[k])
@@ -131,9 +143,12 @@ def checkpoint_label(checkpoint):
 
 
 def result_path(folder, settings):
-    """<folder>/eval_<checkpoint>_<hash>.json or flatness_<mode>_<checkpoint>_<hash>.json."""
+    """<folder>/eval_<checkpoint>_<hash>.json or flatness_<mode>_<checkpoint>_<hash>.json; a checkpoint in another
+    folder than the result (--out) also names its folder: eval_<folder>_<checkpoint>_<hash>.json."""
     prefix = "eval" if settings["tool"] == "evaluate.py" else f"flatness_{settings['mode']}"
-    return Path(folder) / f"{prefix}_{checkpoint_label(settings['checkpoint'])}_{settings_hash(settings)}.json"
+    label, elsewhere = checkpoint_label(settings["checkpoint"]), Path(settings["checkpoint"]).parent.name
+    label = f"{elsewhere}_{label}" if elsewhere not in ("", "..") else label  # "": the result lies beside it
+    return Path(folder) / f"{prefix}_{label}_{settings_hash(settings)}.json"
 
 
 def file_sha256(path):
@@ -179,22 +194,57 @@ def strip_prefixes(state_dict):
     return {re.sub(r"^(module\.|model\.|_orig_mod\.)+", "", k): v for k, v in state_dict.items()}
 
 
+def state_dict_arch(state_dict):
+    """Which of the key layouts of README "Architectures" a state dict is, from its keys and shapes: {arch, width,
+    classes} (width: a ResNet's first-stage channels, a WideResNet's K), or None for another layout.
+    wrn-D-K: n blocks per stage (block1.layer.0 … n-1) give D = 6n + 4, block1's 16·K channels give K."""
+    def shape(key):
+        return tuple(state_dict[key].shape) if torch.is_tensor(state_dict.get(key)) else None
+    blocks = {int(k.split(".")[2]) for k in state_dict if re.match(r"block1\.layer\.\d+\.", k)}
+    if blocks and shape("block1.layer.0.conv1.weight") and shape("fc.weight"):
+        widen = shape("block1.layer.0.conv1.weight")[0] // 16
+        return {"arch": f"wrn-{6 * len(blocks) + 4}-{widen}", "width": widen, "classes": shape("fc.weight")[0]}
+    blocks = {k.split(".")[1] for k in state_dict if re.match(r"layer[1-4]\.\d+\.", k)}
+    if blocks == {"0", "1"} and shape("conv1.weight") and shape("linear.weight"):  # 2 blocks per stage: 18 layers
+        arch = "resnet18" if "bn1.weight" in state_dict else "preact-resnet18" if "bn.weight" in state_dict else None
+        return arch and {"arch": arch, "width": shape("conv1.weight")[0], "classes": shape("linear.weight")[0]}
+    return None
+
+
+def describe_arch(found):
+    """`resnet18 of width 64 with 10 classes`, `wrn-34-10 with 10 classes` (K is in the name)."""
+    width = "" if found["arch"].startswith("wrn-") else f" of width {found['width']}"
+    return f"{found['arch']}{width} with {found['classes']} classes"
+
+
 def load_weights(model, state_dict):
-    """Load a state dict that may carry wrapper prefixes; a mismatch names the keys and the flag to fix it."""
+    """Load a state dict that may carry wrapper prefixes. A mismatch names the keys and what to change: the
+    architecture and width its keys are (state_dict_arch) when they are another known layout, else the flag."""
     state_dict, own = strip_prefixes(state_dict), model.state_dict()
     missing, unexpected = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
     shapes = sorted(k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape)
     if missing or unexpected or shapes:
-        found = "".join(f"{what} {', '.join(keys[:4])}" + (f" (+{len(keys) - 4} more); " if len(keys) > 4 else "; ")
-                        for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
-                        if keys)
+        found = "; ".join(f"{what} {', '.join(keys[:4])}" + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+                          for what, keys in (("missing", missing), ("unexpected", unexpected),
+                                             ("shape mismatch", shapes)) if keys)
+        have, built = state_dict_arch(state_dict), state_dict_arch(own)
+        if have and built and (have["arch"], have["width"]) != (built["arch"], built["width"]):
+            flags = f"--arch {have['arch']}" + ("" if have["arch"].startswith("wrn-") else f" --arch-width {have['width']}")
+            raise UsageError(f"checkpoint does not fit the model: its keys are a {describe_arch(have)}, the model "
+                             f"built is a {describe_arch(built)}; give {flags} ({found})")
         hint = []
         if any(k.startswith("normalize.") for k in missing):
             hint.append("--normalization none or dataset if the checkpoint has no normalisation layer")
-        if shapes:
-            hint.append("the width of the checkpoint (--width for our scripts, --arch-width for external state dicts)")
-        raise UsageError(f"checkpoint does not fit the model: {found}" + (
-            "try " + " or ".join(hint) if hint else "is it a CIFAR ResNet-18 in the common key layout?"))
+        if have and built and have["classes"] != built["classes"]:
+            hint.append(f"the --dataset it was trained on (its head has {have['classes']} classes, the model's "
+                        f"{built['classes']})")
+        if hint:
+            tail = "try " + " or ".join(hint)
+        elif have is None:
+            tail = "its keys are none of the key layouts of README 'Architectures' (resnet18, preact-resnet18, wrn-D-K)"
+        else:
+            tail = f"otherwise its keys are the model's layout ({describe_arch(have)})"
+        raise UsageError(f"checkpoint does not fit the model: {found}; {tail}")
     model.load_state_dict(state_dict)
 
 
@@ -326,11 +376,15 @@ def add_model_source_args(parser):
     parser.add_argument("checkpoint", nargs="?", help="checkpoint of ours, or an external state dict (--arch)")
     g = parser.add_argument_group("model source")
     g.add_argument("--use-ema", action="store_true", help="evaluate the EMA weights saved with train_*.py --ema")
-    g.add_argument("--arch", type=common.parse_arch, default="resnet18",
-                   help="external state dicts: resnet18 | preact-resnet18 | wrn-D-K, in the public key layouts "
-                        "(README 'Architectures'); our checkpoints carry their own")
-    g.add_argument("--arch-width", type=int, default=64, help="external state dicts: ResNet width (first stage)")
-    g.add_argument("--arch-act", default="relu", choices=tuple(common.ACTIVATIONS), help="external state dicts: activation")
+    # (None = not given: our checkpoints carry their architecture and refuse flags that contradict it; external state
+    # dicts take EXTERNAL_DEFAULTS)
+    g.add_argument("--arch", type=common.parse_arch, default=None,
+                   help="external state dicts: resnet18 (default) | preact-resnet18 | wrn-D-K, in the public key "
+                        "layouts (README 'Architectures'); our checkpoints carry their own")
+    g.add_argument("--arch-width", type=int, default=None,
+                   help="external state dicts: ResNet width, the first stage's channels (default 64)")
+    g.add_argument("--arch-act", default=None, choices=tuple(common.ACTIVATIONS),
+                   help="external state dicts: activation (default relu)")
     g.add_argument("--normalization", default="auto", choices=("auto", "none", "dataset"),
                    help="external state dicts: auto = the normaliser inside the model when the keys have one "
                         "(normalize.mean/std), else none; none = the network takes [0, 1] inputs (TRADES, MART, AWP "
@@ -365,6 +419,24 @@ def dataset_of(args, info):
     return args.dataset or trained_on or "cifar10"
 
 
+EXTERNAL_DEFAULTS = {"arch": "resnet18", "arch_width": 64, "arch_act": "relu"}  # an external state dict's flags
+
+
+def check_arch_flags(args, path, recorded):
+    """Architecture flags given with one of our checkpoints must agree with the architecture its args record (they
+    would be ignored): a contradiction is an error naming the checkpoint's. A WideResNet's width is its K."""
+    arch = recorded.get("arch", "resnet18")  # checkpoints from before --arch are ResNet-18s
+    width = int(arch.split("-")[2]) if arch.startswith("wrn-") else recorded.get("width")
+    normalization = "none" if recorded.get("no_normalize") else "inside"
+    trained = f"--arch {arch}" + ("" if arch.startswith("wrn-") else f" --width {width}") + \
+        f" --act {recorded.get('act')}" + (", the input normaliser inside" if normalization == "inside" else "")
+    for flag, given, own in (("--arch", args.arch, arch), ("--arch-width", args.arch_width, width),
+                             ("--arch-act", args.arch_act, recorded.get("act")),
+                             ("--normalization", args.normalization, normalization)):
+        check(given in (None, "auto", own), f"{path} is a checkpoint of this codebase, trained with {trained} (its "
+              f"args); drop {flag} {given}: the --arch flags and --normalization are for external state dicts")
+
+
 def load_model(args, device):
     """(model in eval mode, info dict for result files) from the flags of add_model_source_args."""
     if args.robustbench:  # the table's entries without the package (README "evaluate.py"), others through it
@@ -373,6 +445,7 @@ def load_model(args, device):
     check(args.checkpoint, "give a checkpoint path (or --robustbench NAME)")
     ckpt = common.load_checkpoint(args.checkpoint, device)
     if "model" in ckpt and "args" in ckpt:  # ours
+        check_arch_flags(args, args.checkpoint, ckpt["args"])
         model, ckpt = model_from_checkpoint(args.checkpoint, device, use_ema=args.use_ema)
         return model, {"source": "ours", "epoch": ckpt.get("epoch"), "args": ckpt["args"]}
     check(not args.use_ema, "--use-ema needs a checkpoint of this codebase")
@@ -383,7 +456,9 @@ def load_model(args, device):
     check(not inside or args.normalization == "auto", f"{args.checkpoint} carries its own input normaliser "
           f"(normalize.mean/std); drop --normalization {args.normalization}")
     normalization = "inside" if inside else "none" if args.normalization == "auto" else args.normalization
-    model_args = {"arch": args.arch, "width": args.arch_width, "act": args.arch_act, "normalization": normalization,
+    arch, width, act = (EXTERNAL_DEFAULTS[k] if getattr(args, k) is None else getattr(args, k)
+                        for k in ("arch", "arch_width", "arch_act"))
+    model_args = {"arch": arch, "width": width, "act": act, "normalization": normalization,
                   "dataset": args.dataset or "cifar10"}  # (classes and, for `dataset`, the normaliser)
     model = common.build_model(model_args, normalize=normalization != "none",
                                sub_block1=any(k.startswith("sub_block1.") for k in state)).to(device)
@@ -487,8 +562,8 @@ def autoattack_metrics(model, x, y, clean_ok, pgd_ok, args, device, progress=Fal
     # meanwhile: the attacks' backward passes then compute input gradients only.
     with common.frozen_params(model):
         x_adv = torch.cat([run(x[i:i + args.batch_size], y[i:i + args.batch_size], args.batch_size)
-                           for i in tqdm(range(0, len(y), args.batch_size), desc="AutoAttack",
-                                         disable=not progress, leave=False)])
+                           for i in common.progress_loop(range(0, len(y), args.batch_size), "AutoAttack batches",
+                                                         disable=not progress)])
     max_linf = (x_adv - x).abs().amax().item()
     if max_linf > args.epsilon + 1e-6 or x_adv.min() < 0 or x_adv.max() > 1:
         print(f"warning: AutoAttack returned ‖x_adv − x‖∞ = {max_linf:.6f} > ε = {args.epsilon:.6f} or pixels outside "
@@ -674,14 +749,14 @@ def print_table(result, settings):
 def main(argv=None):
     args = parse_args(argv)
     device = common.resolve_device(args.device)
-    progress = sys.stderr.isatty()
+    progress = True  # common.progress_loop: tqdm on a terminal, a line every 30 s in a log file
 
     # ---- model: ours (architecture from its args), an external state dict, or RobustBench
     model, info = load_model(args, device)
     model = model.float().eval()  # every reported number is fp32 (README 'Conventions')
     args.data_dir, args.dataset = data_dir_of(args, info), dataset_of(args, info)
     settings, non_default = eval_settings(args, info)
-    out = result_path(args.out or (args.model_dir if args.robustbench else Path(args.checkpoint).parent), settings)
+    out = result_path(result_folder(args), settings)
     check(out.parent.is_dir(), f"output folder {out.parent} does not exist (choose --out)")
     sha256 = model_sha256(args, info)
     if already_measured(out, settings, sha256, args.force):

@@ -50,13 +50,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
-from tqdm import tqdm, trange
 
 import common
 from common import check, fraction
 from evaluate import (add_model_source_args, already_measured, check_attack, check_inputs, data_dir_of, dataset_of,
-                      is_int, is_real, load_model, model_kept, model_sha256, require, result_path, result_settings,
-                      settings_with_defaults, write_result)
+                      is_int, is_real, load_model, model_kept, model_sha256, require, result_folder, result_path,
+                      result_settings, settings_with_defaults, write_result)
 
 MODES = ("average", "worst", "both", "landscape", "hessian")
 DEFAULT_XI = {"average": 0.5, "worst": 0.00075}      # the paper's ξ (Table 1)
@@ -64,7 +63,7 @@ NU_SEED_OFFSET = 1_000_003  # ν draws use their own generator, seeded apart fro
 
 
 def parse_args(argv=None):
-    p = common.ArgumentParser(description=__doc__.split("\n")[0])
+    p = common.ArgumentParser(description=__doc__)
     add_model_source_args(p)
     common.add_runtime_args(p, data_dir=None)
     p.add_argument("--epochs", metavar="RUN_DIR", default=None,
@@ -94,8 +93,8 @@ def parse_args(argv=None):
     g.add_argument("--joint-batch-size", type=int, default=128,
                    help="worst-case mini-batch; ν is updated after each one, so this changes the measure (paper: 128)")
     g = p.add_argument_group("PGD (reference RLoss and perturbed models)")
-    g.add_argument("--epsilon", type=fraction, default=8 / 255, help="L∞ radius (paper: 8/255; its code 0.0314)")
-    g.add_argument("--attack-step", type=fraction, default=0.007, help="PGD step size (paper: 0.007)")
+    g.add_argument("--epsilon", type=common.pixels, default=8 / 255, help="L∞ radius (paper: 8/255; its code 0.0314)")
+    g.add_argument("--attack-step", type=common.pixels, default=0.007, help="PGD step size (paper: 0.007)")
     g.add_argument("--steps", type=int, default=20, help="PGD iterations (paper: 20)")
     g.add_argument("--ref-restarts", type=int, default=10, help="PGD restarts of the reference RLoss (paper: 10)")
     g.add_argument("--batch-size", type=int, default=128,
@@ -232,11 +231,11 @@ def nu_generator(seed, device):
     return g
 
 
-def loss_of(model, x, y, loss, eps, alpha, steps, restarts, batch_size):
+def loss_of(model, x, y, loss, eps, alpha, steps, restarts, batch_size, progress=False):
     """Per-example loss and correctness: RLoss by PGD (max over iterates and restarts) or clean CE."""
     if loss == "clean":
         return common.clean_metrics(model, x, y, batch_size)
-    return common.robust_metrics(model, x, y, eps, alpha, steps, restarts, batch_size)
+    return common.robust_metrics(model, x, y, eps, alpha, steps, restarts, batch_size, progress)
 
 
 def reference(model, x, y, loss="robust", eps=8 / 255, alpha=0.007, steps=20, restarts=10, batch_size=128,
@@ -262,12 +261,12 @@ def average_case_draws(model, x, y, xi=0.5, samples=10, loss="robust", eps=8 / 2
     weights = frozen_weights(model)
     norms = layer_norms(weights)
     losses, errors = [], []
-    for _ in trange(samples, desc=f"average-case ξ={xi:g}", disable=not progress, leave=False):
+    for _ in common.progress_loop(range(samples), f"average-case ξ={xi:g} draws", disable=not progress):
         nu = relative_random(weights, xi, generator, norms=norms)  # Eq. 3: ν on the sphere
         if on_sample is not None:
             on_sample(nu)
         ce, ok = loss_of(Perturbed(model, plus(weights, in_box(weights, nu, box))), x, y, loss, eps, alpha, steps,
-                         restarts, batch_size)
+                         restarts, batch_size, progress)
         losses.append(ce.mean())
         errors.append(1 - ok.float().mean())
     return torch.stack(losses), torch.stack(errors)
@@ -301,7 +300,7 @@ def joint_ascent(model, x, y, xi, passes=20, weight_step=0.01, batch_size=128, e
     else:
         delta = torch.zeros_like(x)
     with common.bn_mode(model, "eval"):
-        for _ in trange(passes, desc=f"joint ascent ξ={xi:g}", disable=not progress, leave=False):
+        for _ in common.progress_loop(range(passes), "joint ascent passes", disable=not progress):
             for b, sl in enumerate(batches):
                 j = b if per_batch else 0
                 nu = {k: v.detach().requires_grad_(True) for k, v in nus[j].items()}
@@ -338,10 +337,10 @@ def worst_case_restarts(model, x, y, xi=0.00075, restarts=10, loss="robust", pas
     common.seed_everything(seed)  # the δ starts
     generator = nu_generator(seed, x.device)
     losses, errors = [], []
-    for _ in trange(restarts, desc=f"worst-case ξ={xi:g}", disable=not progress, leave=False):
+    for _ in common.progress_loop(range(restarts), f"worst-case ξ={xi:g} restarts", disable=not progress):
         nus, delta, ce, ok = joint_ascent(model, x, y, xi, passes, weight_step, batch_size, eps, alpha,
                                           attack_inputs=(loss == "robust"), per_batch=per_batch,
-                                          generator=generator, box=box)
+                                          generator=generator, progress=progress, box=box)
         if on_restart is not None:
             on_restart(nus, delta)
         losses.append(ce.mean())
@@ -493,8 +492,8 @@ def landscape(model, x, y, args, progress=False):
     out = {}
     for kind in ("random", "adversarial"):
         curves = {"robust": [], "robust_err": [], "clean": [], "clean_err": []}
-        for d in tqdm(landscape_directions(model, x, y, kind, args.directions, args, generator),
-                      desc=f"{kind} directions", disable=not progress, leave=False):
+        for d in common.progress_loop(landscape_directions(model, x, y, kind, args.directions, args, generator),
+                                      f"{kind} directions", total=args.directions, disable=not progress):
             points = []
             for s in s_values:
                 perturbed = Perturbed(model, plus(weights, d, s))
@@ -540,7 +539,7 @@ def hessian_top_eigenvalue(model, x, y, iters=100, tol=1e-3, batch_size=128, red
     g.manual_seed(seed)
     v = {k: torch.randn(w.shape, device=w.device, generator=g) for k, w in weights.items()}
     history, converged = [], False
-    for it in trange(1, iters + 1, desc="power iteration", disable=not progress, leave=False):
+    for it in common.progress_loop(range(1, iters + 1), "power iterations (at most)", disable=not progress):
         norm = torch.sqrt(sum((t ** 2).sum() for t in v.values()))
         v = {k: t / norm for k, t in v.items()}
         hv = hessian_vector_product(model, weights, x, y, v, batch_size, reduction)
@@ -725,7 +724,7 @@ def measure_checkpoint(model, info, todo, checkpoint_sha256, args, data, device,
 def main(argv=None):
     args = parse_args(argv)
     device = common.resolve_device(args.device)
-    progress = sys.stderr.isatty()
+    progress = True  # common.progress_loop: tqdm on a terminal, a line every 30 s in a log file
     data = Data(args, device)
     if args.epochs is None:  # one checkpoint, or a RobustBench model (None)
         checkpoints = [None if args.robustbench else Path(args.checkpoint)]
@@ -735,12 +734,12 @@ def main(argv=None):
         checkpoints = sorted(run_dir.glob("ckpt_epoch*.pt"))
         check(checkpoints, f"no ckpt_epoch*.pt snapshots in {run_dir} (train_*.py writes one every --es-every epochs)")
 
-    for checkpoint in tqdm(checkpoints, desc="snapshots", disable=not progress or len(checkpoints) == 1):
+    for checkpoint in common.progress_loop(checkpoints, "snapshots", disable=len(checkpoints) == 1):
         if checkpoint is not None:
             args.checkpoint = str(checkpoint)
         model, info = load_model(args, device)
         args.data_dir, args.dataset = data_dir_of(args, info), dataset_of(args, info)  # --epochs: the run's data
-        folder = Path(args.model_dir) if checkpoint is None else checkpoint.parent
+        folder = result_folder(args)  # beside the checkpoint (--robustbench: --model-dir)
         check(folder.is_dir(), f"output folder {folder} does not exist")
         sha256 = model_sha256(args, info)
         todo = {}

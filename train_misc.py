@@ -39,7 +39,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from tqdm import tqdm
 
 import common
 from common import UsageError, check, fraction
@@ -48,15 +47,15 @@ METHODS = ("rotation", "unlabeled", "entropy-sgd", "pgd-tau", "autoaugment")
 
 
 def parse_args(argv=None):
-    p = common.ArgumentParser(description=__doc__.split("\n")[0])
+    p = common.ArgumentParser(description=__doc__)
     common.add_runtime_args(p)
     g = p.add_argument_group("data")
     g.add_argument("--train-subset", type=int, default=0, help="class-balanced subset of N training images (0 = all)")
     common.add_model_args(p)
     common.add_optim_args(p)
     g = p.add_argument_group("training attack")
-    g.add_argument("--epsilon", type=fraction, default=8 / 255, help="L∞ radius during training (Table 1 'larger ε': 9/255)")
-    g.add_argument("--attack-step", type=fraction, default=0.007, help="PGD step size (paper: 0.007)")
+    g.add_argument("--epsilon", type=common.pixels, default=8 / 255, help="L∞ radius during training (Table 1 'larger ε': 9/255)")
+    g.add_argument("--attack-step", type=common.pixels, default=0.007, help="PGD step size (paper: 0.007)")
     g.add_argument("--attack-steps", type=int, default=7, help="PGD iterations (paper: 7; 0 = standard training)")
     g.add_argument("--attack-bn", default="eval", choices=("eval", "train"),
                    help="BN mode during the attack (paper code: eval; Rice et al./AWP code: train)")
@@ -105,7 +104,6 @@ def parse_args(argv=None):
     g.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (saved weights come from the plain module)")
     args = p.parse_args(argv)
-    check(args.epsilon >= 0, f"--epsilon must be >= 0, got {args.epsilon}")
     check(args.attack_steps >= 0 and args.attack_step > 0, "--attack-steps must be >= 0 and --attack-step > 0")
     check(args.epochs >= 1 and args.batch_size >= 1, "--epochs and --batch-size must be >= 1")
     check(args.lr > 0 and args.wd >= 0, "--lr must be > 0 and --wd >= 0")
@@ -671,8 +669,7 @@ def main(argv=None):
         loader.epoch = epoch - 1  # AutoAugmentLoader seeds its workers by (seed, epoch)
         trained.train()
         lr, sums = opt.param_groups[0]["lr"], {}  # logged: the lr of the epoch's first step
-        for batch in tqdm(epoch_batches(), total=len(loader), desc=f"epoch {epoch}",
-                          disable=None if rank == 0 else True, leave=False):
+        for batch in common.progress_loop(epoch_batches(), f"epoch {epoch}", total=len(loader), disable=rank != 0):
             common.add_stats(sums, train_step(model, attack_model, opt, sched, ema, batch, args))
         metrics = {"epoch": epoch, "lr": lr, **common.train_means(sums, world),
                    "train_time_s": time.time() - t0}

@@ -103,6 +103,8 @@ def run_main(monkeypatch, capsys):
             code = 0
         except SystemExit as e:
             code = e.code
+        except KeyboardInterrupt:  # run_cli must turn it into exit code 130; escaping, it would stop pytest
+            code = "KeyboardInterrupt escaped run_cli"
         captured = capsys.readouterr()
         return code, captured.out, captured.err
     return run

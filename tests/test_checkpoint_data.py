@@ -73,7 +73,7 @@ def test_bad_checkpoint_files_give_usage_errors(tmp_path):
         common.load_checkpoint(tmp_path / "missing.pt")
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(np.random.default_rng(0).bytes(4096))
-    with pytest.raises(common.UsageError, match="not a readable PyTorch checkpoint"):
+    with pytest.raises(common.UsageError, match="corrupt.pt is not a PyTorch checkpoint .*; check the path$"):
         common.load_checkpoint(corrupt)
     torch.save([1, 2], tmp_path / "list.pt")
     with pytest.raises(common.UsageError, match="not a checkpoint dict"):
@@ -82,11 +82,13 @@ def test_bad_checkpoint_files_give_usage_errors(tmp_path):
 
 def test_load_weights_mismatch_names_keys():
     wide, narrow = common.ResNet18(width=8), common.ResNet18(width=4)
-    with pytest.raises(common.UsageError, match=r"shape mismatch bn1\.bias, .* \(\+\d+ more\); try the width of the checkpoint \(--width"):
+    with pytest.raises(common.UsageError, match=r"its keys are a resnet18 of width 8 with 10 classes, the model built is "
+                       r"a resnet18 of width 4 with 10 classes; give --arch resnet18 --arch-width 8 \(shape mismatch "
+                       r"bn1\.bias, .* \(\+\d+ more\)\)$"):
         evaluate.load_weights(narrow, wide.state_dict())
     state = {k: v for k, v in narrow.state_dict().items() if k != "linear.bias"}
     state["head.weight"] = torch.zeros(1)
-    with pytest.raises(common.UsageError, match=r"missing linear\.bias; unexpected head\.weight"):
+    with pytest.raises(common.UsageError, match=r"missing linear\.bias; unexpected head\.weight; otherwise its keys are the model's"):
         evaluate.load_weights(narrow, state)
     # wrapper prefixes (DDP, torch.compile) are stripped
     evaluate.load_weights(narrow, {f"module._orig_mod.{k}": v for k, v in common.ResNet18(width=4).state_dict().items()})

@@ -281,7 +281,7 @@ def test_text_file_is_one_error_line(tmp_path, tiny_data):
     proc = run_script("evaluate.py", bad, "--data-dir", tiny_data, "--device", "cpu", check=False, env=ONE_THREAD)
     assert proc.returncode == 1
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
-    assert "not a readable PyTorch checkpoint" in proc.stderr
+    assert "notes.pt is not a PyTorch checkpoint" in proc.stderr and proc.stderr.strip().endswith("check the path")
 
 
 def error_line(capsys, argv):
