@@ -8,7 +8,7 @@ CPU:     python train_at.py --data-dir ../shared/data/cifar10-jpeg --width 16 --
 Resume:  python train_at.py --out runs/at --resume               # continues from runs/at/ckpt_last.pt
 Multi-GPU: torchrun --nproc_per_node=4 train_at.py ...           # global batch stays --batch-size
 
-Cost (measured by bench.py, see README "Speed"): on 2 CPU cores at width 64 and batch 16, one step
+Cost (measured by bench.py, see docs/speed.md): on 2 CPU cores at width 64 and batch 16, one step
 takes 0.84 s, 1.38x faster than a reference-style step and at 0.94 of the bare passes it needs; not
 yet measured on a GPU. Paper: AutoAttack RErr 62.8 % at epoch 150, 54.6 % early-stopped (paper Table 1).
 """

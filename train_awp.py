@@ -16,7 +16,7 @@ CPU:     python train_awp.py --data-dir ../shared/data/cifar10-jpeg --width 16 -
 Resume:  python train_awp.py --out runs/awp --resume             # continues from runs/awp/ckpt_last.pt
 Multi-GPU: torchrun --nproc_per_node=4 train_awp.py ...          # global batch stays --batch-size
 
-Cost (measured, see README "Speed"): not yet measured on a GPU; per batch one forward/backward more
+Cost (measured, see docs/speed.md): not yet measured on a GPU; per batch one forward/backward more
 than AT (the direction g). Paper: AutoAttack RErr 54.3 % at epoch 150, 53.6 % early-stopped (paper Table 1).
 """
 import time

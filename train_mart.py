@@ -12,7 +12,7 @@ CPU:     python train_mart.py --data-dir ../shared/data/cifar10-jpeg --width 16 
 Resume:  python train_mart.py --out runs/mart --resume           # continues from runs/mart/ckpt_last.pt
 Multi-GPU: torchrun --nproc_per_node=4 train_mart.py ...         # global batch stays --batch-size
 
-Cost (measured, see README "Speed"): not yet measured on a GPU; per batch one clean training
+Cost (measured, see docs/speed.md): not yet measured on a GPU; per batch one clean training
 forward/backward more than AT. Paper: AutoAttack RErr 61.0 % at epoch 150, 54.7 % early-stopped
 (paper Table 1); PGD-CE overestimates MART's robustness, report AutoAttack.
 """

@@ -12,7 +12,7 @@ CPU:     python train_trades.py --data-dir ../shared/data/cifar10-jpeg --width 1
 Resume:  python train_trades.py --out runs/trades --resume       # continues from runs/trades/ckpt_last.pt
 Multi-GPU: torchrun --nproc_per_node=4 train_trades.py ...       # global batch stays --batch-size
 
-Cost (measured, see README "Speed"): not yet measured on a GPU; per batch one clean forward (the
+Cost (measured, see docs/speed.md): not yet measured on a GPU; per batch one clean forward (the
 attack's target) and one clean training forward/backward more than AT. Paper (β = 9): AutoAttack RErr
 56.7 % at epoch 150, 53.4 % early-stopped (paper Table 1).
 """

@@ -2,7 +2,7 @@
 ignores a flag, flips a comparison) in a scratch copy of the repository and runs the tests that must
 then fail. A mutant that leaves them green is a test gap.
 
-Usage:   python scripts/mutants.py                 # every mutant (56: about 6 minutes on 2 CPU cores)
+Usage:   python scripts/mutants.py                 # every mutant (71: about 8 minutes on 2 CPU cores)
          python scripts/mutants.py --only ema      # the mutants whose name contains 'ema'
          python scripts/mutants.py --list          # the table, nothing run
 Exit code 1 if a mutant survives or no longer applies (its line changed: update the table).
@@ -22,6 +22,7 @@ W = "tests/test_wiring.py"
 STEP = (W + "::test_train_step_equals_hand_formula[{}]").format  # one scenario of the hand-formula test
 MAIN = (W + "::test_main_wiring[{}]").format
 MISC = "tests/test_misc.py::{}".format
+FIRST = "tests/test_first_hour.py::"
 MUTANTS = [
     # ---- train_at.py: the step
     ("at-clean-inputs", "train_at.py", "x_adv = adversarial_batch(attack_model, x, y, args)", "x_adv = x",
@@ -138,6 +139,38 @@ MUTANTS = [
      "common.add_stats(sums, train_at.train_step(net, net, opt, sched, None, x, y, args_at))",
      "common.add_stats(sums, {'n': torch.tensor(float(len(y)))})",
      "tests/test_bench.py::test_timed_step_is_the_training_loops_step"),
+    # ---- what a new user meets first (README "Conventions": what a command line says; "Quick start")
+    ("first-pixels-accept-0-255", "common.py", "    if not 0 <= value <= 1:", "    if not 0 <= value <= 255:",
+     FIRST + "test_pixel_flags_refuse_the_0_255_scale"),
+    ("first-epsilon-not-pixels", "train_mart.py", '"--epsilon", type=common.pixels', '"--epsilon", type=fraction',
+     FIRST + "test_pixel_flags_refuse_the_0_255_scale"),
+    ("first-data-dir-left-behind", "common.py", "            shutil.rmtree(created, ignore_errors=True)", "            pass",
+     FIRST + "test_a_wrong_data_dir_creates_nothing"),
+    ("first-help-first-line", "common.py", 'description.split("\\n\\n")[0].split()', 'description.split("\\n")[0].split()',
+     FIRST + "test_help_gives_the_whole_description"),
+    ("first-progress-inner-loop-only", "common.py", '" | ".join(_loop_status(o, now) for o in _open_loops)',
+     "_loop_status(loop, now)", FIRST + "test_progress_lines_name_each_open_loop"),
+    ("first-progress-worst-case-passes-silent", "flatness.py", "generator=generator, progress=progress, box=box)",
+     "generator=generator, box=box)", FIRST + "test_training_and_measures_report_progress"),
+    ("first-ctrl-c-traceback", "common.py", "    except KeyboardInterrupt:", "    except ZeroDivisionError:",
+     FIRST + "test_ctrl_c_in_a_measure_is_one_line"),
+    ("first-ctrl-c-run-folder-unnamed", "common.py", "    _interrupted[:] = [lambda: interrupted_run(args.out, args.epochs)]",
+     "    pass", FIRST + "test_ctrl_c_in_training_says_what_was_kept"),
+    ("first-quickstart-drops-awp", "scripts/quickstart_cpu.sh", "for method in at awp; do", "for method in at; do",
+     FIRST + "test_the_readme_quick_start_is_what_the_script_runs"),
+    ("first-results-share-a-name", "evaluate.py", '    label = f"{elsewhere}_{label}" if elsewhere not in ("", "..") else label',
+     "    pass", "tests/test_guardrails.py::test_flatness_result_names_follow_the_same_rule"),
+    ("first-arch-flags-ignored", "evaluate.py", "        check_arch_flags(args, args.checkpoint, ckpt[\"args\"])\n",
+     "", "tests/test_guardrails.py::test_agreeing_flags_load_and_contradictions_stop_both_tools"),
+    ("first-layout-not-named", "evaluate.py", "        if have and built and (have[\"arch\"], have[\"width\"]) != (built[\"arch\"], built[\"width\"]):",
+     "        if False:", "tests/test_guardrails.py::test_a_state_dict_of_another_layout_names_it"),
+    ("first-plots-regularised-baseline", "plots.py", 'r["args"].get("method", "at") == "at" and not differing_flags(',
+     'r["args"].get("method", "at") in ("at", "awp") and not differing_flags(',
+     "tests/test_plots_runs.py::test_the_quick_start_beside_one_epoch_method_runs_is_the_at_baseline"),
+    ("first-plots-other-folders-result", "plots.py", '    if Path(settings.get("checkpoint", "")).parent != Path("."):',
+     "    if False:", "tests/test_plots_runs.py::test_a_result_of_another_folders_checkpoint_is_not_this_runs"),
+    ("first-cache-per-test", "tests/conftest.py", '@pytest.fixture(scope="session", autouse=True)\ndef _cache_dir',
+     "@pytest.fixture(autouse=True)\ndef _cache_dir", "tests/test_evaluate.py"),
 ]
 
 

@@ -165,3 +165,70 @@ def test_sigint_to_a_training_process(tiny_data, tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert len(err.strip().splitlines()) == 1 and "interrupted: " in err and "--resume" in err, err
+
+
+# ---------------------------------------------------------------------------------------------
+# The README's code blocks run as shown; scripts/quickstart_cpu.sh is the pipeline the README shows
+# ---------------------------------------------------------------------------------------------
+README = (ROOT / "README.md").read_text()
+MODULES = {f"{m.__name__}.py": m for m in [*SCRIPTS, plots]}
+
+
+def readme_blocks(lang):
+    return re.findall(rf"```{lang}\n(.*?)```", README, re.S)
+
+
+def commands(block):
+    """The block's command lines, continuation lines joined and comments dropped."""
+    return [line.split("  #")[0].strip() for line in block.replace("\\\n", " ").splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_every_command_line_of_the_readme_parses():
+    """Each `python <script>.py ...` line of the README's bash blocks is accepted by that script's own parser: no
+    flag the scripts do not have, no value they refuse."""
+    import shlex
+    checked = 0
+    for block in readme_blocks("bash"):
+        for line in commands(block):
+            words = shlex.split(line)
+            if len(words) >= 2 and words[0] == "python" and words[1] in MODULES:
+                MODULES[words[1]].parse_args(words[2:])
+                checked += 1
+    assert checked >= 20, checked
+
+
+def test_the_readme_quick_start_is_what_the_script_runs():
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "quickstart_cpu.sh"), "../shared/data/cifar10-jpeg"],
+                          cwd=ROOT, capture_output=True, text=True, env={**common.os.environ, "DRY_RUN": "1"})
+    assert proc.returncode == 0, proc.stderr
+    ran = [line.replace(f"{ROOT}/", "") for line in proc.stdout.splitlines()]
+    shown = next(commands(b) for b in readme_blocks("bash") if "--out runs_quick/at" in b)
+    assert ran == shown and len(ran) == 7
+
+
+def test_the_quick_start_pipeline_on_a_tiny_tree(tiny_data, tmp_path):
+    """scripts/quickstart_cpu.sh end to end (tiny sizes from the environment): both runs trained, evaluated and
+    measured, then plots.py draws from them with AT as the baseline; then the README's Python API block on the
+    run it made."""
+    env = {**common.os.environ, "OMP_NUM_THREADS": "1", "WIDTH": "8", "SUBSET": "100", "EPOCHS": "2", "N_LOG": "20",
+           "N_ES": "20", "N_EVAL": "20", "N_CLEAN": "40", "BATCH": "50", "EVAL_FLAGS": "--no-autoattack"}
+    out = tmp_path / "runs_quick"
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "quickstart_cpu.sh"), str(tiny_data), str(out)], cwd=tmp_path,
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for run in ("at", "awp"):
+        names = sorted(p.name.rsplit("_", 1)[0] for p in (out / run).glob("*_last_*.json"))
+        assert names == ["eval_last", "flatness_average_last", "flatness_worst_last"], names
+    assert (out / "figures" / "table1.md").is_file() and (out / "figures" / "fig2_robust_overfitting.png").is_file()
+    assert "baseline: at (" in proc.stdout and "quickstart_cpu.sh: done in" in proc.stderr
+
+    (block,) = readme_blocks("python")
+    code = block.replace("runs_quick/at/ckpt_last.pt", str(out / "at" / "ckpt_last.pt")).replace(
+        "../shared/data/cifar10-jpeg", str(tiny_data)).replace('"eval", 100,', '"eval", 20,')
+    assert str(tiny_data) in code and '"eval", 20,' in code
+    printed = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                             env={**env, "ROBUST_FLATNESS_CACHE": str(tmp_path / "cache")}, timeout=300)
+    assert printed.returncode == 0, printed.stderr[-3000:]
+    values = [float(v) for v in printed.stdout.split()]
+    assert len(values) == 3 and values[0] > 0, printed.stdout
