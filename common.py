@@ -593,18 +593,50 @@ def frozen_params(model):
             p.requires_grad_(True)
 
 
+# The threat models (README "Conventions"): ‖δ‖∞ ≤ ε (the paper's) or ‖δ‖₂ ≤ ε, each with the ε and PGD step of its
+# anchors (the paper / Rice et al. and AWP), which are the defaults of --epsilon and --attack-step and the fixed ε of
+# the per-epoch test and early-stopping metrics.
+THREATS = {"linf": {"eps": 8 / 255, "step": 0.007}, "l2": {"eps": 128 / 255, "step": 15 / 255}}
+
+
+def random_start(x, eps, norm="linf"):
+    """A random δ inside the ε-ball (before the [0, 1] clamp): uniform in the ℓ∞ box, or, for ℓ2 as in Rice et al.'s
+    and AWP's code, a Gaussian direction with a U(0, 1)·ε radius."""
+    if norm == "linf":
+        return torch.empty_like(x).uniform_(-eps, eps)
+    g = torch.randn_like(x)
+    radius = eps * torch.rand(len(x), device=x.device, dtype=x.dtype)
+    return g.mul_((radius / g.flatten(1).norm(dim=1).clamp_min(1e-12)).view(-1, *[1] * (x.dim() - 1)))
+
+
+def project(delta, eps, norm="linf"):
+    """δ onto the ε-ball: clamped per coordinate (ℓ∞), or each example's δ rescaled to norm ε where longer (ℓ2)."""
+    return delta.clamp_(-eps, eps) if norm == "linf" else delta.flatten(1).renorm(2, 0, eps).view_as(delta)
+
+
+def ascent_step(delta, grad, eps, alpha, norm="linf"):
+    """δ + α·(steepest ascent direction of the norm), projected back onto the ε-ball: the sign of the gradient for
+    ℓ∞; for ℓ2 the gradient over its ℓ2 norm (Rice et al.'s and AWP's code). The caller clamps x + δ to [0, 1],
+    which keeps δ in either ball (it only shrinks coordinates)."""
+    if norm == "linf":
+        return project(delta + alpha * grad.sign(), eps, norm)
+    return project(delta + alpha * grad / (grad.flatten(1).norm(dim=1).view(-1, *[1] * (grad.dim() - 1)) + 1e-10),
+                   eps, norm)
+
+
 def pgd(model, x, y, eps, alpha, steps, restarts=1, loss_fn=cross_entropy_each, start="uniform",
-        bn="eval", autocast=False, with_pred=False):
-    """L∞ PGD ascent on the per-example `loss_fn(model(x + δ), y)`. Returns (δ, loss): per example the iterate
-    with the highest loss over all steps and restarts, random start included, and that loss (in the attack's BN
-    mode); `with_pred=True` adds the prediction there (saves a forward). Restarts are batched by repeating the
-    input; the sign step of the summed loss is taken w.r.t. δ only (weights frozen); no host sync in the loop."""
+        bn="eval", autocast=False, with_pred=False, norm="linf"):
+    """PGD ascent on the per-example `loss_fn(model(x + δ), y)` in the ℓ∞ or ℓ2 ball of radius ε (`norm`). Returns
+    (δ, loss): per example the iterate with the highest loss over all steps and restarts, random start included,
+    and that loss (in the attack's BN mode); `with_pred=True` adds the prediction there (saves a forward).
+    Restarts are batched by repeating the input; the step of the summed loss is taken w.r.t. δ only (weights
+    frozen); no host sync in the loop."""
     b, ones = x.shape[0], [1] * (x.dim() - 1)
     xr, yr = x.repeat(restarts, *ones), y.repeat(restarts, *([1] * (y.dim() - 1)))
-    if start == "uniform":
-        delta = torch.empty_like(xr).uniform_(-eps, eps)
+    if start == "uniform":  # (the name of the paper's ℓ∞ start; for ℓ2 the ball's random start)
+        delta = random_start(xr, eps, norm)
     elif start == "normal":  # TRADES: x + 0.001·N(0, I), inside the ε-ball (it is a candidate iterate)
-        delta = (0.001 * torch.randn_like(xr)).clamp_(-eps, eps)
+        delta = project(0.001 * torch.randn_like(xr), eps, norm)
     else:
         delta = torch.zeros_like(xr)
     delta = ((xr + delta).clamp_(0, 1) - xr).requires_grad_(True)
@@ -625,7 +657,7 @@ def pgd(model, x, y, eps, alpha, steps, restarts=1, loss_fn=cross_entropy_each, 
                 break
             (grad,) = torch.autograd.grad(loss.sum(), delta)
             with torch.no_grad():
-                delta = (delta + alpha * grad.sign()).clamp_(-eps, eps)
+                delta = ascent_step(delta, grad, eps, alpha, norm)
                 delta = ((xr + delta).clamp_(0, 1) - xr).requires_grad_(True)
     best_loss, which = best_loss.view(restarts, b).max(0)
     index = (which, torch.arange(b, device=x.device))
@@ -645,13 +677,14 @@ def clean_metrics(model, x, y, batch_size=500):
     return torch.cat(losses), torch.cat(correct)
 
 
-def robust_metrics(model, x, y, eps, alpha, steps, restarts=1, batch_size=128, progress=False, clean_ok=None):
+def robust_metrics(model, x, y, eps, alpha, steps, restarts=1, batch_size=128, progress=False, clean_ok=None,
+                   norm="linf"):
     """Per-example robust CE (max over iterates and restarts) and robust correctness (correct on the clean input
     and on the chosen adversarial one), in eval mode and fp32. `clean_ok`: the clean correctness, if known."""
     losses, correct = [], []
     for i in progress_loop(range(0, len(y), batch_size), f"PGD-{steps}x{restarts}", disable=not progress):
         xb, yb = x[i:i + batch_size], y[i:i + batch_size]
-        _, loss, pred = pgd(model, xb, yb, eps, alpha, steps, restarts, with_pred=True)
+        _, loss, pred = pgd(model, xb, yb, eps, alpha, steps, restarts, with_pred=True, norm=norm)
         if clean_ok is None:
             with torch.no_grad(), bn_mode(model, "eval"):
                 ok = model(xb).argmax(1) == yb
@@ -882,12 +915,12 @@ def train_means(sums, world=1):
             for k, v in t.items() if not k.startswith("n")}
 
 
-def epoch_metrics(model, x, y, alpha, restarts, prefix, rank=0, world=1):
-    """Clean and PGD-7 (ε = 8/255) metrics of a fixed test slice, sharded over ranks with summed counts; the
-    robust loss is also split by clean correctness (Fig. 2)."""
+def epoch_metrics(model, x, y, alpha, restarts, prefix, rank=0, world=1, norm="linf"):
+    """Clean and PGD-7 metrics (at the norm's fixed ε of THREATS: 8/255 for ℓ∞) of a fixed test slice, sharded over
+    ranks with summed counts; the robust loss is also split by clean correctness (Fig. 2)."""
     x, y = x[rank::world], y[rank::world]
     clean_loss, clean_ok = clean_metrics(model, x, y)
-    rloss, robust_ok = robust_metrics(model, x, y, 8 / 255, alpha, 7, restarts, clean_ok=clean_ok)
+    rloss, robust_ok = robust_metrics(model, x, y, THREATS[norm]["eps"], alpha, 7, restarts, clean_ok=clean_ok, norm=norm)
     sums = torch.stack([torch.tensor(float(len(y)), device=x.device), clean_loss.sum(), (~clean_ok).sum(),
                         rloss.sum(), (~robust_ok).sum(), clean_ok.sum(), (rloss * clean_ok).sum()])
     if world > 1:
