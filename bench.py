@@ -1,7 +1,8 @@
 """Speed benchmark: this codebase's hot paths against reference-style code and against the compute floor.
 
 Every figure is a ratio of two timings measured side by side in this process, after warm-up, as the
-median of --repeats repeats (shared machines are noisy: ratios are what to compare, not seconds).
+median of --repeats repeats (shared machines are noisy: ratios are what to compare, not seconds); row 6 is a
+ratio of two peak memories.
 
 Rows
   1. AT step (PGD-7 + update) of train_at.py's code path vs a step written the way the common public
@@ -17,10 +18,13 @@ Rows
   4. Data: the device-resident loader's images/s vs a DataLoader with the same augmentation.
   5. Peak memory per row (each row runs in its own process: ru_maxrss on CPU,
      torch.cuda.max_memory_allocated on GPU).
+  6. Attack memory: the peak memory of evaluate.py's PGD-20 on one --batch-size batch with 1 and with 10 restarts
+     (restarts in chunks of at most --batch-size inputs), side by side: ×10 / ×1  target ≤ 1.2; and the memory
+     per image of an attack's pass (bytes saved for backward, and the peak) for ResNet-18 and WRN-34-10.
 With --epoch-time (GPU): seconds per CIFAR-10-sized epoch (50,000 images, batch 128) of PGD-7 AT for
 fp32 eager, bf16 + channels_last, and + torch.compile, for ResNet-18 and for the --wrn WideResNet.
 
-Usage:  python bench.py --device cpu            # ~6.5 min on 2 cores (width 64, batch 16)
+Usage:  python bench.py --device cpu            # ~12 min on 2 cores (width 64, batch 16; row 6 ~6 min of it)
         python bench.py --device cuda --amp --channels-last [--compile] --epoch-time
 Writes bench.json (every timing, the machine, versions and parameters) and prints a table.
 """
@@ -38,7 +42,8 @@ import torch.nn.functional as F
 import common
 import train_at
 
-ROWS = ("at_step", "floor", "wrn_floor", "avg_flatness", "worst_flatness", "data")
+ROWS = ("at_step", "floor", "wrn_floor", "avg_flatness", "worst_flatness", "data", "attack_memory")
+MEMORY_WRN = "wrn-34-10"  # the WideResNet whose activation memory row 6 reports (TRADES, MART, AWP)
 
 
 def parse_args(argv=None):
@@ -296,6 +301,86 @@ def row_data(args, device, b):
             "speedup": t["dataloader"] / t["ours"]}
 
 
+# ------------------------------------------------------------------------------------------------
+# Row 6: attack memory
+# ------------------------------------------------------------------------------------------------
+def peak_bytes(fn, device):
+    """Peak bytes of tensors allocated while fn() runs, above what was allocated before it. GPU: the caching
+    allocator's own count (torch.cuda.max_memory_allocated, reset first). CPU: every allocation and free of the
+    CPU allocator as torch's profiler records it (profile_memory; its raw '[memory]' records, read before the
+    slow per-op event tree is built), summed in time order. Unlike the process's peak RSS, it neither keeps the
+    peak of an earlier call nor counts what malloc keeps after a free."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for e in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns()):
+        live += e.nbytes()  # (< 0 for a free)
+        peak = max(peak, live)
+    return peak
+
+
+def saved_bytes(net, x):
+    """Bytes autograd saves for the backward of one input-gradient pass of `net` on x (each storage once: a ReLU's
+    output that the next conv saves too is one tensor), counted with saved_tensors_hooks: device independent."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    x = x.clone().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = F.cross_entropy(net(x), torch.zeros(len(x), dtype=torch.long, device=x.device), reduction="sum")
+    torch.autograd.grad(loss, x)
+    return sum(storages.values())
+
+
+def saved_bytes_per_image(arch, width, device):
+    """Bytes saved for backward per image by an attack's input-gradient pass of `arch` (eval mode, weights
+    frozen): the difference between a batch of 2 and of 1, so that the weights (which a conv saves for its input
+    gradient) cancel. A WRN-34-10 fits a CPU at that size."""
+    torch.manual_seed(0)
+    net = common.build_model({"arch": arch, "width": width, "act": "relu"}).to(device).eval()
+    x = torch.rand(2, 3, 32, 32, device=device)
+    with common.frozen_params(net):
+        return saved_bytes(net, x) - saved_bytes(net, x[:1])
+
+
+def row_attack_memory(args, device, b, restarts=10, steps=20):
+    """Peak memory (peak_bytes) of evaluate.py's attack, PGD-20 with 1 and with `restarts` restarts, on one batch of
+    --batch-size images, with common.robust_metrics's bound: at most --batch-size inputs at once. Then the memory
+    per image, what docs/speed.md's table of the largest --batch-size per GPU is computed from: the ×1 peak over
+    the batch, the same for MEMORY_WRN with PGD-1 on 4 images (a step's peak hardly depends on the number of
+    steps: ResNet-18, 16 images, PGD-1 82.25 MiB, PGD-20 82.63; a WRN-34-10 PGD-20 is long on a CPU), and the
+    bytes saved for backward (saved_bytes_per_image) of both. (cuDNN autotuning off: its trial workspaces are
+    not the attack's.)"""
+    torch.backends.cudnn.benchmark = False
+    x_u8, y = synthetic_cifar(b)
+    x, y = x_u8.to(device).float() / 255, y.to(device)
+    net = make_net(args, device).eval()
+
+    def attack(r, n=steps):
+        return lambda: common.pgd(net, x, y, 8 / 255, 0.007, n, restarts=r, max_inputs=b)
+    attack(restarts, 1)()  # warm-up
+    peaks = {r: peak_bytes(attack(r), device) for r in (1, restarts)}
+    wrn, x4, y4 = make_net(args, device, MEMORY_WRN).eval(), x[:4], y[:4]
+    common.pgd(wrn, x4, y4, 8 / 255, 0.007, 1)  # warm-up
+    wrn_peak = peak_bytes(lambda: common.pgd(wrn, x4, y4, 8 / 255, 0.007, 1), device)
+    return {"peak_mb_x1": peaks[1] / 2**20, f"peak_mb_x{restarts}": peaks[restarts] / 2**20,
+            "ratio": peaks[restarts] / peaks[1], "peak_mb_per_image": peaks[1] / b / 2**20,
+            "wrn_peak_mb_per_image": wrn_peak / len(y4) / 2**20,
+            "resnet18_saved_mb_per_image": saved_bytes_per_image("resnet18", args.width, device) / 2**20,
+            "wrn_saved_mb_per_image": saved_bytes_per_image(MEMORY_WRN, args.width, device) / 2**20}
+
+
 EPOCH_VARIANTS = (("fp32_eager", False, False, False), ("bf16_channels_last", True, True, False),
                   ("bf16_channels_last_compile", True, True, True))  # (name, --amp, --channels-last, --compile)
 
@@ -320,10 +405,10 @@ def epoch_times(args, device, images=50000, variants=EPOCH_VARIANTS, warmup=20, 
 
 
 ROW_FNS = {"at_step": row_at_step, "floor": row_floor, "wrn_floor": row_wrn_floor, "avg_flatness": row_avg_flatness,
-           "worst_flatness": row_worst_flatness, "data": row_data}
-TARGETS = {"at_step": ("speedup", 1.3), "floor": ("efficiency", 0.9), "wrn_floor": ("efficiency", 0.9),
-           "avg_flatness": ("efficiency", 0.9),
-           "worst_flatness": ("efficiency", 0.9), "data": ("speedup", None)}
+           "worst_flatness": row_worst_flatness, "data": row_data, "attack_memory": row_attack_memory}
+TARGETS = {"at_step": ("speedup", "≥ 1.3"), "floor": ("efficiency", "≥ 0.9"), "wrn_floor": ("efficiency", "≥ 0.9"),
+           "avg_flatness": ("efficiency", "≥ 0.9"), "worst_flatness": ("efficiency", "≥ 0.9"),
+           "data": ("speedup", None), "attack_memory": ("ratio", "≤ 1.2")}
 
 
 def main():
@@ -355,7 +440,7 @@ def main():
         results[row] = json.loads(line[-1][len("RESULT "):])
         key, target = TARGETS[row]
         r = results[row]
-        print(f"{row:15s} {key} {r[key]:6.2f}" + (f"  (target ≥ {target})" if target else "")
+        print(f"{row:15s} {key} {r[key]:6.2f}" + (f"  (target {target})" if target else "")
               + f"  peak {r['peak_mem_mb']:.0f} MB  " + " ".join(f"{k}={v:.4g}" for k, v in r.items()
                                                                if k not in (key, "peak_mem_mb", "arch")), flush=True)
     if args.epoch_time:

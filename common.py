@@ -44,12 +44,18 @@ class UsageError(Exception):
 
 def run_cli(main, kept="result files already written are kept; the same command measures only what is missing"):
     """A script's entry point: bad input is one `error:` line and exit code 1; Ctrl-C one line saying what was
-    kept (`kept`; a training run's folder says its own, see check_out) and exit code 130."""
+    kept (`kept`; a training run's folder says its own, see check_out) and exit code 130; a CUDA out-of-memory
+    error one `error:` line that names --batch-size, exit code 1."""
     _interrupted.clear()
     try:
         main()
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except (torch.cuda.OutOfMemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)) as e:
+        first = (str(e).strip().splitlines() or ["no message"])[0]
+        print(f"error: out of GPU memory ({first}); lower --batch-size (it bounds the images, and in evaluate.py and "
+              "flatness.py the attack inputs, that go through the network at once; docs/speed.md)", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print(f"\ninterrupted: {_interrupted[0]() if _interrupted else kept}", file=sys.stderr)
@@ -127,6 +133,18 @@ def _loop_status(loop, now):
     elapsed, done, total = now - loop["start"], loop["done"], loop["total"]
     left = f", ~{clock(elapsed / done * (total - done))} left" if done else ""
     return f"{loop['desc']}: {done}/{total} ({100 * done / max(total, 1):.0f} %), {clock(elapsed)} elapsed{left}"
+
+
+def threat_defaults(args, norm="linf"):
+    """--norm, --epsilon, --attack-step and --attack-steps left unset (None) take the threat model's defaults: the norm
+    is `norm` (evaluate.py, flatness.py: the checkpoint's), ε and the step THREATS[norm], the training PGD 7 steps
+    (ℓ∞, the paper) or 10 (ℓ2, Rice et al. and AWP). Returns args."""
+    args.norm = args.norm or norm
+    args.epsilon = THREATS[args.norm]["eps"] if args.epsilon is None else args.epsilon
+    args.attack_step = THREATS[args.norm]["step"] if args.attack_step is None else args.attack_step
+    if getattr(args, "attack_steps", 0) is None:
+        args.attack_steps = 7 if args.norm == "linf" else 10
+    return args
 
 
 def check(condition, message):
@@ -625,40 +643,47 @@ def ascent_step(delta, grad, eps, alpha, norm="linf"):
 
 
 def pgd(model, x, y, eps, alpha, steps, restarts=1, loss_fn=cross_entropy_each, start="uniform",
-        bn="eval", autocast=False, with_pred=False, norm="linf"):
+        bn="eval", autocast=False, with_pred=False, norm="linf", max_inputs=None):
     """PGD ascent on the per-example `loss_fn(model(x + δ), y)` in the ℓ∞ or ℓ2 ball of radius ε (`norm`). Returns
     (δ, loss): per example the iterate with the highest loss over all steps and restarts, random start included,
     and that loss (in the attack's BN mode); `with_pred=True` adds the prediction there (saves a forward).
-    Restarts are batched by repeating the input; the step of the summed loss is taken w.r.t. δ only (weights
-    frozen); no host sync in the loop."""
+    Restarts are batched by repeating the input, in chunks of max(1, max_inputs // len(x)) restarts (all at once if
+    None), so memory does not grow with restarts; every start is drawn before the first chunk, so the chunking
+    changes no random number. The step of the summed loss is taken w.r.t. δ only (weights frozen); no host sync."""
     b, ones = x.shape[0], [1] * (x.dim() - 1)
-    xr, yr = x.repeat(restarts, *ones), y.repeat(restarts, *([1] * (y.dim() - 1)))
+    xr = x.repeat(restarts, *ones)
     if start == "uniform":  # (the name of the paper's ℓ∞ start; for ℓ2 the ball's random start)
         delta = random_start(xr, eps, norm)
     elif start == "normal":  # TRADES: x + 0.001·N(0, I), inside the ε-ball (it is a candidate iterate)
         delta = project(0.001 * torch.randn_like(xr), eps, norm)
     else:
         delta = torch.zeros_like(xr)
-    delta = ((xr + delta).clamp_(0, 1) - xr).requires_grad_(True)
-    best_delta = delta.detach().clone()
+    starts = (xr + delta).clamp_(0, 1) - xr  # restart r's start: rows r·b … (r+1)·b − 1
+    best_delta = starts.clone()
     best_loss = torch.full((xr.shape[0],), -float("inf"), device=x.device)
     best_pred = torch.zeros(xr.shape[0], dtype=torch.long, device=x.device)
+    n = restarts if max_inputs is None else max(1, min(restarts, max_inputs // b))  # restarts per chunk
     with bn_mode(model, bn), frozen_params(model), torch.enable_grad():  # works inside torch.no_grad() too
-        for t in range(steps + 1):  # the last pass only scores the final iterate
-            with torch.set_grad_enabled(t < steps), torch.autocast(x.device.type, torch.bfloat16, enabled=autocast):
-                logits = model(xr + delta)
-                loss = loss_fn(logits, yr).float()
-            better = loss.detach() > best_loss
-            best_loss = torch.where(better, loss.detach(), best_loss)
-            best_delta = torch.where(better.view(-1, *ones), delta.detach(), best_delta)
-            if with_pred:
-                best_pred = torch.where(better, logits.detach().argmax(1), best_pred)
-            if t == steps:
-                break
-            (grad,) = torch.autograd.grad(loss.sum(), delta)
-            with torch.no_grad():
-                delta = ascent_step(delta, grad, eps, alpha, norm)
-                delta = ((xr + delta).clamp_(0, 1) - xr).requires_grad_(True)
+        for r in range(0, restarts, n):  # restarts r … r+n−1 as one batch
+            rows, m = slice(r * b, (r + n) * b), min(n, restarts - r)
+            xr, yr = x.repeat(m, *ones), y.repeat(m, *([1] * (y.dim() - 1)))
+            delta = starts[rows].requires_grad_(True)
+            for t in range(steps + 1):  # the last pass only scores the final iterate
+                with torch.set_grad_enabled(t < steps), torch.autocast(x.device.type, torch.bfloat16,
+                                                                       enabled=autocast):
+                    logits = model(xr + delta)
+                    loss = loss_fn(logits, yr).float()
+                better = loss.detach() > best_loss[rows]
+                best_loss[rows] = torch.where(better, loss.detach(), best_loss[rows])
+                best_delta[rows] = torch.where(better.view(-1, *ones), delta.detach(), best_delta[rows])
+                if with_pred:
+                    best_pred[rows] = torch.where(better, logits.detach().argmax(1), best_pred[rows])
+                if t == steps:
+                    break
+                (grad,) = torch.autograd.grad(loss.sum(), delta)
+                with torch.no_grad():
+                    delta = ascent_step(delta, grad, eps, alpha, norm)
+                    delta = ((xr + delta).clamp_(0, 1) - xr).requires_grad_(True)
     best_loss, which = best_loss.view(restarts, b).max(0)
     index = (which, torch.arange(b, device=x.device))
     best_delta = best_delta.view(restarts, b, *x.shape[1:])[index]
@@ -666,11 +691,11 @@ def pgd(model, x, y, eps, alpha, steps, restarts=1, loss_fn=cross_entropy_each, 
 
 
 @torch.no_grad()
-def clean_metrics(model, x, y, batch_size=500):
+def clean_metrics(model, x, y, batch_size=500, progress=False):
     """Per-example clean CE and correctness in eval mode (fp32)."""
     losses, correct = [], []
     with bn_mode(model, "eval"):
-        for i in range(0, len(y), batch_size):
+        for i in progress_loop(range(0, len(y), batch_size), "clean batches", disable=not progress):
             logits = model(x[i:i + batch_size]).float()
             losses.append(F.cross_entropy(logits, y[i:i + batch_size], reduction="none"))
             correct.append(logits.argmax(1) == y[i:i + batch_size])
@@ -680,11 +705,13 @@ def clean_metrics(model, x, y, batch_size=500):
 def robust_metrics(model, x, y, eps, alpha, steps, restarts=1, batch_size=128, progress=False, clean_ok=None,
                    norm="linf"):
     """Per-example robust CE (max over iterates and restarts) and robust correctness (correct on the clean input
-    and on the chosen adversarial one), in eval mode and fp32. `clean_ok`: the clean correctness, if known."""
+    and on the chosen adversarial one), in eval mode and fp32. `clean_ok`: the clean correctness, if known.
+    At most `batch_size` inputs go through the network at once: restarts are attacked in chunks (pgd's max_inputs)."""
     losses, correct = [], []
     for i in progress_loop(range(0, len(y), batch_size), f"PGD-{steps}x{restarts}", disable=not progress):
         xb, yb = x[i:i + batch_size], y[i:i + batch_size]
-        _, loss, pred = pgd(model, xb, yb, eps, alpha, steps, restarts, with_pred=True, norm=norm)
+        _, loss, pred = pgd(model, xb, yb, eps, alpha, steps, restarts, with_pred=True, norm=norm,
+                            max_inputs=batch_size)
         if clean_ok is None:
             with torch.no_grad(), bn_mode(model, "eval"):
                 ok = model(xb).argmax(1) == yb
@@ -842,41 +869,6 @@ def write_jsonl(path, rows):
 
 def save_checkpoint(path, **state):
     _atomic(path, lambda tmp: torch.save(state, tmp))
-
-
-def load_checkpoint(path, device="cpu"):
-    """torch.load(weights_only=True); a missing or unreadable file is one error line saying what is wrong with it
-    and what to do (torch's reasons are internal, and cut to one line they stop mid-sentence)."""
-    import re, warnings, zipfile  # noqa: E401 (the error path)
-    check(Path(path).is_file(), f"checkpoint {path} does not exist")
-    try:
-        with warnings.catch_warnings():  # another pickle protocol: no stray warning line on stderr
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            ckpt = torch.load(path, map_location=device, weights_only=True)
-    except OSError as e:  # no permission, an I/O error
-        raise UsageError(f"{path} cannot be read ({e.strerror or e})")
-    except Exception as e:
-        with open(path, "rb") as f:
-            head, text = f.read(4), str(e)
-        zipped, legacy = head == b"PK\x03\x04", head == b"\x80\x02\x8a\x0a"  # torch.save's formats (legacy: < 1.6)
-        unsafe, refused = re.search(r"GLOBAL (\S+) was not", text), re.search(r"WeightsUnpickler error:\s*(\S.*)", text)
-        again = "copy or download it again, or use another checkpoint of the run (ckpt_best.pt, ckpt_epoch*.pt)"
-        if unsafe:  # e.g. torch.save(model): weights_only=True runs no pickled code, by design
-            why = (f"holds a pickled {unsafe.group(1)}, not only tensors (a whole model saved with torch.save(model)?), "
-                   "which torch.load(weights_only=True) does not execute; save its state_dict() and pass that file")
-        elif not head or (zipped and not zipfile.is_zipfile(path)) or (  # no zip end record, or the data ends early
-                legacy and (isinstance(e, EOFError) or "unexpected EOF" in text)):
-            why = f"is {'empty' if not head else 'truncated'} (an interrupted save, copy or download?); {again}"
-        elif not (legacy or zipped and any(n.endswith("data.pkl") for n in zipfile.ZipFile(path).namelist())):
-            why = "is not a PyTorch checkpoint (neither torch.save's zip format nor its legacy format); check the path"
-        elif refused:
-            why = (f"holds data that torch.load(weights_only=True) refuses ({refused.group(1).strip()}; e.g. saved with "
-                   "pickle_protocol=4); if you trust the file, load it with weights_only=False and save it again")
-        else:
-            why = f"is corrupt (torch.save's archive is damaged inside: a failed copy or download?); {again}"
-        raise UsageError(f"{path} {why}")
-    check(isinstance(ckpt, dict), f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
-    return ckpt
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,11 +3,12 @@
 Stutz, Hein & Schiele, ICCV 2021, §4 and Table 1:
 
     RLoss = (1/N) Σ_n max_{‖δ‖∞ ≤ ε} CE(f(x_n + δ), y_n)      (PGD: per example the max-CE iterate
-                                                               over all steps and restarts)
+                                                               over all steps and restarts; --norm l2: ‖δ‖₂)
     RErr  = (1/N) Σ_n [f(x_n) ≠ y_n  or  f(x_n + δ_n) ≠ y_n]  (wrong clean or adversarially)
 
 Usage:   python evaluate.py runs/at/ckpt_last.pt [--use-ema] [--train] [--no-autoattack]
          python evaluate.py --robustbench Carmon2019Unlabeled --model-dir models   # models/cifar10/Linf/<name>.pt
+         python evaluate.py --robustbench Rice2020Overfitting --norm l2 --model-dir models   # models/cifar10/L2/<name>.pt
 Python:  evaluate.robust_loss_error(model, x, y, **settings) on any nn.Module taking [0, 1] inputs (README
          "Python API"); the command line calls it.
 CPU:     python evaluate.py runs/smoke/ckpt_last.pt --n-eval 100 --data-dir ../shared/data/cifar10-jpeg
@@ -20,6 +21,8 @@ restarts) for RLoss on test images 0…999, split into clean-correct and clean-i
 (Fig. 2, 5); AutoAttack for RErr on the same images (Table 1), and on train images 0…999 for the
 "train" column (--train). The paper's bundled AutoAttack ran APGD-CE, APGD-T and FAB-T without
 Square (--aa-version paper); the default is the standard AutoAttack with Square.
+--norm l2 (default: the checkpoint's threat model, else linf) attacks the ℓ2 ball instead: PGD-20 × 10 with
+ℓ2-normalised gradient steps (ε = 128/255, step 15/255: Rice et al.'s and AWP's values), AutoAttack's L2 version.
 AutoAttack comes from pyautoattack (PyPI: fra31/auto-attack's attack code behind another wrapper
 API) or, when that is not installed, the upstream `autoattack` git package; robust accuracy is
 always recomputed by our own eval-mode fp32 forward on the returned x_adv.
@@ -38,6 +41,8 @@ import re
 import sys
 import time
 import types
+import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -59,23 +64,30 @@ def parse_args(argv=None):
     g.add_argument("--n-clean", type=int, default=0, help="test images for clean loss/error (0 = the full test set, paper)")
     g.add_argument("--train", action="store_true", help="also attack train images 0…N-1 (Table 1 'train' column)")
     g = p.add_argument_group("attacks")
-    g.add_argument("--epsilon", type=common.pixels, default=8 / 255, help="L∞ radius (paper: 8/255; its code 0.0314)")
-    g.add_argument("--attack-step", type=common.pixels, default=0.007, help="PGD step size (paper: 0.007)")
+    g.add_argument("--norm", default=None, choices=tuple(common.THREATS),
+                   help="threat model of PGD and AutoAttack: linf ‖δ‖∞ ≤ ε (paper) | l2 ‖δ‖₂ ≤ ε; default: the one our "
+                   "checkpoint was trained with, else linf (--robustbench: also which zoo, Linf or L2)")
+    g.add_argument("--epsilon", type=common.pixels, default=None,
+                   help="radius; None: the --norm's, linf 8/255 (paper; its code 0.0314), l2 128/255 (Rice et al., AWP)")
+    g.add_argument("--attack-step", type=common.pixels, default=None,
+                   help="PGD step size; None: linf 0.007 (paper), l2 15/255")
     g.add_argument("--steps", type=int, default=20, help="PGD iterations (paper: 20)")
     g.add_argument("--restarts", type=int, default=10, help="PGD random restarts, per example the max-CE one (paper: 10)")
     g.add_argument("--no-autoattack", action="store_true", help="skip AutoAttack (PGD only; much faster on a CPU)")
     g.add_argument("--aa-version", default="standard", choices=tuple(AA_ATTACKS),
                    help="standard: APGD-CE, APGD-T, FAB-T, Square; paper: the same without Square (the paper's runs)")
-    g.add_argument("--batch-size", type=int, default=128, help="images per attack batch (paper: 128); "
-                   "PGD repeats each batch --restarts times")
+    g.add_argument("--batch-size", type=int, default=128, help="images per attack batch (paper: 128), and the most "
+                   "inputs PGD puts through the network at once: a batch's --restarts run in chunks of at most "
+                   "--batch-size inputs, so memory does not grow with them (what fits a GPU: docs/speed.md)")
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="folder for the result file (default: the checkpoint's folder; "
                    "--robustbench: --model-dir)")
     g.add_argument("--force", action="store_true", help="measure again although a result with the same settings exists")
     g.add_argument("--verbose", action="store_true", help="show AutoAttack's per-attack log")
     args = p.parse_args(argv)
-    check(0 < args.epsilon <= 1, f"--epsilon must be in (0, 1] (pixel units, e.g. 8/255), got {args.epsilon}")
-    check(args.attack_step > 0 and args.steps >= 0 and args.restarts >= 1,
+    check(args.epsilon is None or args.epsilon > 0,
+          f"--epsilon must be in (0, 1] (pixel units, e.g. 8/255), got {args.epsilon}")
+    check((args.attack_step is None or args.attack_step > 0) and args.steps >= 0 and args.restarts >= 1,
           "--attack-step must be > 0, --steps >= 0 and --restarts >= 1")
     check(args.n_eval >= 1 and args.n_clean >= 0 and args.batch_size >= 1,
           "--n-eval and --batch-size must be >= 1, --n-clean >= 0")
@@ -84,7 +96,8 @@ def parse_args(argv=None):
 
 
 # The flags that determine evaluate.py's numbers, besides the model (README "Result files").
-EVAL_SETTINGS = ("n_eval", "n_clean", "train", "epsilon", "attack_step", "steps", "restarts", "batch_size", "seed")
+EVAL_SETTINGS = ("n_eval", "n_clean", "train", "norm", "epsilon", "attack_step", "steps", "restarts", "batch_size",
+                 "seed")
 
 
 def protocol(args):
@@ -94,10 +107,25 @@ def protocol(args):
 
 
 def eval_settings(args, info):
-    """(settings, non_default) of this evaluation (README "Result files"). `train` only adds the train-image
-    section, so it is no departure from the paper's protocol."""
-    default = protocol(parse_args(["-"] + (["--train"] if args.train else [])))
+    """(settings, non_default) of this evaluation (README "Result files"), after resolve_threat() (--norm, --epsilon
+    and --attack-step not given: the model's). `train` only adds the train-image section, so it is no departure
+    from the paper's protocol; --norm chooses what is measured, so the protocol it is compared with is that
+    norm's (its ε and step)."""
+    resolve_threat(args, info)
+    train = ["--train"] if args.train else []
+    default = protocol(common.threat_defaults(parse_args(["-", "--norm", args.norm, *train])))
     return result_settings("evaluate.py", "eval", args, info, protocol(args), default)
+
+
+def norm_of(info):
+    """The threat model a model was trained for: our checkpoint's --norm (checkpoints from before --norm: linf),
+    else linf (a RobustBench model's is its zoo's, the --norm that chose its file)."""
+    return (info.get("args") or {}).get("norm", "linf") if info["source"] == "ours" else "linf"
+
+
+def resolve_threat(args, info):
+    """--norm, --epsilon and --attack-step left unset: the model's threat model (norm_of) and its defaults."""
+    return common.threat_defaults(args, norm_of(info))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,9 +157,15 @@ def result_settings(tool, mode, args, info, how, default):
     return {"tool": tool, "mode": mode, **model, **how}, sorted(k for k in how if how[k] != default[k])
 
 
+def hashed(settings):
+    """The settings a hash is taken of: all, but `norm` only when it is not linf (a result without a norm is an ℓ∞
+    one), so ℓ∞ results keep the names they had before --norm existed and are found as already measured."""
+    return {k: v for k, v in settings.items() if not (k == "norm" and v == "linf")}
+
+
 def settings_hash(settings):
-    """8 hex digits of the SHA-256 of the canonical JSON of the settings (keys sorted)."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    """8 hex digits of the SHA-256 of the canonical JSON of the settings (keys sorted; hashed())."""
+    return hashlib.sha256(json.dumps(hashed(settings), sort_keys=True).encode()).hexdigest()[:8]
 
 
 def checkpoint_label(checkpoint):
@@ -170,7 +204,8 @@ def already_measured(path, settings, checkpoint_sha256, force=False):
         old = json.loads(path.read_text())
     except ValueError:
         return False
-    check(old.get("settings") == settings, f"{path} holds other settings under the same hash; move it aside")
+    check(hashed(old.get("settings") or {}) == hashed(settings),
+          f"{path} holds other settings under the same hash; move it aside")
     if old.get("checkpoint_sha256") != checkpoint_sha256:
         print(f"measuring again: {settings['checkpoint']} changed since {path.name} was written "
               f"(then epoch {old.get('epoch')})")
@@ -189,6 +224,40 @@ def write_result(path, settings, non_default, checkpoint_sha256, result):
 # plumbing: the model under test (a checkpoint of ours, an external state dict, a RobustBench model);
 # flatness.py uses the same functions
 # ----------------------------------------------------------------------------------------------
+def load_checkpoint(path, device="cpu"):
+    """torch.load(weights_only=True); a missing or unreadable file is one error line saying what is wrong with it
+    and what to do (torch's reasons are internal, and cut to one line they stop mid-sentence)."""
+    check(Path(path).is_file(), f"checkpoint {path} does not exist")
+    try:
+        with warnings.catch_warnings():  # another pickle protocol: no stray warning line on stderr
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            ckpt = torch.load(path, map_location=device, weights_only=True)
+    except OSError as e:  # no permission, an I/O error
+        raise UsageError(f"{path} cannot be read ({e.strerror or e})")
+    except Exception as e:
+        with open(path, "rb") as f:
+            head, text = f.read(4), str(e)
+        zipped, legacy = head == b"PK\x03\x04", head == b"\x80\x02\x8a\x0a"  # torch.save's formats (legacy: < 1.6)
+        unsafe, refused = re.search(r"GLOBAL (\S+) was not", text), re.search(r"WeightsUnpickler error:\s*(\S.*)", text)
+        again = "copy or download it again, or use another checkpoint of the run (ckpt_best.pt, ckpt_epoch*.pt)"
+        if unsafe:  # e.g. torch.save(model): weights_only=True runs no pickled code, by design
+            why = (f"holds a pickled {unsafe.group(1)}, not only tensors (a whole model saved with torch.save(model)?), "
+                   "which torch.load(weights_only=True) does not execute; save its state_dict() and pass that file")
+        elif not head or (zipped and not zipfile.is_zipfile(path)) or (  # no zip end record, or the data ends early
+                legacy and (isinstance(e, EOFError) or "unexpected EOF" in text)):
+            why = f"is {'empty' if not head else 'truncated'} (an interrupted save, copy or download?); {again}"
+        elif not (legacy or zipped and any(n.endswith("data.pkl") for n in zipfile.ZipFile(path).namelist())):
+            why = "is not a PyTorch checkpoint (neither torch.save's zip format nor its legacy format); check the path"
+        elif refused:
+            why = (f"holds data that torch.load(weights_only=True) refuses ({refused.group(1).strip()}; e.g. saved with "
+                   "pickle_protocol=4); if you trust the file, load it with weights_only=False and save it again")
+        else:
+            why = f"is corrupt (torch.save's archive is damaged inside: a failed copy or download?); {again}"
+        raise UsageError(f"{path} {why}")
+    check(isinstance(ckpt, dict), f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
+    return ckpt
+
+
 def strip_prefixes(state_dict):
     """Drop `module.` (DDP/DataParallel), `model.` and `_orig_mod.` (torch.compile) prefixes."""
     return {re.sub(r"^(module\.|model\.|_orig_mod\.)+", "", k): v for k, v in state_dict.items()}
@@ -250,7 +319,7 @@ def load_weights(model, state_dict):
 
 def model_from_checkpoint(path, device, use_ema=False):
     """Rebuild the model from a checkpoint of ours (its args hold the architecture)."""
-    ckpt = common.load_checkpoint(path, device)
+    ckpt = load_checkpoint(path, device)
     check("model" in ckpt and "args" in ckpt, f"{path} is not a checkpoint of this codebase "
           "(no 'model'/'args'); for external state dicts use evaluate.py's --arch flags")
     check(not use_ema or "ema" in ckpt, f"{path} has no EMA weights (train with --ema to get them)")
@@ -302,25 +371,50 @@ ROBUSTBENCH_TABLE = {
     "Addepalli2022Efficient_RN18": ("resnet18", False, None),
     "Addepalli2022Efficient_WRN_34_10": ("wrn-34-10", False, None),
 }
+# Its CIFAR-10 L2 zoo entries of these architectures (`l2` in the same file), in <model-dir>/cifar10/L2/<name>.pt;
+# besides `WideResNet` and `ResNet18()`, its Rice2020OverfittingNetL2 is a PreActResNet of PreActBlockV2 blocks (the
+# 1×1 shortcut on the activated input) with `bn` before `linear`: our preact-resnet18 at width 64. Left out: ResNet-50s
+# (Engstrom2019Robustness, Augustin2020Adversarial), Ding2020MMA (per-image normalisation), DM WideResNets and
+# PreActResNets (Swish/SiLU), MeanSparse.
+RB_AUGUSTIN = ((0.4913997551666284, 0.48215855929893703, 0.4465309133731618),
+               (0.24703225141799082, 0.24348516474564, 0.26158783926049628))
+ROBUSTBENCH_L2_TABLE = {
+    "Rice2020Overfitting": ("preact-resnet18", False, RB_CIFAR_STATS),
+    "Rony2019Decoupling": ("wrn-28-10", False, ((0.491, 0.482, 0.447), (0.247, 0.243, 0.262))),
+    "Standard": ("wrn-28-10", False, None),
+    "Wu2020Adversarial": ("wrn-34-10", False, None),
+    "Augustin2020Adversarial_34_10": ("wrn-34-10", False, RB_AUGUSTIN),
+    "Augustin2020Adversarial_34_10_extra": ("wrn-34-10", False, RB_AUGUSTIN),
+    "Sehwag2021Proxy": ("wrn-34-10", False, None),
+    "Sehwag2021Proxy_R18": ("resnet18", False, None),
+}
+RB_THREAT = {"linf": "Linf", "l2": "L2"}  # --norm → RobustBench's threat model (its folder and zoo)
+
+
+def robustbench_table(norm):
+    """The entries of the --norm's zoo that load without the robustbench package."""
+    return ROBUSTBENCH_TABLE if norm == "linf" else ROBUSTBENCH_L2_TABLE
+
+
 ROBUSTBENCH_ZOO = "the RobustBench model zoo (github.com/RobustBench/robustbench: robustbench/model_zoo/cifar10.py " \
                   "holds each entry's download id)"
 
 
-def robustbench_file(model_dir, name):
-    """RobustBench's own layout: <model-dir>/cifar10/Linf/<name>.pt."""
-    return Path(model_dir) / "cifar10" / "Linf" / f"{name}.pt"
+def robustbench_file(model_dir, name, norm="linf"):
+    """RobustBench's own layout: <model-dir>/cifar10/Linf/<name>.pt (--norm l2: cifar10/L2/<name>.pt)."""
+    return Path(model_dir) / "cifar10" / RB_THREAT[norm] / f"{name}.pt"
 
 
-def robustbench_from_table(name, model_dir, device):
+def robustbench_from_table(name, model_dir, device, norm="linf"):
     """A ROBUSTBENCH_TABLE entry from its file, without the robustbench package: the file read with
     torch.load(weights_only=True), a 'state_dict' wrapper and module./model. prefixes dropped, our architecture
     built by common.build_model and loaded strictly. The class's mean/std buffers (mu, sigma) are taken from the
     file where it has them and from the table where not (RobustBench loads those files non-strictly)."""
-    arch, sub_block1, stats = ROBUSTBENCH_TABLE[name]
-    path = robustbench_file(model_dir, name)
-    check(path.is_file(), f"--robustbench {name}: no file {path}; download {name}.pt (CIFAR-10, Linf) from "
+    arch, sub_block1, stats = robustbench_table(norm)[name]
+    path = robustbench_file(model_dir, name, norm)
+    check(path.is_file(), f"--robustbench {name}: no file {path}; download {name}.pt (CIFAR-10, {RB_THREAT[norm]}) from "
           f"{ROBUSTBENCH_ZOO} into {path.parent}")
-    ckpt = common.load_checkpoint(path, device)
+    ckpt = load_checkpoint(path, device)
     state = ckpt.get("state_dict", ckpt)
     check(isinstance(state, dict) and state and all(torch.is_tensor(v) for v in state.values()),
           f"{path} is not a state dict of tensors (RobustBench's files are, raw or under 'state_dict')")
@@ -343,9 +437,10 @@ def first_line(error):
     return (str(error).splitlines() or [""])[0][:200]
 
 
-def robustbench_with_package(name, model_dir, device):
+def robustbench_with_package(name, model_dir, device, norm="linf"):
     """Any other zoo entry, through the robustbench package where it imports; one error line where not."""
-    table = f"{len(ROBUSTBENCH_TABLE)} entries load without it: {', '.join(ROBUSTBENCH_TABLE)}"
+    known = robustbench_table(norm)
+    table = f"{len(known)} {RB_THREAT[norm]} entries load without it: {', '.join(known)}"
     try:
         from robustbench.utils import load_model as rb_load
     except ImportError as e:
@@ -358,14 +453,14 @@ def robustbench_with_package(name, model_dir, device):
                          f"'setuptools<81') and the upstream autoattack package (pip install "
                          f"git+https://github.com/fra31/auto-attack); or use one of the {table}")
     try:
-        model = rb_load(model_name=name, model_dir=model_dir, dataset="cifar10", threat_model="Linf")
+        model = rb_load(model_name=name, model_dir=model_dir, dataset="cifar10", threat_model=RB_THREAT[norm])
     except KeyError:
-        raise UsageError(f"--robustbench {name}: no such CIFAR-10 Linf model in RobustBench's zoo")
+        raise UsageError(f"--robustbench {name}: no such CIFAR-10 {RB_THREAT[norm]} model in RobustBench's zoo")
     except Exception as e:  # a download that failed (no network), a file that does not fit its class
         raise UsageError(f"--robustbench {name}: robustbench could not load it ({type(e).__name__}: "
                          f"{first_line(e)}); place {name}.pt from "
-                         f"{ROBUSTBENCH_ZOO} at {robustbench_file(model_dir, name)}")
-    path = robustbench_file(model_dir, name)
+                         f"{ROBUSTBENCH_ZOO} at {robustbench_file(model_dir, name, norm)}")
+    path = robustbench_file(model_dir, name, norm)
     return model.to(device).eval(), {"source": "robustbench", "name": name, "epoch": None, "args": None,
                                      "loader": "robustbench", "file": str(path) if path.is_file() else None}
 
@@ -390,11 +485,12 @@ def add_model_source_args(parser):
                         "(normalize.mean/std), else none; none = the network takes [0, 1] inputs (TRADES, MART, AWP "
                         "WRNs); dataset = the --dataset's mean/std in front (Rice et al.'s code). Recorded in results")
     g.add_argument("--robustbench", metavar="NAME",
-                   help="a RobustBench CIFAR-10 Linf model instead of a checkpoint, from "
-                        f"<model-dir>/cifar10/Linf/NAME.pt ({len(ROBUSTBENCH_TABLE)} WRN/ResNet-18 entries load "
-                        "without the robustbench package, README 'Public robust models')")
-    g.add_argument("--model-dir", default="models",
-                   help="RobustBench's model folder (its layout: cifar10/Linf/NAME.pt); --robustbench results go here")
+                   help="a RobustBench CIFAR-10 Linf model (--norm l2: L2) instead of a checkpoint, from "
+                        f"<model-dir>/cifar10/Linf/NAME.pt or L2/NAME.pt ({len(ROBUSTBENCH_TABLE)} Linf and "
+                        f"{len(ROBUSTBENCH_L2_TABLE)} L2 WRN/ResNet-18 entries load without the robustbench package, "
+                        "README 'Public robust models')")
+    g.add_argument("--model-dir", default="models", help="RobustBench's model folder (its layout: cifar10/Linf/NAME.pt, "
+                   "cifar10/L2/NAME.pt); --robustbench results go here")
     return g
 
 
@@ -440,10 +536,11 @@ def check_arch_flags(args, path, recorded):
 def load_model(args, device):
     """(model in eval mode, info dict for result files) from the flags of add_model_source_args."""
     if args.robustbench:  # the table's entries without the package (README "evaluate.py"), others through it
-        load = robustbench_from_table if args.robustbench in ROBUSTBENCH_TABLE else robustbench_with_package
-        return load(args.robustbench, args.model_dir, device)
+        norm = args.norm or "linf"  # which zoo: a RobustBench model's threat model is --norm's
+        load = robustbench_from_table if args.robustbench in robustbench_table(norm) else robustbench_with_package
+        return load(args.robustbench, args.model_dir, device, norm)
     check(args.checkpoint, "give a checkpoint path (or --robustbench NAME)")
-    ckpt = common.load_checkpoint(args.checkpoint, device)
+    ckpt = load_checkpoint(args.checkpoint, device)
     if "model" in ckpt and "args" in ckpt:  # ours
         check_arch_flags(args, args.checkpoint, ckpt["args"])
         model, ckpt = model_from_checkpoint(args.checkpoint, device, use_ema=args.use_ema)
@@ -483,15 +580,16 @@ def error_rate(ok):
 
 
 def pgd_metrics(model, x, y, args, progress=False):
-    """RLoss/RErr of PGD-`steps` × `restarts` (per example the max-CE iterate). `args`: anything with the
-    attributes epsilon, attack_step, steps, restarts, batch_size and seed (the flags, or robust_loss_error's
-    settings). Returns the JSON section, the per-example clean and robust correctness (for the union with
-    AutoAttack) and the per-example robust CE."""
+    """RLoss/RErr of PGD-`steps` × `restarts` (per example the max-CE iterate) in the --norm ball. `args`: anything
+    with the attributes norm, epsilon, attack_step, steps, restarts, batch_size and seed (the flags, or
+    robust_loss_error's settings). Returns the JSON section, the per-example clean and robust correctness (for the
+    union with AutoAttack) and the per-example robust CE."""
     t0 = time.time()
     _, clean_ok = common.clean_metrics(model, x, y, args.batch_size)
     common.seed_everything(args.seed)  # the random starts are reproducible per subset
     rloss, robust_ok = common.robust_metrics(model, x, y, args.epsilon, args.attack_step, args.steps,
-                                             args.restarts, args.batch_size, progress=progress, clean_ok=clean_ok)
+                                             args.restarts, args.batch_size, progress=progress, clean_ok=clean_ok,
+                                             norm=args.norm)
     section = {"rloss": mean(rloss), "rerr": error_rate(robust_ok),
                "rloss_correct": mean(rloss[clean_ok]), "rloss_incorrect": mean(rloss[~clean_ok]),
                "n_correct": int(clean_ok.sum()), "n_incorrect": int((~clean_ok).sum()), "n": len(y),
@@ -502,8 +600,8 @@ def pgd_metrics(model, x, y, args, progress=False):
 # ----------------------------------------------------------------------------------------------
 # AutoAttack: an adapter for the two packagings, then our own forward on x_adv
 # ----------------------------------------------------------------------------------------------
-def make_autoattack(model, eps, version, device, seed, verbose=False):
-    """(AutoAttack object, run(x, y, batch_size) -> x_adv, package name).
+def make_autoattack(model, eps, version, device, seed, verbose=False, norm="linf"):
+    """(AutoAttack object, run(x, y, batch_size) -> x_adv, package name); `norm` l2: AutoAttack's L2 version.
     pyautoattack (PyPI) has keyword-only arguments, `attacks=`, no `verbose`, logs to the
     'auto-attack' logger and returns (x_adv, y_adv); the upstream git package takes
     `attacks_to_run=`, `verbose=`, `bs=` and returns x_adv. The attack code is the same."""
@@ -517,7 +615,7 @@ def make_autoattack(model, eps, version, device, seed, verbose=False):
         except ImportError:
             raise UsageError("AutoAttack needs the pyautoattack package (pip install pyautoattack) "
                              "or fra31/auto-attack; or pass --no-autoattack")
-    kwargs = dict(norm="Linf", eps=eps, device=device, seed=seed)
+    kwargs = dict(norm=RB_THREAT[norm], eps=eps, device=device, seed=seed)  # (AutoAttack's names: Linf, L2)
     if version == "paper":  # a custom attack list; the attacks' parameters are set below
         kwargs.update(version="custom", **{"attacks" if package == "pyautoattack" else "attacks_to_run": AA_ATTACKS[version]})
     else:
@@ -534,7 +632,7 @@ def make_autoattack(model, eps, version, device, seed, verbose=False):
         aa = AutoAttack(model, verbose=verbose, **kwargs)
     if version == "paper":
         # version='custom' keeps the constructor's defaults (APGD-CE and FAB with 5 restarts);
-        # set what set_version('standard') sets for these attacks (L∞), as the paper's copy did:
+        # set what set_version('standard') sets for these attacks (L∞ and L2 alike), as the paper's copy did:
         # APGD-CE 1 restart; APGD-T and FAB-T 1 restart, 9 target classes; 100 iterations each.
         aa.apgd.n_restarts = 1
         aa.apgd_targeted.n_restarts = 1
@@ -556,7 +654,7 @@ def autoattack_metrics(model, x, y, clean_ok, pgd_ok, args, device, progress=Fal
     the per-example correctness under AutoAttack (clean and on x_adv)."""
     t0 = time.time()
     common.seed_everything(args.seed)
-    aa, run, package = make_autoattack(model, args.epsilon, args.aa_version, device, args.seed, args.verbose)
+    aa, run, package = make_autoattack(model, args.epsilon, args.aa_version, device, args.seed, args.verbose, args.norm)
     # one call per batch of --batch-size images, as the paper's code did (batches of 128), so the
     # progress bar moves; each attack reseeds itself per batch either way. The weights are frozen
     # meanwhile: the attacks' backward passes then compute input gradients only.
@@ -565,14 +663,17 @@ def autoattack_metrics(model, x, y, clean_ok, pgd_ok, args, device, progress=Fal
                            for i in common.progress_loop(range(0, len(y), args.batch_size), "AutoAttack batches",
                                                          disable=not progress)])
     max_linf = (x_adv - x).abs().amax().item()
-    if max_linf > args.epsilon + 1e-6 or x_adv.min() < 0 or x_adv.max() > 1:
-        print(f"warning: AutoAttack returned ‖x_adv − x‖∞ = {max_linf:.6f} > ε = {args.epsilon:.6f} or pixels outside "
-              "[0, 1]; projected back before counting", file=sys.stderr)
-        x_adv = torch.min(torch.max(x_adv, x - args.epsilon), x + args.epsilon).clamp(0, 1)
+    max_l2 = (x_adv - x).flatten(1).norm(dim=1).amax().item()
+    largest = max_linf if args.norm == "linf" else max_l2
+    if largest > args.epsilon + 1e-6 or x_adv.min() < 0 or x_adv.max() > 1:
+        print(f"warning: AutoAttack returned ‖x_adv − x‖ = {largest:.6f} > ε = {args.epsilon:.6f} ({args.norm}) or "
+              "pixels outside [0, 1]; projected back before counting", file=sys.stderr)
+        x_adv = (x + common.project(x_adv - x, args.epsilon, args.norm)).clamp(0, 1)
     _, aa_ok = common.clean_metrics(model, x_adv, y, args.batch_size)
     robust_ok = clean_ok & aa_ok
     return {"rerr": error_rate(robust_ok), "rerr_any": error_rate(robust_ok & pgd_ok),
-            "n": len(y), "max_linf": max_linf, "package": package, "time_s": time.time() - t0}, robust_ok
+            "n": len(y), "max_linf": max_linf, "max_l2": max_l2, "package": package, "time_s": time.time() - t0}, \
+        robust_ok
 
 
 def attack_subset(model, x, y, args, progress):
@@ -662,7 +763,7 @@ def model_kept(model):
 
 # robust_loss_error's settings: the command line's flags of the same names, autoattack = None (PGD only),
 # "standard" or "paper" (the --aa-version choices)
-ROBUST_SETTINGS = ("epsilon", "attack_step", "steps", "restarts", "batch_size", "seed", "autoattack")
+ROBUST_SETTINGS = ("norm", "epsilon", "attack_step", "steps", "restarts", "batch_size", "seed", "autoattack")
 
 
 def api_settings_of(args):
@@ -693,11 +794,13 @@ def robust_loss_error(model, x, y, progress=False, verbose=False, **settings):
     """RLoss and RErr of `model` (any nn.Module mapping [0, 1] images to logits) on (x, y), in eval mode and
     as the model's dtype: PGD-`steps` × `restarts` (per example its highest-CE iterate) and, with
     autoattack="standard" or "paper", AutoAttack on the same examples. Settings and their defaults (the
-    paper's, §4): epsilon=8/255, attack_step=0.007, steps=20, restarts=10, batch_size=128, seed=0,
-    autoattack=None. Returns a Robustness; the model's weights, modes and requires_grad flags are unchanged.
-    Seeds the global RNGs with `seed`, as the command line does."""
+    paper's, §4): norm="linf", epsilon=8/255, attack_step=0.007 (norm="l2": 128/255, 15/255), steps=20,
+    restarts=10, batch_size=128, seed=0, autoattack=None. Returns a Robustness; the model's weights, modes and
+    requires_grad flags are unchanged. Seeds the global RNGs with `seed`, as the command line does."""
     name = "evaluate.robust_loss_error"
-    defaults = parse_args(["-"])
+    norm = settings.get("norm", "linf")
+    require(name, norm in common.THREATS, f"norm must be {' or '.join(map(repr, common.THREATS))}, got {norm!r}")
+    defaults = common.threat_defaults(parse_args(["-", "--norm", norm]))  # ε and step follow the norm
     s = settings_with_defaults(name, {**api_settings_of(defaults), "autoattack": None}, settings)
     check_attack(name, s)
     require(name, is_int(s["restarts"], 1), f"restarts must be an integer >= 1, got {s['restarts']!r}")
@@ -740,7 +843,8 @@ def print_table(result, settings):
                      f"incorrect {num(p['rloss_incorrect'])} (n={p['n_incorrect']}); clean err {pct(p['clean_err']).strip()}"))
         if aa is not None:
             rows.append((f"AutoAttack-{settings['autoattack']} ({name})", aa["n"], aa["rerr"], None,
-                         f"any attack {pct(aa['rerr_any']).strip()}; max ‖δ‖∞ {aa['max_linf']:.5f}"))
+                         f"any attack {pct(aa['rerr_any']).strip()}; max ‖δ‖∞ {aa['max_linf']:.5f}, "
+                         f"‖δ‖₂ {aa['max_l2']:.5f}"))
     print(f"{'':26s} {'n':>6s} {'err':>8s} {'loss':>7s}")
     for label, n, err, loss, note in rows:
         print(f"{label:26s} {n:6d} {pct(err):>8s} {num(loss) if loss is not None else '':>7s}  {note}")
@@ -755,7 +859,7 @@ def main(argv=None):
     model, info = load_model(args, device)
     model = model.float().eval()  # every reported number is fp32 (README 'Conventions')
     args.data_dir, args.dataset = data_dir_of(args, info), dataset_of(args, info)
-    settings, non_default = eval_settings(args, info)
+    settings, non_default = eval_settings(args, info)  # (also --norm: the checkpoint's unless given, its ε and step)
     out = result_path(result_folder(args), settings)
     check(out.parent.is_dir(), f"output folder {out.parent} does not exist (choose --out)")
     sha256 = model_sha256(args, info)
@@ -768,7 +872,7 @@ def main(argv=None):
     check(args.n_clean <= n_test, f"--n-clean {args.n_clean} is larger than the test set ({n_test} images)")
     n_clean = args.n_clean or n_test
     x, y = common.eval_split(args.data_dir, "eval", max(n_clean, args.n_eval), device, args.dataset)
-    clean_loss, clean_ok = common.clean_metrics(model, x[:n_clean], y[:n_clean], max(args.batch_size, 500))
+    clean_loss, clean_ok = common.clean_metrics(model, x[:n_clean], y[:n_clean], max(args.batch_size, 500), progress)
 
     result = {"epoch": info["epoch"], "source": info["source"], "model_args": info["args"],
               "versions": {**common.versions(device), "autoattack": autoattack_version_string()},

@@ -7,7 +7,7 @@ tensor l being one "layer" (BatchNorm, the input normaliser and auxiliary heads 
 
     average-case (Eq. 3):  E_ν [ RLoss(w + ν) ] − RLoss(w),   ν_l = ξ‖w_l‖·g_l/‖g_l‖, g_l ~ N(0, I)
     worst-case   (Eq. 5):  max_{ν ∈ B_ξ(w)} RLoss(w + ν) − RLoss(w)   (joint PGD on ν and δ)
-    RLoss(w) = (1/N) Σ_n max_{‖δ‖∞ ≤ ε} CE(f(x_n + δ; w), y_n)
+    RLoss(w) = (1/N) Σ_n max_{‖δ‖∞ ≤ ε} CE(f(x_n + δ; w), y_n)     (--norm l2: ‖δ‖₂ ≤ ε; default: the checkpoint's)
 
 RLoss(w) is the reference: PGD-20 × 10 restarts on the unperturbed model (common.robust_metrics, the
 same estimator as evaluate.py). On every perturbed model the adversarial examples are recomputed.
@@ -54,8 +54,8 @@ from torch.func import functional_call
 import common
 from common import check, fraction
 from evaluate import (add_model_source_args, already_measured, check_attack, check_inputs, data_dir_of, dataset_of,
-                      is_int, is_real, load_model, model_kept, model_sha256, require, result_folder, result_path,
-                      result_settings, settings_with_defaults, write_result)
+                      is_int, is_real, load_model, model_kept, model_sha256, require, resolve_threat, result_folder,
+                      result_path, result_settings, settings_with_defaults, write_result)
 
 MODES = ("average", "worst", "both", "landscape", "hessian")
 DEFAULT_XI = {"average": 0.5, "worst": 0.00075}      # the paper's ξ (Table 1)
@@ -92,13 +92,19 @@ def parse_args(argv=None):
                         "batches of a restart (the released code, default)")
     g.add_argument("--joint-batch-size", type=int, default=128,
                    help="worst-case mini-batch; ν is updated after each one, so this changes the measure (paper: 128)")
-    g = p.add_argument_group("PGD (reference RLoss and perturbed models)")
-    g.add_argument("--epsilon", type=common.pixels, default=8 / 255, help="L∞ radius (paper: 8/255; its code 0.0314)")
-    g.add_argument("--attack-step", type=common.pixels, default=0.007, help="PGD step size (paper: 0.007)")
+    g = p.add_argument_group("PGD (reference RLoss, perturbed models, the joint ascent's δ, landscapes)")
+    g.add_argument("--norm", default=None, choices=tuple(common.THREATS),
+                   help="threat model of every RLoss: linf ‖δ‖∞ ≤ ε (paper) | l2 ‖δ‖₂ ≤ ε; default: the one our "
+                   "checkpoint was trained with, else linf (--robustbench: also which zoo, Linf or L2)")
+    g.add_argument("--epsilon", type=common.pixels, default=None,
+                   help="radius; None: the --norm's, linf 8/255 (paper; its code 0.0314), l2 128/255 (Rice et al., AWP)")
+    g.add_argument("--attack-step", type=common.pixels, default=None,
+                   help="PGD step size; None: linf 0.007 (paper), l2 15/255")
     g.add_argument("--steps", type=int, default=20, help="PGD iterations (paper: 20)")
     g.add_argument("--ref-restarts", type=int, default=10, help="PGD restarts of the reference RLoss (paper: 10)")
     g.add_argument("--batch-size", type=int, default=128,
-                   help="images per PGD batch (paper: 128); only speed and the order of random draws depend on it")
+                   help="images per PGD batch (paper: 128), and the most inputs PGD puts through the network at "
+                   "once (restarts in chunks); only speed, memory and the order of random draws depend on it")
     g = p.add_argument_group("1-D landscape (Fig. 4)")
     g.add_argument("--directions", type=int, default=10, help="random and adversarial directions each (paper: 10)")
     g.add_argument("--points", type=int, default=51, help="steps s in [-1, 1] (paper: 51)")
@@ -143,8 +149,10 @@ def parse_args(argv=None):
     check(args.xi is None or args.mode in ("average", "worst"),
           "--xi needs --mode average or --mode worst (their paper values differ: 0.5 and 0.00075)")
     check(args.xi is None or args.xi >= 0, f"--xi must be >= 0, got {args.xi}")
-    check(0 < args.epsilon <= 1, f"--epsilon must be in (0, 1] (pixel units, e.g. 8/255), got {args.epsilon}")
-    check(args.attack_step > 0 and args.weight_step >= 0, "--attack-step must be > 0 and --weight-step >= 0")
+    check(args.epsilon is None or args.epsilon > 0,
+          f"--epsilon must be in (0, 1] (pixel units, e.g. 8/255), got {args.epsilon}")
+    check((args.attack_step is None or args.attack_step > 0) and args.weight_step >= 0,
+          "--attack-step must be > 0 and --weight-step >= 0")
     check(min(args.steps, args.landscape_steps) >= 0, "--steps and --landscape-steps must be >= 0")
     check(min(args.ref_restarts, args.restarts_perturbed, args.restarts, args.passes, args.directions,
               args.adversarial_passes, args.hessian_iters) >= 1,
@@ -231,19 +239,20 @@ def nu_generator(seed, device):
     return g
 
 
-def loss_of(model, x, y, loss, eps, alpha, steps, restarts, batch_size, progress=False):
-    """Per-example loss and correctness: RLoss by PGD (max over iterates and restarts) or clean CE."""
+def loss_of(model, x, y, loss, eps, alpha, steps, restarts, batch_size, progress=False, norm="linf"):
+    """Per-example loss and correctness: RLoss by PGD in the `norm` ball (max over iterates and restarts) or
+    clean CE."""
     if loss == "clean":
         return common.clean_metrics(model, x, y, batch_size)
-    return common.robust_metrics(model, x, y, eps, alpha, steps, restarts, batch_size, progress)
+    return common.robust_metrics(model, x, y, eps, alpha, steps, restarts, batch_size, progress, norm=norm)
 
 
 def reference(model, x, y, loss="robust", eps=8 / 255, alpha=0.007, steps=20, restarts=10, batch_size=128,
-              seed=0):
+              seed=0, norm="linf"):
     """RLoss(w) (PGD-20 × 10 restarts, per example the max-CE iterate) or the clean CE of the
     unperturbed model: (mean loss, error) as floats."""
     common.seed_everything(seed)
-    ce, ok = loss_of(model, x, y, loss, eps, alpha, steps, restarts, batch_size)
+    ce, ok = loss_of(model, x, y, loss, eps, alpha, steps, restarts, batch_size, norm=norm)
     return ce.mean().item(), 1 - ok.float().mean().item()
 
 
@@ -251,7 +260,7 @@ def reference(model, x, y, loss="robust", eps=8 / 255, alpha=0.007, steps=20, re
 # Average-case flatness (Eq. 3)
 # ----------------------------------------------------------------------------------------------
 def average_case_draws(model, x, y, xi=0.5, samples=10, loss="robust", eps=8 / 255, alpha=0.007, steps=20,
-                       restarts=1, batch_size=128, seed=0, progress=False, on_sample=None, box=None):
+                       restarts=1, batch_size=128, seed=0, progress=False, on_sample=None, box=None, norm="linf"):
     """Per draw ν (exactly on the per-layer sphere ‖ν_l‖ = ξ‖w_l‖, as the released code), the
     loss of f(·; w + ν) with adversarial examples recomputed on the perturbed model (PGD-`steps`,
     `restarts` restarts). Returns (losses, errors): one mean over the subset per draw, as tensors.
@@ -266,7 +275,7 @@ def average_case_draws(model, x, y, xi=0.5, samples=10, loss="robust", eps=8 / 2
         if on_sample is not None:
             on_sample(nu)
         ce, ok = loss_of(Perturbed(model, plus(weights, in_box(weights, nu, box))), x, y, loss, eps, alpha, steps,
-                         restarts, batch_size, progress)
+                         restarts, batch_size, progress, norm)
         losses.append(ce.mean())
         errors.append(1 - ok.float().mean())
     return torch.stack(losses), torch.stack(errors)
@@ -276,11 +285,12 @@ def average_case_draws(model, x, y, xi=0.5, samples=10, loss="robust", eps=8 / 2
 # Worst-case flatness (Eq. 5): joint PGD on the weights and the inputs
 # ----------------------------------------------------------------------------------------------
 def joint_ascent(model, x, y, xi, passes=20, weight_step=0.01, batch_size=128, eps=8 / 255, alpha=0.007,
-                 attack_inputs=True, per_batch=False, generator=None, progress=False, box=None):
+                 attack_inputs=True, per_batch=False, generator=None, progress=False, box=None, norm="linf"):
     """One restart of the joint maximisation of Σ CE(f(x + δ; w + ν), y) over ν ∈ B_ξ(w) and δ:
-    ν starts uniform inside the per-layer ball, δ uniform in the ε-ball; `passes` passes over the
-    data in mini-batches, each batch one backward for ∂/∂ν and ∂/∂δ, then
-        ν_l ← Π_ξ(ν_l + weight_step·‖w_l‖·g_l/‖g_l‖),   δ ← Π_ε,[0,1](δ + α·sign(g_δ)).
+    ν starts uniform inside the per-layer ball, δ at common.pgd's random start in the ε-ball of `norm`; `passes`
+    passes over the data in mini-batches, each batch one backward for ∂/∂ν and ∂/∂δ, then
+        ν_l ← Π_ξ(ν_l + weight_step·‖w_l‖·g_l/‖g_l‖),   δ ← Π_ε,[0,1](δ + α·sign(g_δ))
+    (ℓ2: δ + α·g_δ/‖g_δ‖ per example, common.ascent_step, as PGD).
     One ν is shared by all batches and updated after each (the released code), or, `per_batch`,
     every batch has its own. With `attack_inputs=False` only ν moves (clean CE, or CE on fixed
     adversarial inputs for the landscape's directions). With `box` (a weight-clipped model's --clip)
@@ -295,7 +305,7 @@ def joint_ascent(model, x, y, xi, passes=20, weight_step=0.01, batch_size=128, e
     if box:
         nus = [project_relative(in_box(weights, nu, box), weights, xi, norms) for nu in nus]
     if attack_inputs:
-        delta = torch.empty_like(x).uniform_(-eps, eps)
+        delta = common.random_start(x, eps, norm)
         delta = (x + delta).clamp_(0, 1) - x
     else:
         delta = torch.zeros_like(x)
@@ -316,7 +326,7 @@ def joint_ascent(model, x, y, xi, passes=20, weight_step=0.01, batch_size=128, e
                                for k, g in zip(nu, grads)}
                     nus[j] = project_relative(in_box(weights, stepped, box), weights, xi, norms)
                     if attack_inputs:
-                        step = (d + alpha * grads[-1].sign()).clamp_(-eps, eps)
+                        step = common.ascent_step(d, grads[-1], eps, alpha, norm)
                         delta[sl] = (x[sl] + step).clamp_(0, 1) - x[sl]
         # RLoss of the restart: CE at the final ν and the final δ of every example
         with torch.no_grad():
@@ -330,7 +340,7 @@ def joint_ascent(model, x, y, xi, passes=20, weight_step=0.01, batch_size=128, e
 
 def worst_case_restarts(model, x, y, xi=0.00075, restarts=10, loss="robust", passes=20, weight_step=0.01,
                         batch_size=128, eps=8 / 255, alpha=0.007, per_batch=False, seed=0, progress=False,
-                        on_restart=None, box=None):
+                        on_restart=None, box=None, norm="linf"):
     """Per restart the loss at the final iterates of joint_ascent (ν and δ for RLoss; ν only for
     clean CE). Returns (losses, errors) per restart as tensors; the measure takes the max.
     `on_restart(nus, delta)` sees every restart's final iterates (tests)."""
@@ -340,7 +350,7 @@ def worst_case_restarts(model, x, y, xi=0.00075, restarts=10, loss="robust", pas
     for _ in common.progress_loop(range(restarts), f"worst-case ξ={xi:g} restarts", disable=not progress):
         nus, delta, ce, ok = joint_ascent(model, x, y, xi, passes, weight_step, batch_size, eps, alpha,
                                           attack_inputs=(loss == "robust"), per_batch=per_batch,
-                                          generator=generator, progress=progress, box=box)
+                                          generator=generator, progress=progress, box=box, norm=norm)
         if on_restart is not None:
             on_restart(nus, delta)
         losses.append(ce.mean())
@@ -354,10 +364,10 @@ def worst_case_restarts(model, x, y, xi=0.00075, restarts=10, loss="robust", pas
 # ----------------------------------------------------------------------------------------------
 # Their settings: the command line's flags of the same names, with its defaults (the paper's, Table 1)
 API_SETTINGS = {
-    "average": ("xi", "samples", "loss", "restarts_perturbed", "steps", "ref_restarts", "epsilon", "attack_step",
-                "batch_size", "seed"),
+    "average": ("xi", "samples", "loss", "restarts_perturbed", "steps", "ref_restarts", "norm", "epsilon",
+                "attack_step", "batch_size", "seed"),
     "worst": ("xi", "restarts", "loss", "passes", "weight_step", "per_batch", "joint_batch_size", "steps",
-              "ref_restarts", "epsilon", "attack_step", "batch_size", "seed"),
+              "ref_restarts", "norm", "epsilon", "attack_step", "batch_size", "seed"),
 }
 
 
@@ -383,11 +393,13 @@ class Flatness:
 
 def api_settings(mode, settings):
     """The settings of `mode`'s measure with the command line's defaults (ξ: the mode's paper value; draws:
-    10 for RLoss, 50 for clean CE), checked; a bad one is one SettingError."""
+    10 for RLoss, 50 for clean CE; ε and step: the norm's), checked; a bad one is one SettingError."""
     name = f"flatness.{mode}_case"
-    loss = settings.get("loss", "robust")
+    loss, norm = settings.get("loss", "robust"), settings.get("norm", "linf")
     require(name, loss in ("robust", "clean"), f"loss must be 'robust' or 'clean', got {loss!r}")
-    defaults = parse_args(["-", "--mode", mode, "--loss", loss])  # --samples follows --loss
+    require(name, norm in common.THREATS, f"norm must be {' or '.join(map(repr, common.THREATS))}, got {norm!r}")
+    # --samples follows --loss, --epsilon and --attack-step follow --norm
+    defaults = common.threat_defaults(parse_args(["-", "--mode", mode, "--loss", loss, "--norm", norm]))
     s = settings_with_defaults(name, {k: getattr(defaults, k) for k in API_SETTINGS[mode]}, settings)
     if s["xi"] is None:
         s["xi"] = DEFAULT_XI[mode]
@@ -408,7 +420,7 @@ def api_reference(name, model, x, y, s, given):
     line's --mode both measures it once for both measures)."""
     if given is None:
         return reference(model, x, y, s["loss"], s["epsilon"], s["attack_step"], s["steps"], s["ref_restarts"],
-                         s["batch_size"], s["seed"])
+                         s["batch_size"], s["seed"], s["norm"])
     require(name, isinstance(given, (tuple, list)) and len(given) == 2 and all(map(is_real, given)),
             f"reference must be None or a pair (loss, error) from flatness.reference, got {given!r}")
     return float(given[0]), float(given[1])
@@ -419,9 +431,10 @@ def average_case(model, x, y, reference=None, box=None, progress=False, **settin
     (x, y): the mean RLoss of f(·; w + ν) over `samples` draws of ν on the per-layer sphere ‖ν_l‖ = ξ‖w_l‖
     (PGD-`steps` × `restarts_perturbed` recomputed on every perturbed model), minus RLoss(w)
     (PGD-`steps` × `ref_restarts`). Settings and defaults (the paper's): xi=0.5, samples=10 (50 with
-    loss="clean"), loss="robust", restarts_perturbed=1, steps=20, ref_restarts=10, epsilon=8/255,
-    attack_step=0.007, batch_size=128, seed=0. `reference`: a (loss, error) pair already measured with these
-    settings; `box`: keep w + ν in [−box, box] (a weight-clipped model). Eval mode throughout; the weights
+    loss="clean"), loss="robust", restarts_perturbed=1, steps=20, ref_restarts=10, norm="linf", epsilon=8/255,
+    attack_step=0.007 (norm="l2": 128/255, 15/255), batch_size=128, seed=0. `reference`: a (loss, error) pair
+    already measured with these settings; `box`: keep w + ν in [−box, box] (a weight-clipped model). Eval mode
+    throughout; the weights
     stay bit-identical, modes and requires_grad flags are restored. Returns a Flatness."""
     name = "flatness.average_case"
     s = api_settings("average", settings)
@@ -430,7 +443,7 @@ def average_case(model, x, y, reference=None, box=None, progress=False, **settin
         ref = api_reference(name, model, x, y, s, reference)
         losses, errors = average_case_draws(model, x, y, s["xi"], s["samples"], s["loss"], s["epsilon"],
                                             s["attack_step"], s["steps"], s["restarts_perturbed"], s["batch_size"],
-                                            s["seed"], progress, box=box)
+                                            s["seed"], progress, box=box, norm=s["norm"])
     return Flatness(value=losses.mean().item() - ref[0], reference=ref[0], reference_err=ref[1],
                     values=losses.tolist(), errs=errors.tolist(), settings=s)
 
@@ -441,7 +454,8 @@ def worst_case(model, x, y, reference=None, box=None, progress=False, **settings
     `joint_batch_size`, ν steps of `weight_step`·‖w_l‖; one ν shared by the batches unless per_batch) of the
     RLoss at the final iterates, minus RLoss(w) (PGD-`steps` × `ref_restarts`). Settings and defaults (the
     paper's): xi=0.00075, restarts=10, loss="robust", passes=20, weight_step=0.01, per_batch=False,
-    joint_batch_size=128, steps=20, ref_restarts=10, epsilon=8/255, attack_step=0.007, batch_size=128, seed=0.
+    joint_batch_size=128, steps=20, ref_restarts=10, norm="linf", epsilon=8/255, attack_step=0.007 (norm="l2":
+    128/255, 15/255; the joint ascent's δ steps as PGD's in that norm), batch_size=128, seed=0.
     `reference`, `box` and what stays unchanged as in average_case. Returns a Flatness."""
     name = "flatness.worst_case"
     s = api_settings("worst", settings)
@@ -450,7 +464,7 @@ def worst_case(model, x, y, reference=None, box=None, progress=False, **settings
         ref = api_reference(name, model, x, y, s, reference)
         losses, errors = worst_case_restarts(model, x, y, s["xi"], s["restarts"], s["loss"], s["passes"],
                                              s["weight_step"], s["joint_batch_size"], s["epsilon"], s["attack_step"],
-                                             s["per_batch"], s["seed"], progress, box=box)
+                                             s["per_batch"], s["seed"], progress, box=box, norm=s["norm"])
     return Flatness(value=losses.max().item() - ref[0], reference=ref[0], reference_err=ref[1],
                     values=losses.tolist(), errs=errors.tolist(), settings=s)
 
@@ -475,7 +489,7 @@ def landscape_directions(model, x, y, kind, count, args, generator):
         raw = [relative_random(weights, 1.0, generator) for _ in range(count)]
         c = args.random_scale
     else:
-        delta, _ = common.pgd(model, x, y, args.epsilon, args.attack_step, args.landscape_steps)
+        delta, _ = common.pgd(model, x, y, args.epsilon, args.attack_step, args.landscape_steps, norm=args.norm)
         raw = [joint_ascent(model, x + delta, y, args.adversarial_xi, args.adversarial_passes, args.weight_step,
                             args.batch_size, attack_inputs=False, generator=generator)[0][0] for _ in range(count)]
         c = args.adversarial_scale
@@ -498,7 +512,7 @@ def landscape(model, x, y, args, progress=False):
             for s in s_values:
                 perturbed = Perturbed(model, plus(weights, d, s))
                 rce, rok = common.robust_metrics(perturbed, x, y, args.epsilon, args.attack_step,
-                                                 args.landscape_steps, 1, args.batch_size)
+                                                 args.landscape_steps, 1, args.batch_size, norm=args.norm)
                 cce, cok = common.clean_metrics(perturbed, x, y, args.batch_size)
                 points.append(torch.stack([rce.mean(), 1 - rok.float().mean(), cce.mean(), 1 - cok.float().mean()]))
             for key, column in zip(curves, torch.stack(points).T.tolist()):  # one curve over s per key
@@ -615,13 +629,14 @@ def selected_modes(args):
 
 # The flags that determine each mode's numbers, besides the model, the seed, the PGD batch size and the
 # rescaling (README "Result files")
-MODE_SETTINGS = {
-    "average": ("loss", "subset", "n_eval", "xi", "samples", "restarts_perturbed", "steps", "ref_restarts", "epsilon",
-                "attack_step"),
+MODE_SETTINGS = {  # (the Hessian, of the clean CE, has no threat model)
+    "average": ("loss", "subset", "n_eval", "xi", "samples", "restarts_perturbed", "steps", "ref_restarts", "norm",
+                "epsilon", "attack_step"),
     "worst": ("loss", "subset", "n_eval", "xi", "restarts", "passes", "weight_step", "per_batch", "joint_batch_size",
-              "steps", "ref_restarts", "epsilon", "attack_step"),
+              "steps", "ref_restarts", "norm", "epsilon", "attack_step"),
     "landscape": ("directions", "points", "n_landscape", "landscape_steps", "direction_norm", "random_scale",
-                  "adversarial_scale", "adversarial_xi", "adversarial_passes", "weight_step", "epsilon", "attack_step"),
+                  "adversarial_scale", "adversarial_xi", "adversarial_passes", "weight_step", "norm", "epsilon",
+                  "attack_step"),
     "hessian": ("n_hessian", "hessian_iters", "hessian_tol", "hessian_reduction"),
 }
 
@@ -636,10 +651,13 @@ def protocol(args, mode):
 
 
 def flatness_settings(args, info, mode):
-    """(settings, non_default) of one mode's result. --loss, --subset, --direction-norm and --scale choose what
-    is measured, so the paper's protocol they are compared with follows them (e.g. 50 draws for --loss clean)."""
-    default = parse_args(["-", "--mode", mode, "--loss", args.loss, "--subset", args.subset,
-                          "--direction-norm", args.direction_norm, "--scale", str(args.scale)])
+    """(settings, non_default) of one mode's result, after resolve_threat() (--norm, --epsilon and --attack-step not
+    given: the model's). --loss, --subset, --direction-norm, --scale and --norm choose what is measured, so the
+    paper's protocol they are compared with follows them (e.g. 50 draws for --loss clean, ε 128/255 for --norm l2)."""
+    resolve_threat(args, info)
+    default = common.threat_defaults(parse_args(["-", "--mode", mode, "--loss", args.loss, "--subset", args.subset,
+                                                 "--direction-norm", args.direction_norm, "--scale", str(args.scale),
+                                                 "--norm", args.norm]))
     return result_settings("flatness.py", mode, args, info, protocol(args, mode), protocol(default, mode))
 
 
@@ -688,7 +706,7 @@ def measure_checkpoint(model, info, todo, checkpoint_sha256, args, data, device,
         if mode in ("average", "worst"):
             if not ref:
                 ref["value"], ref["err"] = reference(model, x, y, args.loss, args.epsilon, args.attack_step, args.steps,
-                                                     args.ref_restarts, args.batch_size, args.seed)
+                                                     args.ref_restarts, args.batch_size, args.seed, args.norm)
                 ref["time_s"] = time.time() - t0
                 t0 = time.time()
             box = (info["args"] or {}).get("clip") or None  # a weight-clipped model stays in its box
@@ -698,7 +716,7 @@ def measure_checkpoint(model, info, todo, checkpoint_sha256, args, data, device,
             result = {"n": len(y), "reference": m.reference, "reference_err": m.reference_err,
                       "reference_time_s": ref["time_s"], "values": m.values, "errs": m.errs, "value": m.value,
                       "value_std": m.value_std, "box": box}
-            print(f"{mode}-case {args.loss} flatness (ξ={m.settings['xi']:g}, n={len(y)}): "
+            print(f"{mode}-case {args.loss} flatness ({args.norm}, ξ={m.settings['xi']:g}, n={len(y)}): "
                   f"reference {m.reference:.4f}, perturbed {'mean' if mode == 'average' else 'max'} "
                   f"{m.value + m.reference:.4f} → {m.value:.4f}")
         elif mode == "landscape":
@@ -744,7 +762,7 @@ def main(argv=None):
         sha256 = model_sha256(args, info)
         todo = {}
         for mode in selected_modes(args):
-            settings, non_default = flatness_settings(args, info, mode)
+            settings, non_default = flatness_settings(args, info, mode)  # (--norm: the checkpoint's unless given)
             path = result_path(folder, settings)
             if not already_measured(path, settings, sha256, args.force):
                 todo[mode] = (path, settings, non_default)

@@ -24,7 +24,10 @@ correlations.json (Pearson and Spearman with p-values and n) and summary.json (e
 A figure whose inputs are missing is skipped with one line that says what is missing; a figure that leaves
 runs out names them and why in one line, in small print under it and in its files' metadata.
 
-The AT baseline (Fig. 2, the grey "AT") is a plain AT run (no Table 1 flag off the paper's value) of any
+One threat model per call: --norm linf|l2 (default: the --baseline's, else linf where a run was trained under it):
+runs trained under the other norm, and results measured under it, are left out of every figure and of Table 1, and
+each figure names them. The AT baseline (Fig. 2, the grey "AT") is a plain AT run (no Table 1 flag off the paper's
+value, ε and PGD steps those of its norm) of any
 length, width or subset: of several, the one whose size most runs share (choose_baseline()). Labels name the
 method and what the paper varies; run length, width and subset only where nothing else tells runs apart.
 
@@ -66,6 +69,9 @@ METHOD_FLAGS = {"trades": ["beta"], "mart": ["beta"], "awp": ["xi"], "rotation":
 BASELINE = {"wd": 5e-4, "label_smoothing": 0.0, "label_noise": 0.0, "clip": 0.0, "ema": 0.0, "act": "relu",
             "lr_schedule": "multistep", "optimizer": "sgd", "epsilon": 8 / 255, "attack_steps": 7, "momentum": 0.9,
             "nesterov": False, "awp_warmup": 0, "grad_clip": 0.0, "adv_fraction": 1.0}
+# ... whose ε and PGD steps are those of the run's --norm (train_at.py's defaults; runs from before --norm: linf)
+THREAT_BASELINE = {"linf": {"epsilon": 8 / 255, "attack_steps": 7}, "l2": {"epsilon": 128 / 255, "attack_steps": 10}}
+NORM_NAMES = {"linf": "ℓ∞", "l2": "ℓ2"}
 # Flags whose reference is the baseline run's value, not the paper's: a CPU reproduction may shrink them for
 # every run alike, while a run that differs from its baseline in them is a variant the paper draws (Fig. 4:
 # batch size 8, Adam with lr 0.1).
@@ -107,10 +113,10 @@ def format_value(flag, v):
 
 
 def differing_flags(args, reference):
-    """[(flag, value)] of the AT hyper-parameters that differ from the paper's (BASELINE) or, for RUN_SCALE,
-    from `reference` (the baseline run's values)."""
-    out = []
-    for flag, ref in list(BASELINE.items()) + [(f, reference.get(f)) for f in RUN_SCALE]:
+    """[(flag, value)] of the AT hyper-parameters that differ from the paper's (BASELINE, THREAT_BASELINE) or, for
+    RUN_SCALE, from `reference` (the baseline run's values)."""
+    out, baseline = [], {**BASELINE, **THREAT_BASELINE.get(args.get("norm", "linf"), {})}
+    for flag, ref in list(baseline.items()) + [(f, reference.get(f)) for f in RUN_SCALE]:
         if flag in args and ref is not None and differs(args[flag], ref):
             out.append((flag, args[flag]))
     return out
@@ -148,6 +154,8 @@ class Log:
     def __init__(self):
         self.lines = []
         self.left_out = {}  # figure → {run: why}, from left_out()
+        self.norm = "linf"  # the threat model drawn (keep_norm())
+        self.other_norm = {}  # {run: why} of the runs of the other norm, named by every figure (left_out())
 
     def __call__(self, text):
         self.lines.append(text)
@@ -200,7 +208,10 @@ def load_result(path, log):
     if not has_numbers(obj, mode):
         log(f"skip {path}: {mode} result without its numbers")
         return None
+    if mode != "hessian":  # (of the clean CE: no threat model) a result from before --norm is an ℓ∞ one
+        settings = {"norm": "linf", **settings}
     return {"kind": checkpoint_label(settings["checkpoint"]),  # last, best, epoch045, ...
+            "norm": settings.get("norm"),
             "epoch": obj.get("epoch"), "ema": settings["use_ema"], "mode": mode,
             "settings": settings, "data": obj, "file": path, "default": not obj.get("non_default"),
             "n": settings["n_eval"] if mode == "eval" else obj.get("n"), "hash": obj.get("settings_hash", ""),
@@ -282,7 +293,38 @@ def name_run_size(runs, base, reference):
             r["label"] = describe(r["args"], reference, r["size"] + extra)[0]
 
 
-def find_runs(root, log, baseline=None):
+def run_norm(run):
+    return run["args"].get("norm", "linf")  # runs from before --norm: linf
+
+
+def keep_norm(runs, norm, baseline, log):
+    """The runs of one threat model (log.norm): --norm, else the --baseline run's, else linf where a run was trained
+    under it (the paper's), else l2. The others are named once here and by every figure (log.other_norm); of the
+    runs kept, results measured under the other norm (evaluate.py --norm) are skipped with one line each. Figures
+    and Table 1 never mix norms: one call of plots.py per norm, each with its own --out."""
+    named = [run_norm(r) for r in runs if baseline in (r["name"], r["dir"].name)][:1]  # (choose_baseline's run)
+    if norm is None:
+        norm = named[0] if named else "linf" if any(run_norm(r) == "linf" for r in runs) else "l2"
+    check(named in ([], [norm]), f"--baseline {baseline} was trained under --norm {named and named[0]}, not {norm}")
+    have = sorted({run_norm(r) for r in runs})
+    check(norm in have, f"no run folder trained under --norm {norm} (the runs' norms: {', '.join(have)})")
+    log.norm = norm
+    kept = [r for r in runs if run_norm(r) == norm]
+    log.other_norm = {r["name"]: f"trained under {NORM_NAMES.get(run_norm(r), run_norm(r))}: plots.py --norm "
+                      f"{run_norm(r)} draws it" for r in runs if run_norm(r) != norm}
+    if log.other_norm:
+        log(f"norm: {NORM_NAMES[norm]} (--norm {norm}); left out, trained under another norm: "
+            f"{', '.join(log.other_norm)}")
+    for r in kept:
+        for key in ("evals", "flats"):
+            other = [e for e in r[key] if e["norm"] not in (None, norm)]
+            for e in other:
+                log(f"skip {e['file']}: measured under --norm {e['norm']}, these figures are {NORM_NAMES[norm]}'s")
+            r[key] = [e for e in r[key] if e not in other]
+    return kept
+
+
+def find_runs(root, log, baseline=None, norm=None):
     root = Path(root)
     check(root.exists(), f"{root} does not exist; give the folder that holds the run folders (e.g. runs/)")
     folders = [root] if (root / "args.json").exists() else sorted(p.parent for p in root.rglob("args.json"))
@@ -292,6 +334,7 @@ def find_runs(root, log, baseline=None):
     names = [r["dir"].relative_to(root).as_posix() if r["dir"] != root else r["dir"].name for r in runs]
     for r, n in zip(runs, names):
         r["name"] = n
+    runs = keep_norm(runs, norm, baseline, log)
     base = choose_baseline(runs, baseline, log)
     # the baseline run's batch size, lr and size; without one, the values most runs share
     reference = {f: base["args"].get(f) if base else Counter(r["args"].get(f) for r in runs).most_common(1)[0][0]
@@ -497,7 +540,7 @@ def marker_of(run):
     return "D" if method in FLATNESS_METHODS or run["args"].get("ema") else "o"
 
 
-SAVE = {"formats": ("png", "pdf"), "dpi": 150}  # set from --formats / --dpi in main()
+SAVE = {"formats": ("png", "pdf"), "dpi": 150, "norm": "linf"}  # set from --formats / --dpi / the runs' norm in main()
 CAPTION_LINES = 3  # a longer "left out" note is cut in the figure (it is whole in the metadata and summary.json)
 
 
@@ -505,6 +548,8 @@ def save(fig, out, name, written, rect=None, note=None):
     """Lay out (tick labels untangled), write every --formats file, close. `note` (left_out(): the runs the figure
     leaves out and why) is printed small under the axes and kept in each file's metadata (PNG / SVG
     "Description", PDF "Subject")."""
+    if SAVE["norm"] != "linf":  # the paper's figures are ℓ∞'s; any other set says its threat model
+        note = f"threat model {NORM_NAMES[SAVE['norm']]}" + (f"; {note}" if note else "")
     if note:
         rect = caption(fig, note, rect)
     fig.tight_layout(rect=rect)
@@ -599,16 +644,20 @@ def lacking(points, keys):
 
 
 def left_out(figure, reasons, log, where="left out"):
-    """One line naming the runs `figure` leaves out and why ({run: why}), printed and kept in summary.json
-    ("skipped", "left_out"); returns it for the figure's caption (save(note=...)), None when none was."""
-    if not reasons:
+    """One line naming the runs `figure` leaves out and why ({run: why}), the runs of the other norm too
+    (log.other_norm), printed and kept in summary.json ("skipped", "left_out"); returns it for the figure's caption
+    (save(note=...)), None when none was."""
+    def named(reasons):
+        by_why = {}
+        for run, why in reasons.items():
+            by_why.setdefault(why, []).append(run)
+        return "; ".join(f"{', '.join(runs)} ({why})" for why, runs in by_why.items())
+    if not reasons and not log.other_norm:
         return None
-    by_why = {}
-    for run, why in reasons.items():
-        by_why.setdefault(why, []).append(run)
-    text = f"{where}: " + "; ".join(f"{', '.join(runs)} ({why})" for why, runs in by_why.items())
+    text = "; ".join(([f"{where}: {named(reasons)}"] if reasons else [])
+                     + ([f"left out: {named(log.other_norm)}"] if log.other_norm else []))
     log(f"{figure}: {text}")
-    log.left_out[figure] = dict(reasons)
+    log.left_out[figure] = {**reasons, **log.other_norm}
     return text
 
 
@@ -741,6 +790,10 @@ def robustbench_points(folder, log):
           "--robustbench)")
     results = [r for r in (load_result(p, log) for p in sorted(folder.glob("*.json"))) if r]
     results = [r for r in results if r["settings"].get("source") == "robustbench"]
+    other = sorted({r["kind"] for r in results if r["norm"] not in (None, log.norm)})
+    if other:  # (a model of RobustBench's other zoo: --robustbench NAME --norm ...)
+        log(f"note: RobustBench results under another norm than {NORM_NAMES[log.norm]} left out: {', '.join(other)}")
+    results = [r for r in results if r["norm"] in (None, log.norm)]
     if not results:
         log(f"note: no RobustBench results in {folder} (evaluate.py and flatness.py --robustbench NAME "
             f"--model-dir {folder})")
@@ -1146,6 +1199,9 @@ def table1_markdown(t):
               "otherwise (see summary.json); ES = the early-stopped checkpoint ckpt_best.pt.",
               "One row per method family: its run with the lowest test RErr (\"best of N\": N runs of the family); "
               "correlations.json is over all runs."]
+    norm = t.get("norm", "linf")
+    lines.append(f"Threat model: {NORM_NAMES[norm]} (--norm {norm}), every run trained and measured under it"
+                 + (f"; left out, trained under another: {', '.join(t['other_norm'])}." if t.get("other_norm") else "."))
     return "\n".join(lines) + "\n"
 
 
@@ -1237,7 +1293,11 @@ def print_correlations(result):
 def parse_args(argv=None):
     p = common.ArgumentParser(description=__doc__)
     p.add_argument("runs", help="folder holding run folders (each with args.json), or one run folder")
-    p.add_argument("--out", default="figures", help="output folder for figures, tables and JSON")
+    p.add_argument("--out", default=None, help="output folder for figures, tables and JSON (default: figures; "
+                   "figures_l2 for --norm l2)")
+    p.add_argument("--norm", default=None, choices=tuple(NORM_NAMES),
+                   help="the threat model drawn: runs trained under it, results measured under it (figures never mix "
+                        "norms); default: the --baseline's, else linf (the paper's) where a run was trained under it")
     p.add_argument("--baseline", default=None, help="run folder (relative to RUNS) of the AT baseline (Fig. 2, the "
                    "labels' reference); default: the plain AT run whose size most runs share")
     p.add_argument("--split", type=float, default=2.3, help="RLoss at which Fig. 8's two linear fits split (paper: 2.3)")
@@ -1265,10 +1325,10 @@ def run_meta(r):
 def main(argv=None):
     args = parse_args(argv)
     log = Log()
-    runs = find_runs(args.runs, log, args.baseline)
-    out = Path(args.out)
+    runs = find_runs(args.runs, log, args.baseline, args.norm)
+    out = Path(args.out or ("figures" if log.norm == "linf" else f"figures_{log.norm}"))
     out.mkdir(parents=True, exist_ok=True)
-    SAVE.update(formats=args.formats, dpi=args.dpi)
+    SAVE.update(formats=args.formats, dpi=args.dpi, norm=log.norm)
     written = []
 
     # ---- one point per run (last checkpoint) and per early-stopped checkpoint
@@ -1309,6 +1369,7 @@ def main(argv=None):
     if t is None:
         log("skip table1: no run has an evaluation of ckpt_last.pt")
     else:
+        t.update(norm=log.norm, other_norm=sorted(log.other_norm))
         md = table1_markdown(t)
         (out / "table1.md").write_text(md)
         write_table1_csv(t, out / "table1.csv")
@@ -1317,12 +1378,13 @@ def main(argv=None):
         print(md)
     corr = correlations(points, es_points)
     print_correlations(corr)
-    common.write_json(out / "correlations.json", {**corr, "runs_dir": str(args.runs), "versions": vers})
+    common.write_json(out / "correlations.json", {**corr, "norm": log.norm, "runs_dir": str(args.runs),
+                                                  "versions": vers})
     written += [str(out / "correlations.json"), str(out / "summary.json")]
     summary = {"runs": [{**run_meta(r), "dir": str(r["dir"]), "args": r["args"], "last": r["last"], "best": r["best"],
                          "es_epoch": es_epoch(r), "over_epochs": over_epochs(r)} for r in runs],
-               "robustbench": public, "skipped": log.lines, "left_out": log.left_out, "written": written,
-               "versions": vers}
+               "robustbench": public, "skipped": log.lines, "left_out": log.left_out, "norm": log.norm,
+               "other_norm": log.other_norm, "written": written, "versions": vers}
     common.write_json(out / "summary.json", summary)
     print(f"wrote {len(written)} files to {out}")
     return summary

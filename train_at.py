@@ -2,6 +2,7 @@
 with every regulariser / hyper-parameter row of Table 1 as a flag.
 
     min_w  E_(x,y) [ max_{‖δ‖∞ ≤ ε} CE(f(x + δ; w), y) ]          (inner max: PGD-7, step 0.007, ε = 8/255)
+    (--norm l2: ‖δ‖₂ ≤ ε, PGD-10 with ℓ2-normalised steps of 15/255, ε = 128/255, as Rice et al. and AWP)
 
 Usage:   python train_at.py                                      # paper baseline: ResNet-18, 150 epochs, CIFAR-10
 CPU:     python train_at.py --data-dir ../shared/data/cifar10-jpeg --width 16 --train-subset 2000 --epochs 2
@@ -33,9 +34,15 @@ def parse_args(argv=None):
     common.add_model_args(p)
     common.add_optim_args(p)
     g = p.add_argument_group("training attack")
-    g.add_argument("--epsilon", type=common.pixels, default=8 / 255, help="L∞ radius during training (Table 1 'larger ε': 9/255)")
-    g.add_argument("--attack-step", type=common.pixels, default=0.007, help="PGD step size (paper: 0.007)")
-    g.add_argument("--attack-steps", type=int, default=7, help="PGD iterations (paper: 7; 0 = standard training)")
+    g.add_argument("--norm", default="linf", choices=tuple(common.THREATS),
+                   help="threat model: linf ‖δ‖∞ ≤ ε (paper) | l2 ‖δ‖₂ ≤ ε (Rice et al., AWP); sets the defaults below "
+                   "and the ε of the test and early-stopping metrics (linf 8/255, l2 128/255)")
+    g.add_argument("--epsilon", type=common.pixels, default=None,
+                   help="radius during training; None: the --norm's, linf 8/255 (Table 1 'larger ε': 9/255), l2 128/255")
+    g.add_argument("--attack-step", type=common.pixels, default=None,
+                   help="PGD step size; None: linf 0.007 (paper), l2 15/255")
+    g.add_argument("--attack-steps", type=int, default=None,
+                   help="PGD iterations; None: linf 7 (paper), l2 10 (Rice et al., AWP); 0 = standard training")
     g.add_argument("--attack-bn", default="eval", choices=("eval", "train"),
                    help="BN mode during the attack (paper code: eval; Rice et al./AWP code: train)")
     g = p.add_argument_group("regularisers (Table 1 rows)")
@@ -56,7 +63,7 @@ def parse_args(argv=None):
                    "test, early-stopping and evaluation numbers are fp32)")
     g.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (saved weights come from the plain module)")
-    args = p.parse_args(argv)
+    args = common.threat_defaults(p.parse_args(argv))
     check(args.attack_steps >= 0 and args.attack_step > 0, "--attack-steps must be >= 0 and --attack-step > 0")
     check(args.epochs >= 1 and args.batch_size >= 1, "--epochs and --batch-size must be >= 1")
     check(args.lr > 0 and args.wd >= 0, "--lr must be > 0 and --wd >= 0")
@@ -75,7 +82,7 @@ def adversarial_batch(model, x, y, args):
     if args.attack_steps == 0:
         return x
     delta, _ = common.pgd(model, x, y, args.epsilon, args.attack_step, args.attack_steps,
-                          bn=args.attack_bn, autocast=args.amp)
+                          bn=args.attack_bn, autocast=args.amp, norm=args.norm)
     return x + delta
 
 
@@ -156,7 +163,8 @@ def main(argv=None):
 
         # ---- test metrics (fp32): clean and PGD-7 on the first --n-log test images
         if epoch % args.eval_every == 0 or last:
-            metrics.update(common.epoch_metrics(net, x_log, y_log, args.attack_step, 1, "test_", rank, world))
+            metrics.update(common.epoch_metrics(net, x_log, y_log, args.attack_step, 1, "test_", rank, world,
+                                                norm=args.norm))
         # ---- after the last epoch: the EMA model's BN statistics, re-estimated on the training set
         if last and ema is not None:
             common.reestimate_bn(ema, loader, world)
@@ -165,7 +173,8 @@ def main(argv=None):
         # With --ema it checks the averaged model (its averaged BN buffers; re-estimated in the last epoch)
         snapshot = epoch % args.es_every == 0 or last
         if snapshot:
-            es = common.epoch_metrics(es_model, x_es, y_es, args.attack_step, args.es_restarts, "es_", rank, world)
+            es = common.epoch_metrics(es_model, x_es, y_es, args.attack_step, args.es_restarts, "es_", rank, world,
+                                      norm=args.norm)
             metrics.update(es_rerr=es["es_rerr"], es_rloss=es["es_rloss"])
             if best is None or es["es_rerr"] < best["es_rerr"]:
                 best = {"epoch": epoch, "es_rerr": es["es_rerr"]}

@@ -54,9 +54,15 @@ def parse_args(argv=None):
     common.add_model_args(p)
     common.add_optim_args(p)
     g = p.add_argument_group("training attack")
-    g.add_argument("--epsilon", type=common.pixels, default=8 / 255, help="L∞ radius during training (Table 1 'larger ε': 9/255)")
-    g.add_argument("--attack-step", type=common.pixels, default=0.007, help="PGD step size (paper: 0.007)")
-    g.add_argument("--attack-steps", type=int, default=7, help="PGD iterations (paper: 7; 0 = standard training)")
+    g.add_argument("--norm", default="linf", choices=tuple(common.THREATS),
+                   help="threat model: linf ‖δ‖∞ ≤ ε (paper) | l2 ‖δ‖₂ ≤ ε (Rice et al., AWP); sets the defaults below "
+                   "and the ε of the test and early-stopping metrics (linf 8/255, l2 128/255)")
+    g.add_argument("--epsilon", type=common.pixels, default=None,
+                   help="radius during training; None: the --norm's, linf 8/255 (Table 1 'larger ε': 9/255), l2 128/255")
+    g.add_argument("--attack-step", type=common.pixels, default=None,
+                   help="PGD step size; None: linf 0.007 (paper), l2 15/255")
+    g.add_argument("--attack-steps", type=int, default=None,
+                   help="PGD iterations; None: linf 7 (paper), l2 10 (Rice et al., AWP); 0 = standard training")
     g.add_argument("--attack-bn", default="eval", choices=("eval", "train"),
                    help="BN mode during the attack (paper code: eval; Rice et al./AWP code: train)")
     g = p.add_argument_group("regularisers (Table 1 rows)")
@@ -103,7 +109,7 @@ def parse_args(argv=None):
                    "test, early-stopping and evaluation numbers are fp32)")
     g.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (saved weights come from the plain module)")
-    args = p.parse_args(argv)
+    args = common.threat_defaults(p.parse_args(argv))
     check(args.attack_steps >= 0 and args.attack_step > 0, "--attack-steps must be >= 0 and --attack-step > 0")
     check(args.epochs >= 1 and args.batch_size >= 1, "--epochs and --batch-size must be >= 1")
     check(args.lr > 0 and args.wd >= 0, "--lr must be > 0 and --wd >= 0")
@@ -130,7 +136,7 @@ def adversarial_batch(model, x, y, args):
     if args.attack_steps == 0:
         return x
     delta, _ = common.pgd(model, x, y, args.epsilon, args.attack_step, args.attack_steps,
-                          bn=args.attack_bn, autocast=args.amp)
+                          bn=args.attack_bn, autocast=args.amp, norm=args.norm)
     return x + delta
 
 
@@ -243,7 +249,8 @@ def rotation_loss(model, attack_model, x, y, x_rot, k, args):
         attacked = (torch.arange(n, device=x.device) >= n_clean).repeat(2)
         target = torch.cat([y, k + common.DATASETS[args.dataset]["classes"]])
         delta, _ = common.pgd(attack_model, x_all[attacked], target[attacked], args.epsilon, args.attack_step,
-                              args.attack_steps, loss_fn=rotation_attack_loss, bn=args.attack_bn, autocast=args.amp)
+                              args.attack_steps, loss_fn=rotation_attack_loss, bn=args.attack_bn, autocast=args.amp,
+                              norm=args.norm)
         x_all[attacked] = x_all[attacked] + delta
     with torch.autocast(x.device.type, torch.bfloat16, enabled=args.amp):
         class_logits, rot_logits = model(x_all, n_labelled=n)
@@ -472,16 +479,16 @@ def entropy_sgd_train_step(model, attack_model, opt, sched, ema, batches, args):
 # ==============================================================================================
 # --method pgd-tau: early-stopped PGD (Zhang et al. 2020, "FAT")
 # ==============================================================================================
-def pgd_tau(model, x, y, eps, alpha, steps, tau, start="uniform", bn="eval", autocast=False):
+def pgd_tau(model, x, y, eps, alpha, steps, tau, start="uniform", bn="eval", autocast=False, norm="linf"):
     """PGD-`steps` in which example i stops at its (τ+1)-th misclassified iterate — τ steps after it is
     first misclassified when it stays misclassified — and keeps that iterate (FAT's counter, which the
     paper's code shares). Examples never stopped return the LAST iterate, as FAT does (the paper's
     released code returned δ = 0 for them, i.e. trained them clean). τ >= steps is plain PGD's last
     iterate. Eval-mode BN, input gradients by autograd.grad, per-example masks (no Python loop over
-    examples). FAT also adds 0.001·N(0, I) to each step; the paper's code does not, nor do we.
-    Returns (δ, number of steps each example took)."""
+    examples). FAT also adds 0.001·N(0, I) to each step; the paper's code does not, nor do we. `norm`: the ℓ∞ or
+    ℓ2 ball, with common.pgd's start and step. Returns (δ, number of steps each example took)."""
     if start == "uniform":
-        delta = torch.empty_like(x).uniform_(-eps, eps)
+        delta = common.random_start(x, eps, norm)
     else:
         delta = torch.zeros_like(x)
     delta = (x + delta).clamp(0, 1) - x
@@ -502,7 +509,7 @@ def pgd_tau(model, x, y, eps, alpha, steps, tau, start="uniform", bn="eval", aut
                 break
             (grad,) = torch.autograd.grad(F.cross_entropy(logits.float(), y, reduction="sum"), delta)
             with torch.no_grad():
-                stepped = (delta + alpha * grad.sign()).clamp_(-eps, eps)
+                stepped = common.ascent_step(delta, grad, eps, alpha, norm)
                 stepped = (x + stepped).clamp_(0, 1) - x
                 delta = torch.where(active.view(shape), stepped, delta.detach())
             steps_taken += active
@@ -515,7 +522,7 @@ def pgd_tau_train_step(model, attack_model, opt, sched, ema, batch, args):
     steps = torch.zeros_like(y)
     if args.attack_steps > 0:
         delta, steps = pgd_tau(attack_model, x, y, args.epsilon, args.attack_step, args.attack_steps, args.tau,
-                               bn=args.attack_bn, autocast=args.amp)
+                               bn=args.attack_bn, autocast=args.amp, norm=args.norm)
         x = x + delta
     with torch.autocast(x.device.type, torch.bfloat16, enabled=args.amp):
         logits = model(x)
@@ -679,7 +686,8 @@ def main(argv=None):
 
         # ---- test metrics (fp32): clean and PGD-7 on the first --n-log test images
         if epoch % args.eval_every == 0 or last:
-            metrics.update(common.epoch_metrics(net, x_log, y_log, args.attack_step, 1, "test_", rank, world))
+            metrics.update(common.epoch_metrics(net, x_log, y_log, args.attack_step, 1, "test_", rank, world,
+                                                norm=args.norm))
         # ---- after the last epoch: the EMA model's BN statistics, re-estimated on the training set
         if last and ema is not None:
             common.reestimate_bn(ema, loader, world)
@@ -688,7 +696,8 @@ def main(argv=None):
         # With --ema it checks the averaged model (its averaged BN buffers; re-estimated in the last epoch)
         snapshot = epoch % args.es_every == 0 or last
         if snapshot:
-            es = common.epoch_metrics(es_model, x_es, y_es, args.attack_step, args.es_restarts, "es_", rank, world)
+            es = common.epoch_metrics(es_model, x_es, y_es, args.attack_step, args.es_restarts, "es_", rank, world,
+                                      norm=args.norm)
             metrics.update(es_rerr=es["es_rerr"], es_rloss=es["es_rloss"])
             if best is None or es["es_rerr"] < best["es_rerr"]:
                 best = {"epoch": epoch, "es_rerr": es["es_rerr"]}

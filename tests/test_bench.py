@@ -1,6 +1,7 @@
 """bench.py: every row runs and reports finite ratios; the AT step it times is train_at.py's own;
 its floor does the passes it claims; bad flags get one error line."""
 import argparse
+import functools
 import json
 import math
 import sys
@@ -14,8 +15,11 @@ import train_at
 from conftest import run_script
 
 
-def test_every_row_reports_a_finite_ratio():
-    """Each row's function, in this process (the command line runs each in a child process of its own)."""
+def test_every_row_reports_a_finite_ratio(monkeypatch):
+    """Each row's function, in this process (the command line runs each in a child process of its own); the memory
+    row with PGD-2 × 3 and a WRN-10-1."""
+    monkeypatch.setattr(bench, "MEMORY_WRN", "wrn-10-1")
+    monkeypatch.setitem(bench.ROW_FNS, "attack_memory", functools.partial(bench.row_attack_memory, restarts=3, steps=2))
     args = bench.parse_args(["--device", "cpu", "--width", "8", "--repeats", "1", "--steps", "1", "--wrn", "wrn-10-1"])
     for row in bench.ROWS:
         key, _ = bench.TARGETS[row]
@@ -109,3 +113,51 @@ def test_wrn_flag_takes_a_wideresnet(capsys):
     assert e.value.code == 1 and "6n+4" in capsys.readouterr().err
     with pytest.raises(common.UsageError, match="--rows takes some of"):
         bench.parse_args(["--rows", "floor,nope"])
+
+
+def test_peak_bytes_is_the_peak_of_live_tensors():
+    """The CPU measure of row 6: 40 MB, then 20 MB more, the 40 MB freed, 8 MB: a peak of 60 MB, whatever was
+    allocated before (a 100 MB tensor alive throughout) or freed after."""
+    before = torch.ones(25_000_000)
+
+    def fn():
+        a = torch.ones(10_000_000)
+        b = torch.ones(5_000_000)
+        del a
+        c = torch.ones(2_000_000)
+        return b.sum() + c.sum()
+    peak = bench.peak_bytes(fn, torch.device("cpu"))
+    assert 60_000_000 <= peak <= 60_000_000 + 4096, peak
+    assert before.sum() > 0
+
+
+def test_saved_bytes_counts_each_saved_storage_once():
+    """A network that is one ReLU on 3072 inputs, under CE: autograd saves the ReLU's output (3072 fp32), the
+    log-softmax output (3072 fp32; nll_loss saves the same tensor again: counted once) and the int64 target, per
+    image: 24,584 bytes, batch-2 minus batch-1 (constants such as nll_loss's total weight cancel)."""
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.ReLU())
+    x = torch.rand(2, 3, 32, 32)
+    assert bench.saved_bytes(net, x) - bench.saved_bytes(net, x[:1]) == 2 * 3072 * 4 + 8
+    per_image = bench.saved_bytes_per_image("resnet18", 8, torch.device("cpu"))
+    assert per_image > 3 * 32 * 32 * 4 * 8  # several 8-channel 32×32 maps per image
+    torch.manual_seed(0)
+    net = common.build_model({"arch": "resnet18", "width": 8, "act": "relu"}).eval()
+    x = torch.rand(4, 3, 32, 32)
+    with common.frozen_params(net):
+        assert per_image == (bench.saved_bytes(net, x) - bench.saved_bytes(net, x[:2])) / 2  # the weights cancel
+
+
+def test_attack_memory_does_not_grow_with_restarts(monkeypatch):
+    """Row 6 at a tiny size (width 8, 4 images, PGD-2): 6 restarts in chunks of --batch-size inputs take little
+    more memory than 1 (the per-restart starts and best iterates only); the same 6 restarts in one batch of 24
+    inputs take several times as much (the measure sees the growth it guards against)."""
+    monkeypatch.setattr(bench, "MEMORY_WRN", "wrn-10-1")
+    args = bench.parse_args(["--device", "cpu", "--width", "8"])
+    row = bench.row_attack_memory(args, torch.device("cpu"), 4, restarts=6, steps=2)
+    assert row["ratio"] < 1.5, row
+    net = bench.make_net(args, torch.device("cpu")).eval()
+    x, y = torch.rand(4, 3, 32, 32), torch.zeros(4, dtype=torch.long)
+    one, six = (bench.peak_bytes(lambda: common.pgd(net, x, y, 8 / 255, 0.007, 2, restarts=r), torch.device("cpu"))
+                for r in (1, 6))
+    assert six > 4 * one
+    assert row["peak_mb_x1"] * 2**20 == pytest.approx(one, rel=0.1)

@@ -42,7 +42,7 @@ def test_checkpoint_round_trip_weights_only(tmp_path):
     loader.generator.manual_seed(123)
     ckpt = torch.load(tmp_path / "c.pt", weights_only=True)  # plain torch, the strict loader
     assert ckpt["epoch"] == 3 and ckpt["args"] == args and ckpt["es_best"]["es_rerr"] == 0.5
-    ckpt = common.load_checkpoint(tmp_path / "c.pt")
+    ckpt = evaluate.load_checkpoint(tmp_path / "c.pt")
     state = model.state_dict()
     assert all(torch.equal(ckpt["model"][k], state[k]) for k in state)
     fresh = common.ResNet18(width=4)
@@ -64,20 +64,20 @@ def test_python_rng_restored(tmp_path):
     common.save_checkpoint(tmp_path / "c.pt", rng=common.rng_state())
     expected = [random.random() for _ in range(3)]
     random.seed(9)
-    common.set_rng_state(common.load_checkpoint(tmp_path / "c.pt")["rng"])
+    common.set_rng_state(evaluate.load_checkpoint(tmp_path / "c.pt")["rng"])
     assert [random.random() for _ in range(3)] == expected
 
 
 def test_bad_checkpoint_files_give_usage_errors(tmp_path):
     with pytest.raises(common.UsageError, match="does not exist"):
-        common.load_checkpoint(tmp_path / "missing.pt")
+        evaluate.load_checkpoint(tmp_path / "missing.pt")
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(np.random.default_rng(0).bytes(4096))
     with pytest.raises(common.UsageError, match="corrupt.pt is not a PyTorch checkpoint .*; check the path$"):
-        common.load_checkpoint(corrupt)
+        evaluate.load_checkpoint(corrupt)
     torch.save([1, 2], tmp_path / "list.pt")
     with pytest.raises(common.UsageError, match="not a checkpoint dict"):
-        common.load_checkpoint(tmp_path / "list.pt")
+        evaluate.load_checkpoint(tmp_path / "list.pt")
 
 
 def test_load_weights_mismatch_names_keys():
@@ -125,10 +125,10 @@ def test_resume_equals_uninterrupted_run(tiny_data, tmp_path, monkeypatch, capsy
     assert [m["epoch"] for m in a] == [m["epoch"] for m in b] == [1, 2]
     strip = lambda m: {k: v for k, v in m.items() if not k.endswith("time_s")}
     assert [strip(m) for m in a] == [strip(m) for m in b]
-    ca, cb = common.load_checkpoint(full / "ckpt_last.pt"), common.load_checkpoint(part / "ckpt_last.pt")
+    ca, cb = evaluate.load_checkpoint(full / "ckpt_last.pt"), evaluate.load_checkpoint(part / "ckpt_last.pt")
     for key in ("model", "ema"):
         assert all(torch.equal(ca[key][k], cb[key][k]) for k in ca[key]), key
-    first = common.load_checkpoint(full / "ckpt_epoch001.pt")
+    first = evaluate.load_checkpoint(full / "ckpt_epoch001.pt")
     assert not torch.equal(first["model"]["conv1.weight"], ca["model"]["conv1.weight"]), "epoch 2 trained nothing"
     assert ca["epoch"] == cb["epoch"] == 2
 
@@ -291,7 +291,7 @@ def test_our_checkpoints_need_no_data_flag_and_resume_resolves_paths(tiny_data, 
     train_at.main([*flags, "--data-dir", tiny_data.name])  # relative to the working directory
     stored = json.loads((out / "args.json").read_text())["data_dir"]
     assert stored == str(tiny_data.resolve())
-    assert common.load_checkpoint(out / "ckpt_last.pt")["args"]["data_dir"] == stored
+    assert evaluate.load_checkpoint(out / "ckpt_last.pt")["args"]["data_dir"] == stored
 
     monkeypatch.chdir(tmp_path)  # where no ./data and no tiny tree exist
     evaluate.main([str(out / "ckpt_last.pt"), "--no-autoattack", "--n-eval", "10", "--n-clean", "20", "--steps", "1",

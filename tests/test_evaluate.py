@@ -26,10 +26,10 @@ SCHEMA = {
             "model_args", "clean", "pgd", "autoattack"},
     # README "Result files": which model, then how it was measured
     "settings": {"tool", "mode", "checkpoint", "use_ema", "source", "arch", "data_dir", "dataset", "n_eval", "n_clean", "train",
-                 "epsilon", "attack_step", "steps", "restarts", "batch_size", "seed", "autoattack", "aa_attacks"},
+                 "norm", "epsilon", "attack_step", "steps", "restarts", "batch_size", "seed", "autoattack", "aa_attacks"},
     "clean": {"loss", "err", "n"},
     "pgd": {"rloss", "rerr", "rloss_correct", "rloss_incorrect", "n_correct", "n_incorrect", "n"},
-    "autoattack": {"rerr", "rerr_any", "n", "max_linf"},
+    "autoattack": {"rerr", "rerr_any", "n", "max_linf", "max_l2"},
 }
 
 
@@ -106,7 +106,7 @@ def test_more_restarts_never_lower_the_loss(subset):
 
 def test_pgd_split_recombines_and_is_reproducible(subset):
     x, y = subset[0][:20], subset[1][:20]
-    args = evaluate.parse_args(["x.pt", "--steps", "2", "--restarts", "2", "--seed", "7"])
+    args = common.threat_defaults(evaluate.parse_args(["x.pt", "--steps", "2", "--restarts", "2", "--seed", "7"]))
     model = tiny_model(0)
     section, clean_ok, robust_ok, _ = evaluate.pgd_metrics(model, x, y, args)
     n_c, n_i = section["n_correct"], section["n_incorrect"]
@@ -265,7 +265,7 @@ def test_other_settings_land_beside_same_settings_skip_force_replaces(checkpoint
     assert wrote(run("--force")) == quick_file
     assert quick_file.stat().st_mtime_ns != stamp and len(list(tmp_path.glob("eval_*.json"))) == 2
 
-    state = common.load_checkpoint(ckpt)
+    state = evaluate.load_checkpoint(ckpt)
     common.save_checkpoint(ckpt, **{**state, "epoch": 4})  # training went on
     out = run()
     assert out.startswith("measuring again: ckpt_last.pt changed") and wrote(out) == quick_file

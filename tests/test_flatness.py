@@ -141,8 +141,9 @@ class _Recorded(flatness.Perturbed):
 def test_landscape_and_hessian_leave_the_model_untouched(trained):
     model, x, y = trained
     before = snapshot(model)
-    args = flatness.parse_args(["unused.pt", "--mode", "landscape", "--directions", "1", "--points", "3",
-                                "--landscape-steps", "1", "--adversarial-passes", "1"])
+    args = common.threat_defaults(flatness.parse_args(["unused.pt", "--mode", "landscape", "--directions", "1",
+                                                       "--points", "3", "--landscape-steps", "1",
+                                                       "--adversarial-passes", "1"]))
     s, curves = flatness.landscape(model, x[:10], y[:10], args)
     assert s == [-1.0, 0.0, 1.0]
     assert all(len(curves[k]["robust"]) == 1 and len(curves[k]["robust"][0]) == 3 for k in curves)
@@ -530,7 +531,8 @@ def test_every_setting_names_its_own_file():
     changed = {"loss": ["--loss", "clean"], "subset": ["--subset", "train-eval"], "n_eval": ["--n-eval", "7"],
                "xi": ["--xi", "0.1"], "samples": ["--samples", "3"],
                "restarts_perturbed": ["--restarts-perturbed", "2"],
-               "steps": ["--steps", "3"], "ref_restarts": ["--ref-restarts", "3"], "epsilon": ["--epsilon", "4/255"],
+               "steps": ["--steps", "3"], "ref_restarts": ["--ref-restarts", "3"], "norm": ["--norm", "l2"],
+               "epsilon": ["--epsilon", "4/255"],
                "attack_step": ["--attack-step", "0.01"], "restarts": ["--restarts", "3"], "passes": ["--passes", "3"],
                "weight_step": ["--weight-step", "0.1"], "per_batch": ["--per-batch"],
                "joint_batch_size": ["--joint-batch-size", "64"], "directions": ["--directions", "3"],
@@ -542,12 +544,12 @@ def test_every_setting_names_its_own_file():
                "hessian_tol": ["--hessian-tol", "0.1"], "hessian_reduction": ["--hessian-reduction", "batch-sum"]}
     shared = [["--seed", "1"], ["--batch-size", "64"], ["--scale", "2"], ["--scale-bn-eps"], ["--use-ema"]]
     measures = {"average": ("loss", "subset", "n_eval", "xi", "samples", "restarts_perturbed", "steps", "ref_restarts",
-                            "epsilon", "attack_step"),
+                            "norm", "epsilon", "attack_step"),
                 "worst": ("loss", "subset", "n_eval", "xi", "restarts", "passes", "weight_step", "per_batch",
-                          "joint_batch_size", "steps", "ref_restarts", "epsilon", "attack_step"),
+                          "joint_batch_size", "steps", "ref_restarts", "norm", "epsilon", "attack_step"),
                 "landscape": ("directions", "points", "n_landscape", "landscape_steps", "direction_norm",
                               "random_scale", "adversarial_scale", "adversarial_xi", "adversarial_passes",
-                              "weight_step", "epsilon", "attack_step"),
+                              "weight_step", "norm", "epsilon", "attack_step"),
                 "hessian": ("n_hessian", "hessian_iters", "hessian_tol", "hessian_reduction")}
     for mode, keys in measures.items():
         default = path(mode)

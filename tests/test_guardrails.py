@@ -225,7 +225,7 @@ def test_unreadable_files_say_why(tmp_path):
     for name, (data, message) in damaged_files(tmp_path).items():
         (tmp_path / name).write_bytes(data)
         with pytest.raises(common.UsageError) as e:
-            common.load_checkpoint(tmp_path / name)
+            evaluate.load_checkpoint(tmp_path / name)
         assert str(e.value) == f"{tmp_path / name} {message}", name
 
 
@@ -239,10 +239,10 @@ def test_garbage_is_one_error_line_and_other_pickle_protocols_warn_nothing(tmp_p
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             if protocol == 3:
-                assert torch.equal(common.load_checkpoint(tmp_path / "p.pt")["w"], torch.ones(2))
+                assert torch.equal(evaluate.load_checkpoint(tmp_path / "p.pt")["w"], torch.ones(2))
                 continue
             with pytest.raises(common.UsageError) as e:
-                common.load_checkpoint(tmp_path / "p.pt")
+                evaluate.load_checkpoint(tmp_path / "p.pt")
         assert re.fullmatch(re.escape(f"{tmp_path / 'p.pt'} holds data that torch.load(weights_only=True) refuses (")
                             + r"[^;\n]+" + re.escape("; e.g. saved with pickle_protocol=4); if you trust the file, load "
                                                      "it with weights_only=False and save it again"), str(e.value))
@@ -255,5 +255,5 @@ def test_a_file_that_cannot_be_opened_says_so(tmp_path, monkeypatch):
         raise PermissionError(13, "Permission denied")
     monkeypatch.setattr(torch, "load", denied)
     with pytest.raises(common.UsageError) as e:
-        common.load_checkpoint(tmp_path / "ckpt_last.pt")
+        evaluate.load_checkpoint(tmp_path / "ckpt_last.pt")
     assert str(e.value) == f"{tmp_path / 'ckpt_last.pt'} cannot be read (Permission denied)"

@@ -44,10 +44,11 @@ def test_code_only_diff_with_train_at_is_the_method(script, limit):
 def test_common_does_not_grow():
     """common.py holds only what several scripts use (README "Files"): 776 lines with one architecture and one
     data set; 979 with the three architectures of README "Architectures", the three data sets of README "Data"
-    and the paper's BN weight decay and cyclic momentum (every script builds models and loads data); 1,074 with
-    what every script's user meets (progress lines in log files, Ctrl-C, pixel-unit flags, the reasons an
-    unreadable checkpoint gives). Its budget is about 1,000 lines: this guards against regrowth."""
-    assert len((ROOT / "common.py").read_text().splitlines()) <= 1074
+    and the paper's BN weight decay and cyclic momentum (every script builds models and loads data); 1,099 with
+    what every script's user meets (progress lines in log files, Ctrl-C, pixel-unit flags, a CUDA out-of-memory
+    line), the ℓ2 threat model and attacks chunked by --batch-size (checkpoint loading, used by evaluate.py
+    alone, lives there). Its budget is about 1,000 lines: this guards against regrowth."""
+    assert len((ROOT / "common.py").read_text().splitlines()) <= 1099
 
 
 def test_code_cites_the_paper_and_readme_not_the_team_spec():

@@ -863,8 +863,8 @@ def test_rotation_resume_restores_the_head_bit_for_bit(tiny_data, tmp_path):
     shutil.copy(resumed / "ckpt_epoch001.pt", resumed / "ckpt_last.pt")
     tm.main([str(a) for a in [*flags, "--out", resumed, "--resume"]])
 
-    a, b = (common.load_checkpoint(d / "ckpt_last.pt") for d in (straight, resumed))
-    first = common.load_checkpoint(straight / "ckpt_epoch001.pt")
+    a, b = (evaluate.load_checkpoint(d / "ckpt_last.pt") for d in (straight, resumed))
+    first = evaluate.load_checkpoint(straight / "ckpt_epoch001.pt")
     assert a["epoch"] == b["epoch"] == 2
     assert set(a["aux"]) == set(tm.RotationHead(32).state_dict())
     assert all(not torch.equal(v, first["aux"][k]) for k, v in a["aux"].items() if v.is_floating_point())
@@ -883,7 +883,7 @@ def test_entropy_sgd_ddp_replicas_stay_identical(tiny_data, tmp_path):
     out = tmp_path / "ddp"
     _, other = run_ddp("train_misc.py", tmp_path, "--method", "entropy-sgd", "--L", 2, "--data-dir", tiny_data,
                        *TINY, "--epochs", 1, "--out", out)
-    ckpt = common.load_checkpoint(out / "ckpt_last.pt")["model"]
+    ckpt = evaluate.load_checkpoint(out / "ckpt_last.pt")["model"]
     differ = [k for k in ckpt if not torch.equal(ckpt[k], other[k])]
     assert not differ, f"ranks ended with different {differ[:5]}"
 

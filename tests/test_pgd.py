@@ -1,5 +1,7 @@
 """PGD (common.pgd; README 'Conventions'): the threat model's constraints, that the attack actually ascends,
 the best-iterate / best-restart bookkeeping, and that the caller's model is left as it was."""
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -231,3 +233,157 @@ def test_pgd_inside_no_grad_is_the_same_attack():
         assert not torch.is_grad_enabled()  # the caller's grad mode is back
     assert d_grad.abs().max() > 1e-3
     assert torch.equal(d_grad, d_nograd) and torch.equal(l_grad, l_nograd)
+
+
+# The ℓ2 threat model (norm="l2": Rice et al.'s and AWP's attack) ---------------------------------------------------
+L2_EPS, L2_ALPHA = 0.5, 0.1  # (128/255 and 15/255 on 32×32 CIFAR; these 8×8 images have 1/16 of the coordinates)
+
+
+def rice_attack_pgd_l2(model, X, y, epsilon, alpha, attack_iters, restarts, early_stop=False):
+    """Rice et al.'s `attack_pgd` (robust_overfitting, train_cifar.py) for norm 'l_2', written out again: per restart
+    a Gaussian direction scaled to a U(0, 1)·ε radius and clamped to the box; `attack_iters` steps of α along
+    g/(‖g‖+1e-10) of the batch-mean CE, each renormed to ε and clamped to the box, where with early_stop only
+    the examples still classified correctly step; of the restarts, per example the last one whose final CE is
+    ≥ the best so far. Returns (max_delta, the δ of every iterate of the last restart)."""
+    max_loss, max_delta = torch.zeros(len(y), dtype=X.dtype), torch.zeros_like(X)
+    for _ in range(restarts):
+        delta = torch.zeros_like(X).normal_()
+        n = delta.view(len(X), -1).norm(p=2, dim=1).view(-1, 1, 1, 1)
+        r = torch.zeros_like(n).uniform_(0, 1)
+        delta *= r / n * epsilon
+        delta = torch.max(torch.min(delta, 1 - X), 0 - X)
+        delta.requires_grad = True
+        iterates = [delta.detach().clone()]
+        for _ in range(attack_iters):
+            output = model(X + delta)
+            index = torch.where(output.max(1)[1] == y)[0] if early_stop else slice(None)
+            if early_stop and len(index) == 0:
+                break
+            F.cross_entropy(output, y).backward()
+            grad = delta.grad.detach()
+            d, g, x = delta[index], grad[index], X[index]
+            g_norm = g.view(len(g), -1).norm(dim=1).view(-1, 1, 1, 1)
+            d = (d + g / (g_norm + 1e-10) * alpha).view(len(d), -1).renorm(p=2, dim=0, maxnorm=epsilon).view_as(d)
+            d = torch.max(torch.min(d, 1 - x), 0 - x)
+            delta.data[index] = d
+            delta.grad.zero_()
+            iterates.append(delta.detach().clone())
+        all_loss = F.cross_entropy(model(X + delta), y, reduction="none")
+        max_delta[all_loss >= max_loss] = delta.detach()[all_loss >= max_loss]
+        max_loss = torch.max(max_loss, all_loss)
+    return max_delta, iterates
+
+
+def recorded_deltas(model, x):
+    """Hook that records δ = input − x of every forward of common.pgd (restarts = 1), one entry per iterate."""
+    seen = []
+    handle = model.register_forward_pre_hook(lambda m, inputs: seen.append((inputs[0] - x).detach().clone()))
+    return seen, handle
+
+
+def test_l2_reaches_the_closed_form_optimum_of_a_linear_model():
+    """For a linear 2-class model the CE of class 0 grows with the margin z1 − z0 = (w1 − w0)·(x + δ) + c, so where
+    the box does not bind its maximiser over ‖δ‖₂ ≤ ε is δ* = ε·u, u = (w1 − w0)/‖w1 − w0‖ (−ε·u for class 1).
+    From a zero start two steps of ε/2 reach it; from the random start the part of δ orthogonal to u shrinks
+    by ε/(ε + α) per step, below 1e-9 after 60 steps. (torch.renorm scales by ε/(‖·‖ + 1e-7): δ ends within 1e-7
+    of the sphere, hence the 1e-6.) The returned δ is the first iterate whose CE, kept in fp32, is the optimum's;
+    its distance to δ* is then of the order of the square root of fp32's resolution."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * SIZE * SIZE, 2)).double()
+    x = 0.5 + 0.1 * torch.rand(6, 3, SIZE, SIZE, dtype=torch.float64)  # in [0.5, 0.6]; |δ*_i| ≤ ε·|u_i| < 0.4
+    y = torch.tensor([0, 1, 0, 1, 0, 1])
+    w = model[1].weight.detach()
+    u = ((w[1] - w[0]) / (w[1] - w[0]).norm()).view(3, SIZE, SIZE)
+    optimum = torch.stack([L2_EPS * u if c == 0 else -L2_EPS * u for c in y])
+    for start, steps in (("zero", 2), ("uniform", 60)):
+        seen, handle = recorded_deltas(model, x)
+        torch.manual_seed(1)
+        delta, loss = common.pgd(model, x, y, L2_EPS, L2_EPS / 2, steps, start=start, norm="l2")
+        handle.remove()
+        assert (seen[-1] - optimum).flatten(1).norm(dim=1).max() < 1e-6, start
+        assert (delta - optimum).flatten(1).norm(dim=1).max() < 1e-3, start
+        torch.testing.assert_close(loss, F.cross_entropy(model(x + optimum), y, reduction="none").float())
+    torch.manual_seed(1)
+    delta, _ = common.pgd(model, x, y, L2_EPS, L2_EPS / 2, 0, norm="l2")
+    assert (delta - optimum).flatten(1).norm(dim=1).min() > 0.1, "the random start alone is already the optimum"
+
+
+@pytest.mark.parametrize("start,restarts,max_inputs", [("uniform", 1, None), ("uniform", 3, None), ("uniform", 3, 70),
+                                                       ("normal", 1, None), ("zero", 2, 60)])
+def test_l2_every_iterate_in_the_l2_ball_and_image_box(trained, start, restarts, max_inputs):
+    """Every iterate the network sees (all steps, all restarts, chunked or not) and the returned δ: ‖δ‖₂ ≤ ε per
+    example and x + δ in [0, 1], with pixels on the box borders, where the clamp binds. (1e-6: x + δ − x rounds
+    each of the 192 coordinates by at most 6e-8 in fp32.)"""
+    model, x, y = trained
+    x = x.clone()
+    x[:, :, :3] = 0.0
+    x[:, :, -3:] = 1.0
+    inputs = []
+    handle = model.register_forward_pre_hook(lambda m, i: inputs.append(i[0].detach().clone()))
+    torch.manual_seed(0)
+    delta, _ = common.pgd(model, x, y, L2_EPS, L2_ALPHA, STEPS, restarts=restarts, start=start, norm="l2",
+                          max_inputs=max_inputs)
+    handle.remove()
+    assert len(inputs) == (STEPS + 1) * (restarts if max_inputs else 1)
+    norms = [delta.flatten(1).norm(dim=1)]
+    for inp in inputs:
+        assert inp.min() >= 0 and inp.max() <= 1
+        norms.append((inp - x.repeat(len(inp) // len(x), 1, 1, 1)).flatten(1).norm(dim=1))
+    assert max(n.max() for n in norms) <= L2_EPS + 1e-6
+    assert ((x + delta).min() >= 0) and ((x + delta).max() <= 1)
+    assert norms[0].min() > 0.9 * L2_EPS, "the attack did not reach the sphere"
+    assert (delta.abs().max() > 2 * EPS), "an ℓ∞-sized attack, not ℓ2"
+
+
+def double_trained(trained):
+    model, x, y = trained
+    return copy.deepcopy(model).double(), x.double(), y
+
+
+def test_l2_equals_rice_et_al_attack_pgd_step_by_step(trained):
+    """Float64, the same seed: Rice et al.'s ℓ2 attack_pgd (above, restarts = 1, no early stop: their training call)
+    and common.pgd(norm="l2") visit the same iterates, from the same random start (the same randn and rand draws),
+    step by step (no sign in an ℓ2 step: rounding differences stay at 1e-15). common.pgd gets the batch-mean CE as
+    its summed loss (loss_fn = CE / n), as theirs, so g/(‖g‖ + 1e-10) is the same to the 1e-10. Their result is the
+    last iterate; ours the best iterate, whose CE is the maximum of the CE of their iterates (a step of 0.6·ε, so
+    that the best iterate is not always the last)."""
+    model, x, y = double_trained(trained)
+    alpha = 0.3
+    torch.manual_seed(4)
+    rice_delta, rice_iterates = rice_attack_pgd_l2(model, x, y, L2_EPS, alpha, STEPS, restarts=1)
+    seen, handle = recorded_deltas(model, x)
+    torch.manual_seed(4)
+    delta, loss = common.pgd(model, x, y, L2_EPS, alpha, STEPS, norm="l2",
+                             loss_fn=lambda logits, y: F.cross_entropy(logits, y, reduction="none") / len(y))
+    handle.remove()
+    assert len(seen) == len(rice_iterates) == STEPS + 1
+    torch.testing.assert_close(torch.stack(seen), torch.stack(rice_iterates), atol=1e-12, rtol=0)
+    torch.testing.assert_close(seen[-1], rice_delta, atol=1e-12, rtol=0)
+    rice_ce = torch.stack([F.cross_entropy(model(x + d), y, reduction="none") for d in rice_iterates]).detach()
+    torch.testing.assert_close(loss.double() * len(y), rice_ce.max(0).values, rtol=1e-6, atol=0)  # (fp32 loss)
+    assert (rice_ce.argmax(0) < STEPS).any(), "the best iterate is always the last: the comparison shows nothing"
+    assert (torch.stack(seen[1:]) - torch.stack(seen[:-1])).abs().max() > 1e-3, "no steps were taken"
+
+
+def test_l2_equals_rice_et_al_attack_pgd_with_early_stop(trained):
+    """Float64: with early_stop (their evaluation call) an example stops stepping at its first misclassified
+    iterate τ and keeps it: their iterate t is ours at min(t, τ). The misclassification decisions are argmaxes,
+    so the test first checks that no logit gap at any iterate is within 1e-9 of a tie (no rounding can flip one)."""
+    model, x, y = double_trained(trained)
+    torch.manual_seed(5)
+    _, rice_iterates = rice_attack_pgd_l2(model, x, y, L2_EPS, L2_ALPHA, STEPS, restarts=1, early_stop=True)
+    seen, handle = recorded_deltas(model, x)
+    torch.manual_seed(5)
+    common.pgd(model, x, y, L2_EPS, L2_ALPHA, STEPS, norm="l2",
+               loss_fn=lambda logits, y: F.cross_entropy(logits, y, reduction="none") / len(y))
+    handle.remove()
+    with torch.no_grad():
+        logits = torch.stack([model(x + d) for d in seen])  # (STEPS + 1) × n × classes
+    top2 = logits.topk(2, dim=2).values
+    assert (top2[..., 0] - top2[..., 1]).min() > 1e-9
+    wrong = logits.argmax(2) != y
+    tau = torch.where(wrong.any(0), wrong.float().argmax(0), torch.tensor(STEPS))  # first misclassified iterate
+    assert 0 < (tau < STEPS).sum() < len(y), "early stopping changes nothing or everything: weak test data"
+    for t, rice in enumerate(rice_iterates):
+        ours = torch.stack([seen[min(t, int(tau[i]))][i] for i in range(len(y))])
+        torch.testing.assert_close(rice, ours, atol=1e-12, rtol=0)

@@ -1,8 +1,9 @@
 """RobustBench checkpoints on disk (README "evaluate.py", "Public robust models"): the entries of
 evaluate.ROBUSTBENCH_TABLE load from RobustBench's layout <model-dir>/cifar10/Linf/<name>.pt without the robustbench
 package and compute the reference structure's logits (tiny generated checkpoints; the table is swapped for tiny
-architectures), the table's architectures have the public key layout, other entries go through the package where
-it imports, and every failure is one error line: a missing file, the package missing or not importing."""
+architectures), those of evaluate.ROBUSTBENCH_L2_TABLE from cifar10/L2/<name>.pt with --norm l2, the tables'
+architectures have the public key layout, other entries go through the package where it imports, and every failure
+is one error line: a missing file, the package missing or not importing."""
 import json
 import sys
 
@@ -13,28 +14,32 @@ import common
 import evaluate
 import flatness
 from conftest import run_script
-from test_models import RefWideResNet, randomise_bn
+from test_models import RefPreActResNet18, RefWideResNet, randomise_bn
 
 CPU = torch.device("cpu")
 TINY_TABLE = {"Tiny2099Unlabeled": ("wrn-10-2", True, None),          # as Carmon2019Unlabeled: sub_block1, [0, 1]
               "Tiny2099Overfitting": ("wrn-10-1", False, evaluate.RB_CIFAR_STATS)}  # as Rice2020Overfitting
 
 
+TINY_L2_TABLE = {"Tiny2099Overfitting": ("preact-resnet18", False, evaluate.RB_CIFAR_STATS)}  # as the L2 Rice et al.
+
+
 @pytest.fixture
 def tiny_table(monkeypatch):
     monkeypatch.setattr(evaluate, "ROBUSTBENCH_TABLE", TINY_TABLE)
+    monkeypatch.setattr(evaluate, "ROBUSTBENCH_L2_TABLE", TINY_L2_TABLE)
 
 
-def place(model_dir, name, state):
+def place(model_dir, name, state, norm="linf"):
     """A checkpoint file where RobustBench keeps it."""
-    path = evaluate.robustbench_file(model_dir, name)
+    path = evaluate.robustbench_file(model_dir, name, norm)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, path)
     return path
 
 
-def load(name, model_dir):
-    return evaluate.load_model(evaluate.parse_args(["--robustbench", name, "--model-dir", str(model_dir)]), CPU)
+def load(name, model_dir, *flags):
+    return evaluate.load_model(evaluate.parse_args(["--robustbench", name, "--model-dir", str(model_dir), *flags]), CPU)
 
 
 def test_table_entries_load_without_the_package_with_the_reference_logits(tiny_table, tmp_path, monkeypatch):
@@ -78,10 +83,32 @@ def test_a_file_that_does_not_fit_the_table_is_refused(tiny_table, tmp_path):
         load("Tiny2099Unlabeled", tmp_path)
 
 
-def test_the_table_has_the_public_key_layouts_and_the_readme_lists_it():
+def test_an_l2_entry_loads_from_the_l2_folder_with_norm_l2(tiny_table, tmp_path, monkeypatch):
+    """--norm l2 reads RobustBench's L2 zoo: <model-dir>/cifar10/L2/<name>.pt (Rice et al.'s L2 PreAct ResNet-18
+    in our layout, normalised outside), never the Linf file of the same name."""
+    monkeypatch.setitem(sys.modules, "robustbench", None)
+    torch.manual_seed(0)
+    x = torch.rand(5, 3, 32, 32)
+    ref = randomise_bn(RefPreActResNet18(width=64), seed=2).eval()  # (the table's ResNets are built at width 64)
+    path = place(tmp_path, "Tiny2099Overfitting", {"state_dict": ref.state_dict()}, norm="l2")
+    assert path.parts[-3:] == ("cifar10", "L2", "Tiny2099Overfitting.pt")
+    model, info = load("Tiny2099Overfitting", tmp_path, "--norm", "l2")
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in evaluate.RB_CIFAR_STATS)
+    with torch.no_grad():
+        assert torch.equal(model(x), ref((x - mean) / std))
+    assert (info["file"], info["args"]["arch"]) == (str(path), "preact-resnet18")
+    with pytest.raises(common.UsageError, match=r"no file .*cifar10/L2/Tiny2099Overfitting.pt; .*\(CIFAR-10, L2\)"):
+        load("Tiny2099Overfitting", tmp_path / "elsewhere", "--norm", "l2")
+    with pytest.raises(common.UsageError, match=r"no file .*cifar10/Linf/Tiny2099Overfitting.pt"):
+        load("Tiny2099Overfitting", tmp_path)  # without --norm: the Linf zoo's file, not the L2 one beside it
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_the_table_has_the_public_key_layouts_and_the_readme_lists_it(norm):
     """Every entry is an architecture of ours whose state dict has the keys and shapes of the public WideResNet
-    (with or without sub_block1) it names; the README lists exactly these entries and their count."""
-    table = evaluate.ROBUSTBENCH_TABLE
+    (with or without sub_block1), ResNet-18 or PreAct ResNet-18 it names; the README lists exactly these entries
+    and their count."""
+    table = evaluate.robustbench_table(norm)
     for name, (arch, sub_block1, stats) in table.items():
         assert common.parse_arch(arch) == arch, name
         with torch.device("meta"):
@@ -90,6 +117,8 @@ def test_the_table_has_the_public_key_layouts_and_the_readme_lists_it():
             if arch.startswith("wrn-"):
                 _, depth, widen = arch.split("-")
                 ref = RefWideResNet(int(depth), int(widen), sub_block1=sub_block1).state_dict()
+            elif arch == "preact-resnet18":  # RobustBench's PreActResNet(PreActBlockV2, bn_before_fc=True): Rice et al.'s
+                ref = RefPreActResNet18(width=64).state_dict()
             else:  # RobustBench's ResNet18(): the common CIFAR layout at width 64, which ours is
                 ref = common.ResNet18(width=64, normalize=False).state_dict()
         mine = {k: v.shape for k, v in ours.state_dict().items() if not k.startswith("normalize.")}
@@ -98,8 +127,9 @@ def test_the_table_has_the_public_key_layouts_and_the_readme_lists_it():
     readme = (evaluate.Path(evaluate.__file__).parent / "README.md").read_text()
     section = readme[readme.index("### Public robust models"):]
     section = section[:section.index("\n## ")]
-    listed = {n for n in table if f"`{n}`" in section}
-    assert listed == set(table) and f"{len(table)} entries" in section
+    zoo = section[:section.index("CIFAR-10 L2")] if norm == "linf" else section[section.index("CIFAR-10 L2"):]
+    listed = {n for n in table if f"`{n}`" in zoo}
+    assert listed == set(table) and f"{len(table)} entries" in zoo
 
 
 @pytest.mark.parametrize("script", ["evaluate.py", "flatness.py"])
@@ -134,7 +164,7 @@ def test_other_entries_without_a_working_package_are_one_clear_error(tmp_path, m
         load("Gowal2020Uncovering_70_16", tmp_path)
     text = str(e.value)
     assert "\n" not in text and "pip install robustbench" in text
-    assert f"{len(evaluate.ROBUSTBENCH_TABLE)} entries load without it" in text and "Carmon2019Unlabeled" in text
+    assert f"{len(evaluate.ROBUSTBENCH_TABLE)} Linf entries load without it" in text and "Carmon2019Unlabeled" in text
     monkeypatch.delitem(sys.modules, "robustbench")
     # installed but not importable: robustbench 1.1.1 on setuptools >= 81 (no pkg_resources)
     broken = tmp_path / "broken"

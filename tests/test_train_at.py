@@ -66,11 +66,11 @@ def test_run_folder(tiny_data, tmp_path, name, run_main):
     assert m["test_rerr"] >= m["test_clean_err"]  # robust error counts clean mistakes too
     assert m["test_rloss"] > m["test_clean_loss"]
 
-    ckpt = common.load_checkpoint(out / "ckpt_last.pt")  # weights_only=True
+    ckpt = evaluate.load_checkpoint(out / "ckpt_last.pt")  # weights_only=True
     assert CKPT_KEYS <= set(ckpt) and ckpt["epoch"] == 1 and ckpt["metrics"] == m
     assert ckpt["es_best"] == {"epoch": 1, "es_rerr": m["es_rerr"]}
     for other in ("ckpt_epoch001.pt", "ckpt_best.pt"):
-        c = common.load_checkpoint(out / other)
+        c = evaluate.load_checkpoint(out / other)
         assert all(torch.equal(c["model"][k], v) for k, v in ckpt["model"].items())
     model, _ = evaluate.model_from_checkpoint(out / "ckpt_last.pt", torch.device("cpu"))
     x, y = common.eval_split(tiny_data, "log", 40, torch.device("cpu"))  # the logged test metrics are of these weights
@@ -173,11 +173,11 @@ def test_ddp_two_cpu_ranks(tiny_data, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [
         "args.json", "ckpt_best.pt", "ckpt_epoch001.pt", "ckpt_last.pt", "metrics.jsonl"]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
-    ckpt = common.load_checkpoint(out / "ckpt_last.pt")
+    ckpt = evaluate.load_checkpoint(out / "ckpt_last.pt")
     assert set(other) == set(ckpt["model"])
     differ = [k for k in other if not torch.equal(other[k], ckpt["model"][k])]
     assert not differ, f"ranks ended with different {differ[:5]}"
-    first = common.load_checkpoint(out / "ckpt_epoch001.pt")
+    first = evaluate.load_checkpoint(out / "ckpt_epoch001.pt")
     assert "ema" in first and json.loads((out / "args.json").read_text())["versions"]["argv"]
 
 
@@ -201,7 +201,7 @@ def test_ddp_resume_equals_uninterrupted_run(tiny_data, tmp_path, run_main):
     strip = lambda m: {k: v for k, v in m.items() if not k.endswith("time_s")}
     a, b = ([strip(json.loads(l)) for l in (d / "metrics.jsonl").read_text().splitlines()] for d in (full, part))
     assert a == b
-    ca, cb = common.load_checkpoint(full / "ckpt_last.pt"), common.load_checkpoint(part / "ckpt_last.pt")
+    ca, cb = evaluate.load_checkpoint(full / "ckpt_last.pt"), evaluate.load_checkpoint(part / "ckpt_last.pt")
     assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
     assert len(ca["rng"]) == 2 and not torch.equal(ca["rng"][0]["torch"], ca["rng"][1]["torch"])
 
@@ -211,7 +211,7 @@ def test_ddp_resume_equals_uninterrupted_run(tiny_data, tmp_path, run_main):
     shutil.copy(full / "ckpt_epoch001.pt", single / "ckpt_last.pt")
     code, _, err = run_main(train_at, *flags, "--out", single, "--resume")
     assert code == 0 and "saved by 2 process(es) and resumes on 1" in err
-    assert common.load_checkpoint(single / "ckpt_last.pt")["epoch"] == 3
+    assert evaluate.load_checkpoint(single / "ckpt_last.pt")["epoch"] == 3
 
 
 def test_a_cuda_device_turns_tf32_off(monkeypatch):

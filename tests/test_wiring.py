@@ -3,7 +3,7 @@ update, a test that fails if its line is disabled or its value ignored.
 
 A. One call of each script's `train_step` (args from the script's own parse_args, optimiser and schedule
    from common.make_optimizer) against the update written out here from the paper's formulas: the
-   attack (δ from PGD with the expected ε / step / steps / BN mode; for TRADES PGD on a KL written here),
+   attack (δ from PGD with the expected norm / ε / step / steps / BN mode; for TRADES PGD on a KL written here),
    what every forward sees (its BN mode and its input: the training forward must see exactly x + δ of
    the attack), the loss (β, label smoothing, label noise reproduced by seeding), AWP's ν and the
    restore, the first optimiser step (SGD: w − lr·(g + wd·(w − c)), momentum buffer g + wd·(w − c), c = 1
@@ -12,7 +12,8 @@ B. Each script's `main()` in-process on the tiny ImageFolder with a spy around i
    scripted common.epoch_metrics: the EMA decay, the schedule and the init clipping of main, the EMA's
    BN statistics re-estimated after the last epoch (what its BN layer saw, averaged by hand), the
    --awp-warmup epochs, the early-stopping rule, its model (the EMA with --ema) and its data (last
-   --n-early-stop test images, --es-restarts), the per-epoch test data (first --n-log) and the logged lr
+   --n-early-stop test images, --es-restarts), the threat model of both (--norm), the per-epoch test data
+   (first --n-log) and the logged lr
    (the epoch's first step's), the checkpoints, and --resume.
 """
 import copy
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import common
+import evaluate
 import train_at
 import train_awp
 import train_mart
@@ -99,23 +101,23 @@ def conv_linear_weights(model):
     return [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
-def hand_step(method, model0, x, y, seed, cfg):
+def hand_step(method, model0, x, y, seed, cfg, delta=None):
     """The expected result of one train_step of `method` from `model0` (not modified), computed from the
-    formulas with the values of `cfg` (given literally by each test, never read from args)."""
+    formulas with the values of `cfg` (given literally by each test, never read from args); `delta`: the
+    attack's δ, given instead of computed."""
     m = copy.deepcopy(model0).train()
     torch.manual_seed(seed)
     # 1. the attack, at the current weights, in the attack's BN mode
-    delta = None
-    if cfg["steps"] > 0:
+    if cfg["steps"] > 0 and delta is None:
         if method == "trades":  # PGD on the KL to p(x), started at x + 0.001·N(0, I)
             m.train(cfg["bn"] == "train")
             with torch.no_grad():
                 p_clean = F.softmax(m(x), 1)
             m.train()
             delta, _ = PGD(m, x, p_clean, cfg["eps"], cfg["alpha"], cfg["steps"], loss_fn=kl_objective,
-                           start="normal", bn=cfg["bn"])
+                           start="normal", bn=cfg["bn"], norm=cfg["norm"])
         else:  # PGD on CE with the true labels, uniform start
-            delta, _ = PGD(m, x, y, cfg["eps"], cfg["alpha"], cfg["steps"], bn=cfg["bn"])
+            delta, _ = PGD(m, x, y, cfg["eps"], cfg["alpha"], cfg["steps"], bn=cfg["bn"], norm=cfg["norm"])
     x_adv = x if delta is None else x + delta
     params = dict(m.named_parameters())
     # 2. AWP: g = ∇_w CE(f(x'; w), y) in train-mode BN on a throwaway copy;
@@ -167,9 +169,11 @@ def hand_step(method, model0, x, y, seed, cfg):
 # A. one train_step against the formulas
 # ------------------------------------------------------------------------------------------------
 BASE = ["--device", "cpu", "--epochs", "1", "--lr", "0.1", "--wd", "0.01", "--lr-schedule", "cosine"]
-BASE_CFG = dict(lr=0.1, wd=0.01, schedule="cosine", steps=0, bn="eval")
+BASE_CFG = dict(lr=0.1, wd=0.01, schedule="cosine", steps=0, bn="eval", norm="linf")
 ATTACK = ["--epsilon", "4/255", "--attack-step", "1/255", "--attack-steps", "3"]  # none is a default value
 ATTACK_CFG = dict(eps=4 / 255, alpha=1 / 255, steps=3, bn="eval")
+L2 = ["--norm", "l2", "--attack-steps", "2"]  # ε and step: the ℓ2 defaults (Rice et al., AWP); 2 of their 10 steps
+L2_CFG = dict(norm="l2", eps=128 / 255, alpha=15 / 255, steps=2, bn="eval")
 NOISE = ["--label-smoothing", "0.2", "--label-noise", "0.5"]
 NOISE_CFG = dict(tau=0.2, noise=0.5)
 CLIP_EMA = ["--clip", "0.05", "--ema", "0.9"]
@@ -192,6 +196,11 @@ SCENARIOS = {  # name: (method, flags, expected values)
                                       {**ATTACK_CFG, "bn": "train", "beta": 2.0, **NOISE_CFG}),
     "mart-no-attack-clip-ema": ("mart", ["--attack-steps", "0", "--beta", "3", *CLIP_EMA],
                                 {"beta": 3.0, **CLIP_EMA_CFG}),
+    # --norm l2: every script's attack in the ℓ2 ball, with the ℓ2 ε and step
+    "at-l2": ("at", L2, L2_CFG),
+    "trades-l2": ("trades", [*L2, "--beta", "3"], {**L2_CFG, "beta": 3.0}),
+    "mart-l2": ("mart", [*L2, "--beta", "3"], {**L2_CFG, "beta": 3.0}),
+    "awp-l2": ("awp", L2, {**L2_CFG, "xi": 0.02}),
     # AWP: train_step's own xi (0.02) is used, not args.xi (its default 0.005)
     "awp-xi": ("awp", ATTACK, {**ATTACK_CFG, "xi": 0.02}),
     "awp-grad-clip-train-bn-smoothing-noise": ("awp", [*ATTACK, "--attack-bn", "train", "--grad-clip", "0.01", *NOISE],
@@ -272,6 +281,7 @@ def test_train_step_equals_hand_formula(name, monkeypatch):
     model, x = model.double(), x.double()
     seed = 1
     expected = hand_step(method, model, x, y, seed, cfg)
+    model0 = copy.deepcopy(model)  # (for TRADES under ℓ2, below)
 
     opt, sched = common.make_optimizer(model, args, SPE)
     ema, ema_old = None, None
@@ -290,16 +300,23 @@ def test_train_step_equals_hand_formula(name, monkeypatch):
     stats = module.train_step(model, model, opt, sched, ema, x, y, args, *extra)
     handle.remove()
 
-    # ---- the attack: common.pgd with the expected ε, step, steps and BN mode (and nothing at --attack-steps 0)
+    # ---- the attack: common.pgd with the expected norm, ε, step, steps and BN mode (nothing at --attack-steps 0).
+    # TRADES under ℓ2: the script's KL (float32, near 0 at the start) rounds otherwise than the one written here, and
+    # an ℓ2 step (g/‖g‖, continuous in g) carries that into δ where an ℓ∞ sign does not; the ℓ∞ scenarios check the
+    # KL objective bit for bit, so here the update is expected from the script's δ
+    if method == "trades" and cfg["norm"] == "l2":
+        expected = hand_step(method, model0, x, y, seed, cfg, delta=pgd_calls[0]["delta"])
     if cfg["steps"] == 0:
         assert pgd_calls == []
     else:
         (call,) = pgd_calls
         assert call["eps"] == pytest.approx(cfg["eps"]) and call["alpha"] == pytest.approx(cfg["alpha"])
-        assert (call["steps"], call["bn"], call["restarts"]) == (cfg["steps"], cfg["bn"], 1)
+        assert (call["steps"], call["bn"], call["restarts"], call["norm"]) == (cfg["steps"], cfg["bn"], 1, cfg["norm"])
         assert call["start"] == ("normal" if method == "trades" else "uniform")
         assert torch.equal(call["delta"], expected["delta"])  # TRADES: δ of the KL objective written here
-        assert expected["delta"].abs().max() <= cfg["eps"] + 1e-7 and expected["delta"].abs().max() > 0
+        flat = expected["delta"].flatten(1)
+        size = flat.abs().amax(1) if cfg["norm"] == "linf" else flat.norm(dim=1)  # per example, in the attack's norm
+        assert size.max() <= cfg["eps"] + 1e-7 and size.max() > 0
 
     # ---- what every forward saw: the attack's forwards in its BN mode, then the training forward(s) in
     # train mode on exactly x + δ (TRADES and MART: the clean batch first; AWP: the direction pass at w)
@@ -406,9 +423,9 @@ def install_spies(monkeypatch, method, es_rerr):
         calls.append(rec)
         return out
 
-    def epoch_metrics(model, x, y, alpha, restarts, prefix, rank=0, world=1):
+    def epoch_metrics(model, x, y, alpha, restarts, prefix, rank=0, world=1, norm="linf"):
         evals.append({"model": model, "w": state_of(model), "x": x.clone(), "y": y.clone(), "alpha": alpha,
-                      "restarts": restarts, "prefix": prefix, "after_steps": len(calls)})
+                      "restarts": restarts, "prefix": prefix, "norm": norm, "after_steps": len(calls)})
         n_es = sum(e["prefix"] == "es_" for e in evals)
         rerr = es_rerr[n_es - 1] if prefix == "es_" else 0.6
         return {f"{prefix}clean_loss": 1.0, f"{prefix}clean_err": 0.5, f"{prefix}rloss": 2.0,
@@ -472,7 +489,7 @@ def test_main_wiring(method, tiny_data, tmp_path, monkeypatch):
             assert torch.equal(c["ema_before"][k], prev["ema_after"][k]), k
             expected = EMA * c["ema_before"][k] + (1 - EMA) * c["w_after"][k]
             assert close(c["ema_after"][k], expected), k
-    last = common.load_checkpoint(out / "ckpt_last.pt")
+    last = evaluate.load_checkpoint(out / "ckpt_last.pt")
     for k, _ in net.named_parameters():  # (the EMA's BN statistics are re-estimated after the last epoch)
         assert torch.equal(last["ema"][k], calls[-1]["ema_after"][k]), k
         assert torch.equal(last["model"][k], calls[-1]["w_after"][k]), k
@@ -502,7 +519,7 @@ def test_main_wiring(method, tiny_data, tmp_path, monkeypatch):
     for e in evals:
         x_want, y_want, restarts = (x_es, y_es, ES_RESTARTS) if e["prefix"] == "es_" else (x_log, y_log, 1)
         assert torch.equal(e["x"], x_want) and torch.equal(e["y"], y_want), e["prefix"]
-        assert e["restarts"] == restarts and e["alpha"] == pytest.approx(args.attack_step)
+        assert e["restarts"] == restarts and e["alpha"] == pytest.approx(args.attack_step) and e["norm"] == args.norm
         step = calls[e["after_steps"] - 1]
         if e["prefix"] == "test_":
             assert e["model"] is net
@@ -516,7 +533,7 @@ def test_main_wiring(method, tiny_data, tmp_path, monkeypatch):
     # ---- early stopping: the first minimum of es_rerr; ckpt_best.pt is that epoch's snapshot
     assert [m["es_rerr"] for m in history] == ES_RERR
     assert last["es_best"] == {"epoch": 2, "es_rerr": 0.3}
-    best, snap2 = common.load_checkpoint(out / "ckpt_best.pt"), common.load_checkpoint(out / "ckpt_epoch002.pt")
+    best, snap2 = evaluate.load_checkpoint(out / "ckpt_best.pt"), evaluate.load_checkpoint(out / "ckpt_epoch002.pt")
     assert best["epoch"] == 2
     assert all(torch.equal(best["model"][k], v) for k, v in snap2["model"].items())
     assert all(torch.equal(snap2["model"][k], calls[2 * SPE - 1]["w_after"][k]) for k in float_keys(w0))
@@ -533,7 +550,7 @@ def test_main_wiring(method, tiny_data, tmp_path, monkeypatch):
     assert len(calls2) == 2 * SPE
     assert [c["lr"] for c in calls2] == pytest.approx([c["lr"] for c in calls[2 * SPE:]])
     assert [c["rest"] for c in calls2] == [c["rest"] for c in calls[2 * SPE:]]
-    resumed = common.load_checkpoint(part / "ckpt_last.pt")
+    resumed = evaluate.load_checkpoint(part / "ckpt_last.pt")
     for key in ("model", "ema"):
         for k, v in last[key].items():
             assert torch.equal(resumed[key][k], v), (key, k)
