@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 
 import common
-from common import UsageError, check, fraction
+from common import UsageError, check
 
 # The attacks of each AutoAttack version we offer (the order in which they run).
 AA_ATTACKS = {"standard": ["apgd-ce", "apgd-t", "fab-t", "square"],

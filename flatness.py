@@ -42,7 +42,6 @@ measured (estimate: 5-20 s per checkpoint for both measures on an H100).
 """
 import copy
 import dataclasses
-import sys
 import time
 from pathlib import Path
 
