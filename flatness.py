@@ -42,6 +42,8 @@ measured (estimate: 5-20 s per checkpoint for both measures on an H100).
 """
 import copy
 import dataclasses
+import functools
+import math
 import time
 from pathlib import Path
 
@@ -56,8 +58,16 @@ from evaluate import (add_model_source_args, already_measured, check_attack, che
                       is_int, is_real, load_model, model_kept, model_sha256, require, resolve_threat, result_folder,
                       result_path, result_settings, settings_with_defaults, write_result)
 
-MODES = ("average", "worst", "both", "landscape", "hessian")
+MEASURES = ("average", "worst", "adaptive-worst", "adaptive-average", "pac-bayes", "pac-bayes-mag", "hessian-trace",
+            "hessian")  # --mode all: every measure (the landscape is a figure)
+MODES = ("average", "worst", "both", "landscape", "hessian", "adaptive-worst", "adaptive-average", "pac-bayes",
+         "pac-bayes-mag", "hessian-trace", "all")
 DEFAULT_XI = {"average": 0.5, "worst": 0.00075}      # the paper's ξ (Table 1)
+ADAPTIVE_NORM = {"adaptive-worst": "linf", "adaptive-average": "l2"}
+# ρ: the middle of Andriushchenko et al.'s ResNet-18 grids (sh/eval_sharpness_final.sh: worst linf 0.001-0.008,
+# l2 0.25-2; average l2 0.05-0.4, linf 0.1-0.8)
+ADAPTIVE_RHO = {("adaptive-worst", "linf"): 0.002, ("adaptive-worst", "l2"): 0.5,
+                ("adaptive-average", "l2"): 0.1, ("adaptive-average", "linf"): 0.2}
 NU_SEED_OFFSET = 1_000_003  # ν draws use their own generator, seeded apart from the PGD starts
 
 
@@ -69,7 +79,9 @@ def parse_args(argv=None):
                    help="measure every ckpt_epoch*.pt snapshot of this run folder (Fig. 6), skipping those "
                         "measured with the same settings")
     p.add_argument("--mode", default="both", choices=MODES,
-                   help="average (Eq. 3) | worst (Eq. 5) | both | landscape (Fig. 4) | hessian (λ_max)")
+                   help="average (Eq. 3) | worst (Eq. 5) | both | landscape (Fig. 4) | hessian (λ_max) | "
+                   "adaptive-worst | adaptive-average | pac-bayes | pac-bayes-mag | hessian-trace (README 'Other "
+                   "flatness measures') | all (every measure: the paper's, the others, λ_max)")
     g = p.add_argument_group("flatness (average and worst case)")
     g.add_argument("--xi", type=fraction, default=None,
                    help="relative per-layer radius ξ (paper: 0.5 average-case, 0.00075 worst-case); "
@@ -91,6 +103,29 @@ def parse_args(argv=None):
                         "batches of a restart (the released code, default)")
     g.add_argument("--joint-batch-size", type=int, default=128,
                    help="worst-case mini-batch; ν is updated after each one, so this changes the measure (paper: 128)")
+    g = p.add_argument_group("other flatness measures (README 'Other flatness measures'; --loss and --subset apply)")
+    g.add_argument("--rho", type=fraction, default=None,
+                   help="adaptive radius ρ (default: adaptive-worst 0.002 linf / 0.5 l2, adaptive-average 0.1 l2 / "
+                        "0.2 linf); only with --mode adaptive-worst or adaptive-average")
+    g.add_argument("--sharpness-norm", default=None, choices=("linf", "l2"),
+                   help="the adaptive ball ‖ν ⊘ |w|‖ ≤ ρ (default: linf for adaptive-worst, l2 = Gaussian noise for "
+                        "adaptive-average)")
+    g.add_argument("--sharpness-batch", type=int, default=128,
+                   help="m: images per batch; the adaptive measures are per batch, averaged (Andriushchenko et al.: 128)")
+    g.add_argument("--sharpness-steps", type=int, default=20, help="adaptive-worst ascent steps (theirs: 20)")
+    g.add_argument("--step-mult", type=fraction, default=1.0, help="adaptive-worst first step: 2ρ × this (theirs: 1)")
+    g.add_argument("--sharpness-samples", type=int, default=20, help="adaptive-average draws per batch (theirs: 20)")
+    g.add_argument("--logit-normalise", action="store_true",
+                   help="adaptive measures of the CE of centred, ℓ2-normalised logits (Andriushchenko et al.)")
+    g.add_argument("--target-deviation", type=fraction, default=0.1,
+                   help="PAC-Bayes: the error increase σ' is searched for (Jiang et al.: 0.1)")
+    g.add_argument("--deviation-tolerance", type=fraction, default=0.01, help="PAC-Bayes: bisection stops within this")
+    g.add_argument("--search-depth", type=int, default=15, help="PAC-Bayes: most bisection steps (Jiang et al.: 15)")
+    g.add_argument("--mc-samples", type=int, default=10, help="PAC-Bayes: noise draws per σ (Jiang et al.: 10)")
+    g.add_argument("--sigma-max", type=fraction, default=2.0, help="PAC-Bayes: bisection on [0, this]")
+    g.add_argument("--magnitude-eps", type=fraction, default=1e-3, help="pac-bayes-mag: ε of the noise variance "
+                   "σ'²w² + ε² (Jiang et al.: 1e-3)")
+    g.add_argument("--probes", type=int, default=100, help="hessian-trace: Rademacher probes (Hutchinson)")
     g = p.add_argument_group("PGD (reference RLoss, perturbed models, the joint ascent's δ, landscapes)")
     g.add_argument("--norm", default=None, choices=tuple(common.THREATS),
                    help="threat model of every RLoss: linf ‖δ‖∞ ≤ ε (paper) | l2 ‖δ‖₂ ≤ ε; default: the one our "
@@ -148,6 +183,15 @@ def parse_args(argv=None):
     check(args.xi is None or args.mode in ("average", "worst"),
           "--xi needs --mode average or --mode worst (their paper values differ: 0.5 and 0.00075)")
     check(args.xi is None or args.xi >= 0, f"--xi must be >= 0, got {args.xi}")
+    check(args.rho is None or args.mode in ADAPTIVE_NORM,
+          "--rho needs --mode adaptive-worst or --mode adaptive-average (their defaults differ: 0.002 and 0.1)")
+    check(args.rho is None or args.rho >= 0, f"--rho must be >= 0, got {args.rho}")
+    check(min(args.sharpness_batch, args.sharpness_steps, args.sharpness_samples, args.search_depth, args.mc_samples,
+              args.probes) >= 1,
+          "--sharpness-batch, --sharpness-steps, --sharpness-samples, --search-depth, --mc-samples and --probes must be >= 1")
+    check(args.step_mult > 0 and args.sigma_max > 0 and args.deviation_tolerance > 0 and args.magnitude_eps >= 0,
+          "--step-mult, --sigma-max and --deviation-tolerance must be > 0, --magnitude-eps >= 0")
+    check(0 < args.target_deviation < 1, f"--target-deviation must be in (0, 1), got {args.target_deviation}")
     check(args.epsilon is None or args.epsilon > 0,
           f"--epsilon must be in (0, 1] (pixel units, e.g. 8/255), got {args.epsilon}")
     check((args.attack_step is None or args.attack_step > 0) and args.weight_step >= 0,
@@ -246,12 +290,19 @@ def loss_of(model, x, y, loss, eps, alpha, steps, restarts, batch_size, progress
     return common.robust_metrics(model, x, y, eps, alpha, steps, restarts, batch_size, progress, norm=norm)
 
 
+def reference_each(model, x, y, loss="robust", eps=8 / 255, alpha=0.007, steps=20, restarts=10, batch_size=128,
+                   seed=0, norm="linf"):
+    """Per example the loss and correctness of the unperturbed model: RLoss (PGD-`steps` × `restarts`, the
+    max-CE iterate; correct = clean and adversarially correct) or the clean CE."""
+    common.seed_everything(seed)
+    return loss_of(model, x, y, loss, eps, alpha, steps, restarts, batch_size, norm=norm)
+
+
 def reference(model, x, y, loss="robust", eps=8 / 255, alpha=0.007, steps=20, restarts=10, batch_size=128,
               seed=0, norm="linf"):
     """RLoss(w) (PGD-20 × 10 restarts, per example the max-CE iterate) or the clean CE of the
     unperturbed model: (mean loss, error) as floats."""
-    common.seed_everything(seed)
-    ce, ok = loss_of(model, x, y, loss, eps, alpha, steps, restarts, batch_size, norm=norm)
+    ce, ok = reference_each(model, x, y, loss, eps, alpha, steps, restarts, batch_size, seed, norm)
     return ce.mean().item(), 1 - ok.float().mean().item()
 
 
@@ -367,7 +418,20 @@ API_SETTINGS = {
                 "attack_step", "batch_size", "seed"),
     "worst": ("xi", "restarts", "loss", "passes", "weight_step", "per_batch", "joint_batch_size", "steps",
               "ref_restarts", "norm", "epsilon", "attack_step", "batch_size", "seed"),
+    "adaptive-worst": ("rho", "sharpness_norm", "sharpness_batch", "sharpness_steps", "step_mult", "logit_normalise",
+                       "loss", "steps", "ref_restarts", "norm", "epsilon", "attack_step", "batch_size", "seed"),
+    "adaptive-average": ("rho", "sharpness_norm", "sharpness_batch", "sharpness_samples", "logit_normalise", "loss",
+                         "restarts_perturbed", "steps", "ref_restarts", "norm", "epsilon", "attack_step", "batch_size",
+                         "seed"),
+    "pac-bayes": ("target_deviation", "deviation_tolerance", "search_depth", "mc_samples", "sigma_max", "loss",
+                  "restarts_perturbed", "steps", "ref_restarts", "norm", "epsilon", "attack_step", "batch_size", "seed"),
+    "hessian-trace": ("probes", "hessian_reduction", "loss", "steps", "ref_restarts", "norm", "epsilon", "attack_step",
+                      "batch_size", "seed"),
 }
+API_SETTINGS["pac-bayes-mag"] = API_SETTINGS["pac-bayes"][:5] + ("magnitude_eps",) + API_SETTINGS["pac-bayes"][5:]
+API_NAMES = {"average": "average_case", "worst": "worst_case", "adaptive-worst": "adaptive_worst_case",
+             "adaptive-average": "adaptive_average_case", "pac-bayes": "pac_bayes", "pac-bayes-mag": "pac_bayes",
+             "hessian-trace": "hessian_trace"}
 
 
 @dataclasses.dataclass
@@ -376,13 +440,15 @@ class Flatness:
     value: the measure, mean (average case, Eq. 3) or max (worst case, Eq. 5) of `values` minus `reference`;
     reference, reference_err: RLoss (PGD-`steps` × `ref_restarts`) or clean CE, and the error, of the
     unperturbed model; values, errs: the loss and the error of f(·; w + ν) per draw of ν (average case) or per
-    restart (worst case); settings: every setting used, defaults filled in."""
+    restart (worst case); settings: every setting used, defaults filled in; details: what else a measure
+    reports (the other measures: see their functions)."""
     value: float
     reference: float
     reference_err: float
     values: list
     errs: list
     settings: dict
+    details: dict = dataclasses.field(default_factory=dict)
 
     @property
     def value_std(self):
@@ -390,27 +456,54 @@ class Flatness:
         return torch.tensor(self.values, dtype=torch.float64).std().item() if len(self.values) > 1 else 0.0
 
 
+def mode_defaults(mode, s):
+    """The settings left None filled with the mode's: ξ (the paper's), the adaptive ball's norm and ρ."""
+    if "xi" in s and s["xi"] is None:
+        s["xi"] = DEFAULT_XI[mode]
+    if mode in ADAPTIVE_NORM:
+        s["sharpness_norm"] = s["sharpness_norm"] or ADAPTIVE_NORM[mode]
+        if s["rho"] is None:
+            s["rho"] = ADAPTIVE_RHO.get((mode, s["sharpness_norm"]))
+    return s
+
+
 def api_settings(mode, settings):
     """The settings of `mode`'s measure with the command line's defaults (ξ: the mode's paper value; draws:
-    10 for RLoss, 50 for clean CE; ε and step: the norm's), checked; a bad one is one SettingError."""
-    name = f"flatness.{mode}_case"
+    10 for RLoss, 50 for clean CE; ε and step: the norm's; ρ: the adaptive ball's), checked; a bad one is one
+    SettingError."""
+    name = f"flatness.{API_NAMES[mode]}"
     loss, norm = settings.get("loss", "robust"), settings.get("norm", "linf")
     require(name, loss in ("robust", "clean"), f"loss must be 'robust' or 'clean', got {loss!r}")
     require(name, norm in common.THREATS, f"norm must be {' or '.join(map(repr, common.THREATS))}, got {norm!r}")
+    require(name, settings.get("sharpness_norm") in (None, "linf", "l2"),
+            f"sharpness_norm must be 'linf' or 'l2', got {settings.get('sharpness_norm')!r}")
     # --samples follows --loss, --epsilon and --attack-step follow --norm
     defaults = common.threat_defaults(parse_args(["-", "--mode", mode, "--loss", loss, "--norm", norm]))
-    s = settings_with_defaults(name, {k: getattr(defaults, k) for k in API_SETTINGS[mode]}, settings)
-    if s["xi"] is None:
-        s["xi"] = DEFAULT_XI[mode]
-    require(name, is_real(s["xi"]) and s["xi"] >= 0, f"xi must be a number >= 0, got {s['xi']!r}")
+    s = mode_defaults(mode, settings_with_defaults(name, {k: getattr(defaults, k) for k in API_SETTINGS[mode]},
+                                                   settings))
+    for key in ("xi", "rho", "magnitude_eps"):
+        if key in s:
+            require(name, is_real(s[key]) and s[key] >= 0, f"{key} must be a number >= 0, got {s[key]!r}")
     check_attack(name, s)
-    for key in ("samples", "restarts_perturbed", "ref_restarts", "restarts", "passes", "joint_batch_size"):
+    for key in ("samples", "restarts_perturbed", "ref_restarts", "restarts", "passes", "joint_batch_size",
+                "sharpness_batch", "sharpness_steps", "sharpness_samples", "search_depth", "mc_samples", "probes"):
         if key in s:
             require(name, is_int(s[key], 1), f"{key} must be an integer >= 1, got {s[key]!r}")
+    for key in ("step_mult", "deviation_tolerance", "sigma_max"):
+        if key in s:
+            require(name, is_real(s[key]) and s[key] > 0, f"{key} must be a number > 0, got {s[key]!r}")
+    if "target_deviation" in s:
+        require(name, is_real(s["target_deviation"]) and 0 < s["target_deviation"] < 1,
+                f"target_deviation must be in (0, 1), got {s['target_deviation']!r}")
+    if "hessian_reduction" in s:
+        require(name, s["hessian_reduction"] in ("mean", "batch-sum"),
+                f"hessian_reduction must be 'mean' or 'batch-sum', got {s['hessian_reduction']!r}")
+    for key in ("per_batch", "logit_normalise"):
+        if key in s:
+            require(name, isinstance(s[key], bool), f"{key} must be True or False, got {s[key]!r}")
     if mode == "worst":
         require(name, is_real(s["weight_step"]) and s["weight_step"] >= 0,
                 f"weight_step must be a number >= 0, got {s['weight_step']!r}")
-        require(name, isinstance(s["per_batch"], bool), f"per_batch must be True or False, got {s['per_batch']!r}")
     return s
 
 
@@ -466,6 +559,359 @@ def worst_case(model, x, y, reference=None, box=None, progress=False, **settings
                                              s["per_batch"], s["seed"], progress, box=box, norm=s["norm"])
     return Flatness(value=losses.max().item() - ref[0], reference=ref[0], reference_err=ref[1],
                     values=losses.tolist(), errs=errors.tolist(), settings=s)
+
+
+# ----------------------------------------------------------------------------------------------
+# The measures that came after the paper, on the same RLoss (README "Other flatness measures"). Each
+# perturbs the same tensors as Eq. 3-5 (conv/linear weights and biases; never BN) and, with loss="robust",
+# attacks the inputs on every perturbed model as the paper's measures do.
+# ----------------------------------------------------------------------------------------------
+class LogitNormalised(nn.Module):
+    """f(x) − mean_c f(x), divided by its ℓ2 norm (Andriushchenko et al. 2023, §4: sharpness of the CE of
+    normalised logits, which a rescaling of the last layer cannot change)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return normalise_logits(self.model(x))
+
+
+def normalise_logits(z):
+    z = z - z.mean(dim=-1, keepdim=True)
+    return z / z.norm(dim=-1, keepdim=True).clamp_min(1e-10)
+
+
+def scored(model, logit_normalise):
+    """The model whose CE a measure perturbs: itself, or with normalised logits."""
+    return LogitNormalised(model) if logit_normalise else model
+
+
+def batch_slices(n, m):
+    return [slice(i, i + m) for i in range(0, n, m)]
+
+
+# -- Adaptive worst-case sharpness (Kwon et al. 2021, Eq. 6; Andriushchenko et al. 2023, Eq. 2 with |w|) --------
+def halving_checkpoints(steps):
+    """The iterations at which the ascent may halve its step (APGD's schedule, Croce & Hein 2020, §3.1, as
+    Andriushchenko et al.'s sharpness.py: first at 22 % of the steps, then at gaps shrinking by 3 % to 6 %)."""
+    p, w = [0, 0.22], [0, math.ceil(steps * 0.22)]
+    while w[-1] < steps and w[-1] != w[-2]:
+        p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
+        w.append(math.ceil(p[-1] * steps))
+    return set(w[1:])
+
+
+def adaptive_step(nu, prev, grads, scale, rho, eta, sharpness_norm):
+    """One ascent step on ν in the adaptive ball A_ρ(w) = {ν : ‖ν ⊘ |w|‖ ≤ ρ}, then the momentum of
+    sharpness.py (0.75 of the new point, 0.25 of the iterate before the current one):
+        ℓ∞: z = clip(ν + η·sign(g)⊙|w|, ±ρ|w|)                       (as sharpness.py)
+        ℓ2: in u = ν ⊘ |w|: z = Π_{‖u‖₂≤ρ}(u + η·(g⊙|w|)/‖g⊙|w|‖₂) ⊙ |w|  (steepest ascent in u; sharpness.py
+            steps along g/‖g‖ and projects onto the ellipsoid in ν, which a rescaling of a layer changes)
+        ν ← 0.75·z + 0.25·prev."""
+    with torch.no_grad():
+        if sharpness_norm == "linf":
+            z = {k: torch.minimum(torch.maximum(nu[k] + eta * g.sign() * scale[k], -rho * scale[k]), rho * scale[k])
+                 for k, g in zip(nu, grads)}
+        else:
+            gu = {k: g * scale[k] for k, g in zip(nu, grads)}
+            gnorm = torch.sqrt(sum((v ** 2).sum() for v in gu.values())).clamp_min(1e-12)
+            z = {k: nu[k] + eta * scale[k] * gu[k] / gnorm for k in nu}
+            unorm = torch.sqrt(sum((torch.where(scale[k] > 0, z[k] / scale[k], 0) ** 2).sum() for k in z))
+            z = {k: v * torch.clamp(rho / unorm.clamp_min(1e-12), max=1.0) for k, v in z.items()}
+        return {k: 0.75 * z[k] + 0.25 * prev[k] for k in z}
+
+
+def adaptive_ascent(model, x, y, init_loss, init_err, rho, sharpness_norm="linf", steps=20, step_mult=1.0,
+                    logit_normalise=False, delta=None, eps=8 / 255, alpha=0.007, norm="linf"):
+    """max over the iterates of CE(f(x + δ; w + ν), y) on one batch, ν ∈ A_ρ(w), by the estimator of
+    Andriushchenko et al. (sharpness.py `eval_APGD_sharpness`): ν from 0, step η = 2ρ·step_mult, `steps` steps
+    with momentum (adaptive_step); at each halving_checkpoints iteration the step halves when fewer than 75 % of
+    the iterations since the last checkpoint improved the best loss, or neither the step nor the best loss
+    changed; the next gradient is then taken at the best iterate (sharpness.py reloads the best weights while ν
+    goes on from the current iterate). Given a start `delta` (RLoss: the unperturbed model's adversarial
+    perturbations, so that at ν = 0 the ascent starts at RLoss(w)), δ moves jointly: one PGD step in the ε-ball
+    per ν step, from the best δ after a halving. The best starts at the unperturbed batch's (init_loss, init_err),
+    so the sharpness, best − init_loss, is >= 0. Returns (best loss, its error) as 0-dim tensors; host syncs
+    only at the checkpoints."""
+    weights = frozen_weights(model)
+    scale = {k: w.abs() for k, w in weights.items()}
+    nu = prev = {k: torch.zeros_like(w) for k, w in weights.items()}
+    attack_inputs = delta is not None
+    delta = delta if attack_inputs else torch.zeros_like(x)
+    best_loss, best_err, best_nu, best_delta = init_loss.clone(), init_err.clone(), nu, delta
+    eta, checks = 2 * rho * step_mult, halving_checkpoints(steps)
+    updates, last_check, last = 0, 0, (eta, init_loss.item())
+    i, reload = 0, False  # i: steps taken; reload: this pass takes the gradient at the best iterate
+    with common.bn_mode(model, "eval"):
+        while True:
+            point_nu, point_delta = (best_nu, best_delta) if reload else (nu, delta)
+            params = {k: v.detach().requires_grad_(i < steps) for k, v in point_nu.items()}
+            d = point_delta.clone().requires_grad_(attack_inputs and i < steps)
+            with torch.set_grad_enabled(i < steps):
+                logits = functional_call(model, plus(weights, params), (x + d,)).float()
+                ce = F.cross_entropy(normalise_logits(logits) if logit_normalise else logits, y)
+            if i > 0 and not reload:  # score iterate i (sharpness.py's iteration i − 1, after its step)
+                with torch.no_grad():
+                    better = ce > best_loss
+                    updates = updates + better.int()
+                    best_loss = torch.where(better, ce, best_loss)
+                    best_err = torch.where(better, (logits.argmax(1) != y).float().mean(), best_err)
+                    best_nu = {k: torch.where(better, nu[k], best_nu[k]) for k in nu}
+                    best_delta = torch.where(better, delta, best_delta)
+                if i - 1 in checks:
+                    now = (eta, best_loss.item())
+                    stalled = int(updates) < 0.75 * (i - 1 - last_check) or now == last
+                    last, last_check, updates = now, i - 1, 0
+                    if stalled:
+                        eta *= 0.5
+                        reload = i < steps
+                        if reload:
+                            continue
+            if i == steps:
+                break
+            grads = torch.autograd.grad(ce, list(params.values()) + ([d] if attack_inputs else []))
+            nu, prev = adaptive_step(nu, prev, grads[:len(params)], scale, rho, eta, sharpness_norm), nu
+            if attack_inputs:
+                with torch.no_grad():
+                    delta = (x + common.ascent_step(point_delta, grads[-1], eps, alpha, norm)).clamp_(0, 1) - x
+            i, reload = i + 1, False
+    return best_loss, best_err
+
+
+def adaptive_worst_batches(model, x, y, ref_ce, ref_ok, rho, sharpness_norm="linf", sharpness_batch=128,
+                           sharpness_steps=20, step_mult=1.0, logit_normalise=False, loss="robust", eps=8 / 255,
+                           alpha=0.007, steps=20, ref_restarts=10, batch_size=128, seed=0, norm="linf", progress=False):
+    """Per batch of `sharpness_batch` images, adaptive_ascent's (best loss, error) and the batch's reference:
+    clean CE, the unperturbed per-example ref_ce, ref_ok averaged over the batch; RLoss, the same ascent with
+    ρ = 0, so that both sides get the same input attack — the reference's adversarial examples (PGD-`steps` ×
+    `ref_restarts`, the same seed: reference_each's examples) and `sharpness_steps` joint steps from them —
+    and the measure is exactly 0 at ρ = 0. Returns four tensors over batches."""
+    delta = None
+    if loss == "robust":
+        delta = adversarial_inputs(scored(model, logit_normalise), x, y, eps, alpha, steps, ref_restarts, batch_size,
+                                   seed, norm) - x
+    out = []
+    for sl in common.progress_loop(batch_slices(len(y), sharpness_batch), "adaptive worst-case batches",
+                                   disable=not progress):
+        init_loss, init_err = ref_ce[sl].mean(), 1 - ref_ok[sl].float().mean()
+        start = None if delta is None else delta[sl]
+        if start is not None:  # RLoss(w) with the ascent's input attack
+            init_loss, init_err = adaptive_ascent(model, x[sl], y[sl], init_loss, init_err, 0.0, sharpness_norm,
+                                                  sharpness_steps, step_mult, logit_normalise, start, eps, alpha, norm)
+        best = adaptive_ascent(model, x[sl], y[sl], init_loss, init_err, rho, sharpness_norm, sharpness_steps,
+                               step_mult, logit_normalise, start, eps, alpha, norm)
+        out.append(torch.stack([*best, init_loss, init_err]))
+    return torch.stack(out).T
+
+
+# -- Adaptive average-case sharpness (Andriushchenko et al. 2023, Eq. 3 with |w|) ---------------------------------
+def adaptive_noise(weights, rho, sharpness_norm, generator):
+    """ν_i = ρ|w_i|·z_i with z_i ~ N(0, 1) (ℓ2) or U(−1, 1) (ℓ∞), independently per element (sharpness.py
+    `random_init_lw` with adaptive=True)."""
+    nu = {}
+    for k, w in weights.items():
+        if sharpness_norm == "l2":
+            z = torch.randn(w.shape, device=w.device, dtype=w.dtype, generator=generator)
+        else:
+            z = 2 * torch.rand(w.shape, device=w.device, dtype=w.dtype, generator=generator) - 1
+        nu[k] = z.mul_(rho * w.abs())
+    return nu
+
+
+def adaptive_average_batches(model, x, y, ref_ce, ref_ok, rho, sharpness_norm="l2", sharpness_batch=128,
+                             samples=20, logit_normalise=False, loss="robust", eps=8 / 255, alpha=0.007, steps=20,
+                             restarts=1, seed=0, norm="linf", progress=False):
+    """Per batch of `sharpness_batch` images (sharpness.py `eval_average_sharpness`), the loss of f(·; w + ν)
+    averaged over `samples` fresh draws of adaptive_noise (RLoss: PGD-`steps` × `restarts` recomputed on every
+    perturbed model), its error, and the batch's reference. Returns four tensors over batches."""
+    common.seed_everything(seed)  # the PGD starts
+    generator = nu_generator(seed, x.device)
+    weights = frozen_weights(model)
+    out = []
+    for sl in common.progress_loop(batch_slices(len(y), sharpness_batch), "adaptive average-case batches",
+                                   disable=not progress):
+        draws = []
+        for _ in range(samples):
+            nu = adaptive_noise(weights, rho, sharpness_norm, generator)
+            perturbed = scored(Perturbed(model, plus(weights, nu)), logit_normalise)
+            ce, ok = loss_of(perturbed, x[sl], y[sl], loss, eps, alpha, steps, restarts, len(y[sl]), norm=norm)
+            draws.append(torch.stack([ce.mean(), 1 - ok.float().mean()]))
+        mean_loss, mean_err = torch.stack(draws).mean(0)
+        out.append(torch.stack([mean_loss, mean_err, ref_ce[sl].mean(), 1 - ref_ok[sl].float().mean()]))
+    return torch.stack(out).T
+
+
+# -- PAC-Bayes flatness and its magnitude-aware variant (Jiang et al. 2020, §C, Eq. 52-53 and 60-61) ---------------
+def pac_bayes_noise(weights, sigma, magnitude_eps, generator):
+    """u_i ~ N(0, σ'²) (plain), or N(0, σ'²w_i² + ε²) (magnitude-aware, `magnitude_eps` = ε not None)."""
+    nu = {}
+    for k, w in weights.items():
+        z = torch.randn(w.shape, device=w.device, dtype=w.dtype, generator=generator)
+        std = sigma if magnitude_eps is None else torch.sqrt(sigma ** 2 * w ** 2 + magnitude_eps ** 2)
+        nu[k] = z.mul_(std)
+    return nu
+
+
+def pac_bayes_sigma(model, x, y, ref_err, magnitude_eps=None, target_deviation=0.1, deviation_tolerance=0.01,
+                    search_depth=15, mc_samples=10, sigma_max=2.0, loss="robust", eps=8 / 255, alpha=0.007, steps=20,
+                    restarts=1, batch_size=128, seed=0, norm="linf", progress=False):
+    """σ': the largest noise level whose expected error increase E_u[err(w + u)] − err(w) reaches the target
+    deviation, by bisection on [0, sigma_max] (Jiang et al., §C.2: target 0.1, `mc_samples` draws per σ, stop
+    within `deviation_tolerance`; err = the clean error, or the robust error with PGD recomputed on every
+    perturbed model). Returns (σ', the σ tried, the mean error at each)."""
+    common.seed_everything(seed)  # the PGD starts
+    generator = nu_generator(seed, x.device)
+    weights = frozen_weights(model)
+    low, high, tried, errors = 0.0, sigma_max, [], []
+    for _ in common.progress_loop(range(search_depth), "PAC-Bayes bisection (at most)", disable=not progress):
+        sigma = (low + high) / 2
+        err = torch.stack([1 - loss_of(Perturbed(model, plus(weights, pac_bayes_noise(weights, sigma, magnitude_eps,
+                                                                                    generator))),
+                                       x, y, loss, eps, alpha, steps, restarts, batch_size, norm=norm)[1].float().mean()
+                           for _ in range(mc_samples)]).mean().item()
+        tried.append(sigma)
+        errors.append(err)
+        deviation = abs(err - ref_err)
+        if abs(deviation - target_deviation) < deviation_tolerance:
+            break
+        low, high = (low, sigma) if deviation > target_deviation else (sigma, high)
+    return sigma, tried, errors
+
+
+# -- Hessian trace (Hutchinson 1989; PyHessian, Yao et al. 2020, §3.2) --------------------------------------------
+def hessian_trace_probes(model, x, y, probes=100, batch_size=128, reduction="mean", seed=0, progress=False):
+    """vᵀHv for `probes` Rademacher vectors v (E[vᵀHv] = tr H) over the conv/linear weights (dim > 1, as
+    hessian_top_eigenvalue), of the CE at the given inputs (clean, or fixed adversarial ones). Returns a tensor."""
+    weights = {k: p.detach() for k, p in common.perturbable_params(model, weights_only=True).items()}
+    g = torch.Generator(device=x.device)
+    g.manual_seed(seed)
+    out = []
+    for _ in common.progress_loop(range(probes), "Hutchinson probes", disable=not progress):
+        v = {k: torch.randint(0, 2, w.shape, device=w.device, generator=g).to(w.dtype).mul_(2).sub_(1)
+             for k, w in weights.items()}
+        hv = hessian_vector_product(model, weights, x, y, v, batch_size, reduction)
+        out.append(sum((hv[k] * v[k]).sum() for k in v))
+    return torch.stack(out)
+
+
+def adversarial_inputs(model, x, y, eps, alpha, steps, restarts, batch_size, seed=0, norm="linf"):
+    """x + δ with δ PGD's max-CE iterate on the unperturbed model (the inputs the robust Hessian is taken at)."""
+    common.seed_everything(seed)
+    return torch.cat([x[sl] + common.pgd(model, x[sl], y[sl], eps, alpha, steps, restarts, norm=norm,
+                                         max_inputs=batch_size)[0] for sl in batch_slices(len(y), batch_size)])
+
+
+# -- Their Python API: the shape of average_case / worst_case ---------------------------------------------------
+def api_reference_each(name, model, x, y, s, given):
+    """Per-example (loss, correctness) of the unperturbed model (of its normalised logits with logit_normalise):
+    measured with the settings, or the caller's pair from flatness.reference_each."""
+    if given is None:
+        return reference_each(scored(model, s.get("logit_normalise", False)), x, y, s["loss"], s["epsilon"],
+                              s["attack_step"], s["steps"], s["ref_restarts"], s["batch_size"], s["seed"], s["norm"])
+    require(name, isinstance(given, (tuple, list)) and len(given) == 2 and all(torch.is_tensor(t) and t.shape == y.shape
+                                                                              for t in given),
+            "reference must be None or a pair (per-example losses, per-example correctness) from "
+            "flatness.reference_each")
+    return given
+
+
+def adaptive_worst_case(model, x, y, reference=None, progress=False, **settings):
+    """Adaptive worst-case sharpness (Kwon et al. 2021, Eq. 6; Andriushchenko et al. 2023, Eq. 2 with the
+    adaptive ball) of the robust loss: the mean over batches b of `sharpness_batch` images of
+        max_{ν ∈ A_ρ(w)} L_b(w + ν) − L_b(w),    A_ρ(w) = {ν : ‖ν ⊘ |w|‖_p ≤ ρ},  p = ∞ or 2 (sharpness_norm),
+    L_b the batch's RLoss (δ ascended jointly with ν from the reference's adversarial examples, PGD-`steps` ×
+    `ref_restarts`) or clean CE
+    (loss="clean"), of the normalised logits with logit_normalise; estimated by adaptive_ascent. Elementwise
+    relative, so a rescaling that keeps the function keeps the measure. Settings and defaults: rho (None: 0.002
+    for linf, 0.5 for l2, the middle of Andriushchenko et al.'s ResNet-18 grids), sharpness_norm="linf",
+    sharpness_batch=128, sharpness_steps=20, step_mult=1.0, logit_normalise=False, loss="robust", steps=20,
+    ref_restarts=10, norm="linf", epsilon=8/255, attack_step=0.007, batch_size=128, seed=0. `reference`: a pair
+    from flatness.reference_each. Returns a Flatness (values, errs: per batch, the best loss and its error)."""
+    name = "flatness.adaptive_worst_case"
+    s = api_settings("adaptive-worst", settings)
+    check_inputs(name, model, x, y)
+    with model_kept(model):
+        ref_ce, ref_ok = api_reference_each(name, model, x, y, s, reference)
+        best, best_err, init, init_err = adaptive_worst_batches(
+            model, x, y, ref_ce, ref_ok, s["rho"], s["sharpness_norm"], s["sharpness_batch"], s["sharpness_steps"],
+            s["step_mult"], s["logit_normalise"], s["loss"], s["epsilon"], s["attack_step"], s["steps"],
+            s["ref_restarts"], s["batch_size"], s["seed"], s["norm"], progress)
+    return Flatness(value=(best - init).mean().item(), reference=init.mean().item(),
+                    reference_err=init_err.mean().item(), values=best.tolist(), errs=best_err.tolist(), settings=s)
+
+
+def adaptive_average_case(model, x, y, reference=None, progress=False, **settings):
+    """Adaptive average-case sharpness (Andriushchenko et al. 2023, Eq. 3 with ν scaled by |w|) of the robust
+    loss: the mean over batches b of `sharpness_batch` images of
+        E_z[L_b(w + ρ|w| ⊙ z)] − L_b(w),    z ~ N(0, I) (sharpness_norm="l2") or U(−1, 1)^d ("linf"),
+    over `sharpness_samples` draws per batch, with PGD-`steps` × `restarts_perturbed` recomputed on every perturbed model
+    (loss="robust") or the clean CE. Settings and defaults: rho (None: 0.1 for l2, 0.2 for linf),
+    sharpness_norm="l2", sharpness_batch=128, sharpness_samples=20, logit_normalise=False, loss="robust",
+    restarts_perturbed=1, steps=20, ref_restarts=10, norm="linf", epsilon=8/255, attack_step=0.007,
+    batch_size=128, seed=0. Returns a Flatness (values, errs: per batch, the mean over its draws)."""
+    name = "flatness.adaptive_average_case"
+    s = api_settings("adaptive-average", settings)
+    check_inputs(name, model, x, y)
+    with model_kept(model):
+        ref_ce, ref_ok = api_reference_each(name, model, x, y, s, reference)
+        mean, mean_err, init, init_err = adaptive_average_batches(
+            model, x, y, ref_ce, ref_ok, s["rho"], s["sharpness_norm"], s["sharpness_batch"], s["sharpness_samples"],
+            s["logit_normalise"], s["loss"], s["epsilon"], s["attack_step"], s["steps"], s["restarts_perturbed"],
+            s["seed"], s["norm"], progress)
+    return Flatness(value=(mean - init).mean().item(), reference=init.mean().item(),
+                    reference_err=init_err.mean().item(), values=mean.tolist(), errs=mean_err.tolist(), settings=s)
+
+
+def pac_bayes(model, x, y, magnitude_aware=False, reference=None, progress=False, **settings):
+    """PAC-Bayes flatness 1/σ'² (Jiang et al. 2020, Eq. 53), or its magnitude-aware variant (Eq. 61) with noise
+    u_i ~ N(0, σ'²w_i² + ε²), of the robust error (PGD-`steps` × `restarts_perturbed` on every perturbed model;
+    the reference PGD-`steps` × `ref_restarts`) or the clean error: σ' from pac_bayes_sigma. Larger = sharper.
+    The plain variant's noise is absolute, so a rescaling that keeps the function changes it; the
+    magnitude-aware one is invariant up to ε. Settings and defaults (Jiang et al.'s): target_deviation=0.1,
+    deviation_tolerance=0.01, search_depth=15, mc_samples=10, sigma_max=2.0, magnitude_eps=1e-3 (magnitude-aware
+    only), loss="robust", restarts_perturbed=1, steps=20, ref_restarts=10, norm="linf", epsilon=8/255,
+    attack_step=0.007, batch_size=128, seed=0. Returns a Flatness: value 1/σ'², reference the error of w, values
+    the σ of the bisection, errs the mean error at each, details {"sigma": σ', "converged": within tolerance}."""
+    mode = "pac-bayes-mag" if magnitude_aware else "pac-bayes"
+    name = "flatness.pac_bayes"
+    s = api_settings(mode, settings)
+    check_inputs(name, model, x, y)
+    with model_kept(model):
+        ref_ce, ref_ok = api_reference_each(name, model, x, y, s, reference)
+        ref_err = 1 - ref_ok.float().mean().item()
+        sigma, tried, errors = pac_bayes_sigma(
+            model, x, y, ref_err, s.get("magnitude_eps"), s["target_deviation"], s["deviation_tolerance"],
+            s["search_depth"], s["mc_samples"], s["sigma_max"], s["loss"], s["epsilon"], s["attack_step"], s["steps"],
+            s["restarts_perturbed"], s["batch_size"], s["seed"], s["norm"], progress)
+    converged = abs(abs(errors[-1] - ref_err) - s["target_deviation"]) < s["deviation_tolerance"]
+    return Flatness(value=1 / sigma ** 2, reference=ref_err, reference_err=ref_err, values=tried, errs=errors,
+                    settings=s, details={"sigma": sigma, "converged": converged, "reference_loss": ref_ce.mean().item()})
+
+
+def hessian_trace(model, x, y, progress=False, **settings):
+    """tr ∇²_w L(w) by Hutchinson's estimator (mean of vᵀHv over `probes` Rademacher v; PyHessian's), w the
+    conv/linear weights (dim > 1, as for λ_max), L the mean CE at fixed adversarial inputs (PGD-`steps` ×
+    `ref_restarts` on the unperturbed model, the max-CE iterate; the Hessian ignores δ's dependence on w) or at
+    the clean inputs (loss="clean"). Not reparameterisation-invariant: a layer scaled by α has its block of H
+    scaled by 1/α². Settings and defaults: probes=100, hessian_reduction="mean" (or "batch-sum", as
+    --hessian-reduction), loss="robust", steps=20, ref_restarts=10, norm="linf", epsilon=8/255,
+    attack_step=0.007, batch_size=128, seed=0. Returns a Flatness: value the estimate, values vᵀHv per probe,
+    reference the loss at those inputs, details {"stderr": the standard error of the mean}."""
+    name = "flatness.hessian_trace"
+    s = api_settings("hessian-trace", settings)
+    check_inputs(name, model, x, y)
+    with model_kept(model):
+        if s["loss"] == "robust":
+            x = adversarial_inputs(model, x, y, s["epsilon"], s["attack_step"], s["steps"], s["ref_restarts"],
+                                   s["batch_size"], s["seed"], s["norm"])
+        ce, ok = common.clean_metrics(model, x, y, s["batch_size"])
+        vhv = hessian_trace_probes(model, x, y, s["probes"], s["batch_size"], s["hessian_reduction"], s["seed"],
+                                   progress)
+    stderr = (vhv.double().std() / len(vhv) ** 0.5).item() if len(vhv) > 1 else float("nan")
+    return Flatness(value=vhv.mean().item(), reference=ce.mean().item(), reference_err=1 - ok.float().mean().item(),
+                    values=vhv.tolist(), errs=[], settings=s, details={"stderr": stderr})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -623,7 +1069,7 @@ def logit_change(model, scaled, x, batch_size=500):
 # Driver: one checkpoint, all requested modes
 # ----------------------------------------------------------------------------------------------
 def selected_modes(args):
-    return ["average", "worst"] if args.mode == "both" else [args.mode]
+    return {"both": ["average", "worst"], "all": list(MEASURES)}.get(args.mode, [args.mode])
 
 
 # The flags that determine each mode's numbers, besides the model, the seed, the PGD batch size and the
@@ -637,26 +1083,29 @@ MODE_SETTINGS = {  # (the Hessian, of the clean CE, has no threat model)
                   "adversarial_scale", "adversarial_xi", "adversarial_passes", "weight_step", "norm", "epsilon",
                   "attack_step"),
     "hessian": ("n_hessian", "hessian_iters", "hessian_tol", "hessian_reduction"),
+    "hessian-trace": ("loss", "n_hessian", "probes", "hessian_reduction", "steps", "ref_restarts", "norm", "epsilon",
+                      "attack_step"),
 }
+for _mode in ("adaptive-worst", "adaptive-average", "pac-bayes", "pac-bayes-mag"):  # the API's, on the --subset
+    MODE_SETTINGS[_mode] = ("subset", "n_eval") + tuple(k for k in API_SETTINGS[_mode] if k not in ("batch_size", "seed"))
 
 
 def protocol(args, mode):
     """How `mode` measures: its MODE_SETTINGS (ξ resolved to the mode's paper value when not given) and the
     settings every mode shares."""
     how = {k: getattr(args, k) for k in MODE_SETTINGS[mode] + ("batch_size", "seed", "scale", "scale_bn_eps")}
-    if "xi" in how and how["xi"] is None:
-        how["xi"] = DEFAULT_XI[mode]
-    return how
+    return mode_defaults(mode, how)
 
 
 def flatness_settings(args, info, mode):
     """(settings, non_default) of one mode's result, after resolve_threat() (--norm, --epsilon and --attack-step not
-    given: the model's). --loss, --subset, --direction-norm, --scale and --norm choose what is measured, so the
-    paper's protocol they are compared with follows them (e.g. 50 draws for --loss clean, ε 128/255 for --norm l2)."""
+    given: the model's). --loss, --subset, --direction-norm, --scale, --norm and --sharpness-norm choose what is
+    measured, so the paper's protocol they are compared with follows them (e.g. 50 draws for --loss clean, ε 128/255 for --norm l2)."""
     resolve_threat(args, info)
+    chosen = ["--sharpness-norm", args.sharpness_norm] if args.sharpness_norm else []
     default = common.threat_defaults(parse_args(["-", "--mode", mode, "--loss", args.loss, "--subset", args.subset,
                                                  "--direction-norm", args.direction_norm, "--scale", str(args.scale),
-                                                 "--norm", args.norm]))
+                                                 "--norm", args.norm, *chosen]))
     return result_settings("flatness.py", mode, args, info, protocol(args, mode), protocol(default, mode))
 
 
@@ -676,7 +1125,7 @@ class Data:
         for the landscape and the Hessian."""
         if mode == "landscape":
             return self.get("early-stop", self.args.n_landscape)
-        if mode == "hessian":
+        if mode in ("hessian", "hessian-trace"):
             return self.get("early-stop", self.args.n_hessian)
         return self.get(self.args.subset, self.args.n_eval)
 
@@ -685,7 +1134,8 @@ def measure_checkpoint(model, info, todo, checkpoint_sha256, args, data, device,
     """Run every mode of `todo` ({mode: (result path, settings, non_default)}) on one model; one JSON per mode."""
     model = model.float().eval()  # every reported number is fp32 (README 'Conventions')
     base = {"epoch": info["epoch"], "source": info["source"], "model_args": info["args"],
-            "versions": common.versions(device)}
+            "versions": common.versions(device),  # Σ_l ‖w_l‖² of the perturbed tensors: plots.py's weight-norm baseline
+            "weight_norm_sq": sum((w.double() ** 2).sum() for w in frozen_weights(model).values()).item()}
     if args.scale != 1:
         x_check, _ = data.for_mode(next(iter(todo)))
         scaled, pairs = rescale(model, args.scale, args.scale_bn_eps)
@@ -698,26 +1148,43 @@ def measure_checkpoint(model, info, todo, checkpoint_sha256, args, data, device,
         base.update(scale_pairs=len(pairs), scale_logit_max_diff=diff, scale_logit_max=top, scale_check_n=len(x_check))
         model = scaled
 
-    ref = {}  # the reference is shared by --mode both
+    refs = {}  # per example, of the model or its normalised logits: shared by the measures on the --subset
     for mode, (path, settings, non_default) in todo.items():
         t0 = time.time()
         x, y = data.for_mode(mode)
+        api = {k: settings[k] for k in API_SETTINGS.get(mode, ())}
+        normalised = api.get("logit_normalise", False)
+        if mode in API_SETTINGS and mode != "hessian-trace" and normalised not in refs:
+            refs[normalised] = (reference_each(scored(model, normalised), x, y, args.loss, args.epsilon,
+                                               args.attack_step, args.steps, args.ref_restarts, args.batch_size,
+                                               args.seed, args.norm), time.time() - t0)
+            t0 = time.time()
         if mode in ("average", "worst"):
-            if not ref:
-                ref["value"], ref["err"] = reference(model, x, y, args.loss, args.epsilon, args.attack_step, args.steps,
-                                                     args.ref_restarts, args.batch_size, args.seed, args.norm)
-                ref["time_s"] = time.time() - t0
-                t0 = time.time()
+            (ce, ok), ref_time = refs[False]
             box = (info["args"] or {}).get("clip") or None  # a weight-clipped model stays in its box
             measure = average_case if mode == "average" else worst_case
-            m = measure(model, x, y, reference=(ref["value"], ref["err"]), box=box, progress=progress,
-                        **{k: settings[k] for k in API_SETTINGS[mode]})
+            m = measure(model, x, y, reference=(ce.mean().item(), 1 - ok.float().mean().item()), box=box,
+                        progress=progress, **api)
             result = {"n": len(y), "reference": m.reference, "reference_err": m.reference_err,
-                      "reference_time_s": ref["time_s"], "values": m.values, "errs": m.errs, "value": m.value,
+                      "reference_time_s": ref_time, "values": m.values, "errs": m.errs, "value": m.value,
                       "value_std": m.value_std, "box": box}
             print(f"{mode}-case {args.loss} flatness ({args.norm}, ξ={m.settings['xi']:g}, n={len(y)}): "
                   f"reference {m.reference:.4f}, perturbed {'mean' if mode == 'average' else 'max'} "
                   f"{m.value + m.reference:.4f} → {m.value:.4f}")
+        elif mode in API_SETTINGS:  # the other measures
+            if mode == "hessian-trace":
+                m = hessian_trace(model, x, y, progress=progress, **api)
+            else:
+                measure = {"adaptive-worst": adaptive_worst_case, "adaptive-average": adaptive_average_case,
+                           "pac-bayes": pac_bayes, "pac-bayes-mag": functools.partial(pac_bayes, magnitude_aware=True)}
+                m = measure[mode](model, x, y, reference=refs[normalised][0], progress=progress, **api)
+            result = {"n": len(y), "reference": m.reference, "reference_err": m.reference_err, "values": m.values,
+                      "errs": m.errs, "value": m.value, "value_std": m.value_std, **m.details}
+            how = {"adaptive-worst": f"ρ={m.settings.get('rho')}, {m.settings.get('sharpness_norm')}",
+                   "adaptive-average": f"ρ={m.settings.get('rho')}, {m.settings.get('sharpness_norm')}",
+                   "pac-bayes": f"σ'={m.details.get('sigma', 0):.4g}", "pac-bayes-mag": f"σ'={m.details.get('sigma', 0):.4g}",
+                   "hessian-trace": f"± {m.details.get('stderr', 0):.3g} (std. error)"}[mode]
+            print(f"{mode} {args.loss} ({args.norm}, n={len(y)}): reference {m.reference:.4f} → {m.value:.5g} ({how})")
         elif mode == "landscape":
             s_values, curves = landscape(model, x, y, args, progress)
             result = {"subset": "early-stop", "n": len(y), "s": s_values, **curves}
