@@ -337,7 +337,7 @@ def average_case_draws(model, x, y, xi=0.5, samples=10, loss="robust", eps=8 / 2
 def joint_ascent(model, x, y, xi, passes=20, weight_step=0.01, batch_size=128, eps=8 / 255, alpha=0.007,
                  attack_inputs=True, per_batch=False, generator=None, progress=False, box=None, norm="linf"):
     """One restart of the joint maximisation of Σ CE(f(x + δ; w + ν), y) over ν ∈ B_ξ(w) and δ:
-    ν starts uniform inside the per-layer ball, δ at common.pgd's random start in the ε-ball of `norm`; `passes`
+    per layer ν_l starts in a uniformly random direction at radius ξ‖w_l‖·U(0, 1) (relative_random), δ at common.pgd's random start in the ε-ball of `norm`; `passes`
     passes over the data in mini-batches, each batch one backward for ∂/∂ν and ∂/∂δ, then
         ν_l ← Π_ξ(ν_l + weight_step·‖w_l‖·g_l/‖g_l‖),   δ ← Π_ε,[0,1](δ + α·sign(g_δ))
     (ℓ2: δ + α·g_δ/‖g_δ‖ per example, common.ascent_step, as PGD).

@@ -8,6 +8,8 @@
 # Usage:   bash scripts/mini_paper.sh [DATA_DIR]          # default ../shared/data/cifar10-jpeg
 #          QUICK=1 bash scripts/mini_paper.sh             # smoke test of the pipeline (a few minutes)
 #          AA=1 bash scripts/mini_paper.sh                # also AutoAttack (slow on a CPU)
+#          a run of the script before the other measures existed: the same command adds them (and plots.py's
+#          measures table), every finished training and measurement is skipped
 # Environment: DATA_DIR, RUNS (runs_mini; QUICK: runs_mini_quick), FIGURES (figures_mini[_quick]), JOBS (2 rows at a time, one
 #   thread each), PYTHON. Finished steps are skipped when the script is run again: a finished training by its
 #   final snapshot; evaluate.py and flatness.py are always called and skip what they measured with the same
@@ -33,6 +35,8 @@ if [ "${QUICK:-0}" = 1 ]; then  # everything shrunk further: checks the pipeline
     FLAT=(--n-eval 50 --samples 2 --restarts 2 --passes 3 --ref-restarts 1)
     LANDSCAPE=(--directions 2 --points 5 --n-landscape 20 --landscape-steps 3 --adversarial-passes 2)
     HESSIAN=(--n-hessian 50 --hessian-iters 5)
+    OTHER=(--sharpness-batch 50 --sharpness-steps 5 --sharpness-samples 2 --probes 3 --n-hessian 50 --hessian-iters 5)
+    PACB=(--n-eval 50 --steps 3 --ref-restarts 1 --search-depth 4 --mc-samples 1)
     RUNS=${RUNS:-runs_mini_quick} FIGURES=${FIGURES:-figures_mini_quick}
 else
     # width 16 and 250 training images (25 per class), batch 25: 10 steps per epoch, 800 in all,
@@ -47,6 +51,11 @@ else
     FLAT=(--n-eval 200 --samples 3 --restarts 2 --passes 20 --ref-restarts 2)
     LANDSCAPE=(--directions 2 --points 11 --n-landscape 50 --landscape-steps 10 --adversarial-passes 7)
     HESSIAN=(--n-hessian 200 --hessian-iters 30)
+    # the other measures (README "Other flatness measures"): adaptive sharpness on the FLAT images in 2 batches
+    # of 100, the Hessian trace and λ_max on the HESSIAN images; PAC-Bayes's bisection runs PGD on every one of
+    # its noise draws (depth × draws attacks), so it gets half the images and PGD-10
+    OTHER=(--sharpness-batch 100 --sharpness-samples 3 --probes 10 --n-hessian 200 --hessian-iters 30)
+    PACB=(--n-eval 100 --steps 10 --ref-restarts 1 --search-depth 8 --mc-samples 2)
 fi
 RUNS=${RUNS:-runs_mini} FIGURES=${FIGURES:-figures_mini}
 [ "${AA:-0}" = 1 ] || EVAL+=(--no-autoattack)
@@ -76,7 +85,24 @@ measure() {  # measure NAME [--use-ema]: last and early-stopped checkpoint, as s
     run $PY flatness.py "$dir/ckpt_last.pt" --mode both "${ema[@]}" "${FLAT[@]}" "${COMMON[@]}" &&
     run $PY evaluate.py "$dir/ckpt_best.pt" --train "${ema[@]}" "${EVAL[@]}" "${COMMON[@]}" &&
     run $PY flatness.py "$dir/ckpt_best.pt" --mode both "${ema[@]}" "${FLAT[@]}" "${COMMON[@]}" &&
-    run $PY flatness.py "$dir/ckpt_last.pt" --mode average --subset train-eval "${ema[@]}" "${FLAT[@]}" "${COMMON[@]}"
+    run $PY flatness.py "$dir/ckpt_last.pt" --mode average --subset train-eval "${ema[@]}" "${FLAT[@]}" "${COMMON[@]}" &&
+    others "$@"
+}
+
+others() {  # others NAME [--use-ema]: every other measure, RLoss and clean, on the last and the early-stopped checkpoint
+    local dir=$RUNS/$1 ema=() ckpt loss mode
+    [ "${2:-}" = --use-ema ] && ema=(--use-ema)
+    for ckpt in last best; do
+        run $PY flatness.py "$dir/ckpt_$ckpt.pt" --mode hessian "${ema[@]}" "${OTHER[@]}" "${COMMON[@]}" || return 1
+        for loss in robust clean; do
+            for mode in adaptive-worst adaptive-average hessian-trace; do
+                run $PY flatness.py "$dir/ckpt_$ckpt.pt" --mode $mode --loss $loss "${ema[@]}" "${FLAT[@]}" "${OTHER[@]}" "${COMMON[@]}" || return 1
+            done
+            for mode in pac-bayes pac-bayes-mag; do
+                run $PY flatness.py "$dir/ckpt_$ckpt.pt" --mode $mode --loss $loss "${ema[@]}" "${PACB[@]}" "${COMMON[@]}" || return 1
+            done
+        done
+    done
 }
 
 baseline_extras() {  # Fig. 6 (every snapshot), Fig. 4 (landscapes of the model and its ×2 / ×0.5 copies), Hessian

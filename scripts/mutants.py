@@ -23,6 +23,7 @@ STEP = (W + "::test_train_step_equals_hand_formula[{}]").format  # one scenario 
 MAIN = (W + "::test_main_wiring[{}]").format
 MISC = "tests/test_misc.py::{}".format
 FIRST = "tests/test_first_hour.py::"
+MEAS = "tests/test_measures.py::"
 MUTANTS = [
     # ---- train_at.py: the step
     ("at-clean-inputs", "train_at.py", "x_adv = adversarial_batch(attack_model, x, y, args)", "x_adv = x",
@@ -172,6 +173,54 @@ MUTANTS = [
      "    if False:", "tests/test_plots_runs.py::test_a_result_of_another_folders_checkpoint_is_not_this_runs"),
     ("first-cache-per-test", "tests/conftest.py", '@pytest.fixture(scope="session", autouse=True)\ndef _cache_dir',
      "@pytest.fixture(autouse=True)\ndef _cache_dir", "tests/test_evaluate.py"),
+    # ---- flatness.py: the other measures (README "Other flatness measures")
+    ("measures-linf-step-not-adaptive", "flatness.py", "nu[k] + eta * g.sign() * scale[k]", "nu[k] + eta * g.sign()",
+     MEAS + "test_adaptive_worst_case_matches_a_sharpness_py_style_loop"),
+    ("measures-momentum-swapped", "flatness.py", "0.75 * z[k] + 0.25 * prev[k]", "0.25 * z[k] + 0.75 * prev[k]",
+     MEAS + "test_adaptive_worst_case_matches_a_sharpness_py_style_loop"),
+    ("measures-no-reload-at-best", "flatness.py", "                        reload = i < steps\n",
+     "                        reload = False\n", MEAS + "test_adaptive_worst_case_matches_a_sharpness_py_style_loop"),
+    ("measures-never-halves", "flatness.py", "                        eta *= 0.5\n", "                        pass\n",
+     MEAS + "test_adaptive_worst_case_matches_a_sharpness_py_style_loop"),
+    ("measures-l2-step-raw-gradient", "flatness.py", "gu = {k: g * scale[k] for k, g in zip(nu, grads)}",
+     "gu = {k: g for k, g in zip(nu, grads)}",
+     MEAS + "test_adaptive_and_magnitude_aware_measures_are_invariant_hessian_and_plain_pac_bayes_are_not"),
+    ("measures-no-rho0-reference", "flatness.py", "        if start is not None:  # RLoss(w) with the ascent's input attack",
+     "        if False:", MEAS + "test_adaptive_worst_case_is_zero_at_rho_zero_and_grows_with_rho"),
+    ("measures-random-input-start", "flatness.py", "        start = None if delta is None else delta[sl]",
+     "        start = None if delta is None else common.random_start(x[sl], eps, norm)",
+     MEAS + "test_robust_adaptive_ascent_starts_at_the_references_adversarial_examples"),
+    ("measures-worst-ignores-inputs", "flatness.py", "    if loss == \"robust\":\n        delta = adversarial_inputs(",
+     "    if False:\n        delta = adversarial_inputs(", MEAS + "test_robust_adaptive_worst_case_attacks_the_inputs"),
+    ("measures-average-noise-not-adaptive", "flatness.py", "nu[k] = z.mul_(rho * w.abs())", "nu[k] = z.mul_(rho)",
+     MEAS + "test_adaptive_average_case_matches_a_hand_formula"),
+    ("measures-linf-noise-gaussian", "flatness.py", "z = 2 * torch.rand(w.shape,", "z = 2 * torch.randn(w.shape,",
+     MEAS + "test_adaptive_average_case_matches_a_hand_formula"),
+    ("measures-average-attack-once", "flatness.py",
+     "            perturbed = scored(Perturbed(model, plus(weights, nu)), logit_normalise)",
+     "            perturbed = scored(model, logit_normalise)",
+     MEAS + "test_adaptive_average_case_recomputes_the_attack_on_every_perturbed_model"),
+    ("measures-pac-bayes-std-squared", "flatness.py", "torch.sqrt(sigma ** 2 * w ** 2 + magnitude_eps ** 2)",
+     "sigma ** 2 * w ** 2 + magnitude_eps ** 2", MEAS + "test_pac_bayes_noise_has_jiang_et_als_variance"),
+    ("measures-bisection-flipped", "flatness.py", "(low, sigma) if deviation > target_deviation else (sigma, high)",
+     "(sigma, high) if deviation > target_deviation else (low, sigma)",
+     MEAS + "test_pac_bayes_bisection_finds_the_target_deviation"),
+    ("measures-mag-noise-absolute", "flatness.py", "std = sigma if magnitude_eps is None else", "std = sigma if True else",
+     MEAS + "test_adaptive_and_magnitude_aware_measures_are_invariant_hessian_and_plain_pac_bayes_are_not"),
+    ("measures-probes-gaussian", "flatness.py",
+     "v = {k: torch.randint(0, 2, w.shape, device=w.device, generator=g).to(w.dtype).mul_(2).sub_(1)",
+     "v = {k: torch.randn(w.shape, device=w.device, generator=g).to(w.dtype)",
+     MEAS + "test_hutchinson_probes_are_v_h_v_of_the_exact_hessian"),
+    ("measures-robust-trace-clean-inputs", "flatness.py", "        if s[\"loss\"] == \"robust\":\n            x = adversarial_inputs(",
+     "        if False:\n            x = adversarial_inputs(",
+     MEAS + "test_robust_hessian_trace_is_at_the_references_adversarial_examples"),
+    ("measures-no-logit-normalisation", "flatness.py", "ce = F.cross_entropy(normalise_logits(logits) if logit_normalise else logits, y)",
+     "ce = F.cross_entropy(logits, y)", MEAS + "test_logit_normalisation_bounds_the_loss"),
+    ("measures-weight-norm-with-bn", "flatness.py", "for w in frozen_weights(model).values()).item()}",
+     "for w in model.parameters()).item()}", MEAS + "test_cli_mode_all_writes_every_measure"),
+    ("measures-rho-ignores-norm", "flatness.py", '            s["rho"] = ADAPTIVE_RHO.get((mode, s["sharpness_norm"]))',
+     '            s["rho"] = ADAPTIVE_RHO.get((mode, ADAPTIVE_NORM[mode]))',
+     MEAS + "test_cli_adaptive_flags_choose_the_measure_and_name_its_file"),
 ]
 
 

@@ -32,7 +32,8 @@
 # Per row: train (the final snapshot ckpt_epochNNN.pt marks a finished run; an interrupted one is
 # resumed with --resume) → evaluate.py --train on the last and the early-stopped checkpoint (clean,
 # PGD-20×10, AutoAttack; test and train images) → flatness.py average + worst case on both →
-# average-case flatness on train examples (Fig. 9). evaluate.py and flatness.py are always called:
+# average-case flatness on train examples (Fig. 9) → every other measure, RLoss and clean, on both checkpoints
+# (flatness.py --mode all; plots.py's measures table). evaluate.py and flatness.py are always called:
 # each skips a measurement whose result (same checkpoint, same settings) exists, so a re-run only
 # does what is missing. The figure inputs beyond Table 1:
 #   Fig. 4 (1-D landscapes, flatness.py --mode landscape): top AT, AT rescaled ×2 and ×0.5 (§3.2),
@@ -106,8 +107,12 @@ measure() {
     [ "$kind" = point ] && return 0
     evaluate "$dir/ckpt_best.pt" --train "${ema[@]}" &&
     flatness "$dir/ckpt_best.pt" --mode both "${ema[@]}" &&
-    flatness "$dir/ckpt_last.pt" --mode average --subset train-eval "${ema[@]}"
+    flatness "$dir/ckpt_last.pt" --mode average --subset train-eval "${ema[@]}" &&
+    others "$dir/ckpt_last.pt" "${ema[@]}" && others "$dir/ckpt_best.pt" "${ema[@]}"
 }
+# the measures table (README "Other flatness measures"): every measure of flatness.py on RLoss and on the clean
+# loss (--mode all: adaptive worst and average case, PAC-Bayes and magnitude-aware, Hessian trace and λ_max)
+others() { flatness "$1" --mode all "${@:2}" && flatness "$1" --mode all --loss clean "${@:2}"; }
 
 # Fig. 4: 1-D landscape of the last checkpoint along random and adversarial directions
 landscape() { local name=$1; shift; flatness "$RUNS/$name/ckpt_last.pt" --mode landscape "$@"; }

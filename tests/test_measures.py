@@ -189,6 +189,20 @@ def test_robust_adaptive_worst_case_attacks_the_inputs(trained):
     assert robust.values[0] > robust.reference
 
 
+def test_robust_adaptive_ascent_starts_at_the_references_adversarial_examples(trained, monkeypatch):
+    """The joint ascent's δ starts where the reference's PGD ended: per example the CE there is the reference's."""
+    model, x, y = trained
+    starts, real = [], flatness.adaptive_ascent
+    monkeypatch.setattr(flatness, "adaptive_ascent", lambda *a, **k: starts.append(a[10]) or real(*a, **k))
+    flatness.adaptive_worst_case(model, x, y, rho=0.01, sharpness_batch=20, sharpness_steps=2, steps=3, ref_restarts=2)
+    assert len(starts) == 4  # 2 batches × (ρ = 0, ρ)
+    delta = torch.cat([starts[0], starts[2]])
+    assert torch.equal(starts[0], starts[1]) and delta.abs().max() <= 8 / 255 + 1e-6 and delta.abs().max() > 0
+    ce, _ = flatness.reference_each(model, x, y, steps=3, restarts=2)
+    with torch.no_grad():
+        torch.testing.assert_close(F.cross_entropy(model(x + delta), y, reduction="none"), ce, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # Adaptive average case against a hand formula
 # ---------------------------------------------------------------------------------------------

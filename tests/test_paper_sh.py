@@ -92,6 +92,8 @@ def test_dry_run_plans_every_table1_row_and_writes_nothing(tmp_path):
             path = str(tmp_path / "runs" / name / ckpt)
             assert any(path in c and "--train" in c for c in commands(rows[name], "evaluate.py")), (name, ckpt)
             assert any(path in c and has(c, "--mode", "both") for c in commands(rows[name], "flatness.py"))
+            others = [c for c in commands(rows[name], "flatness.py") if path in c and has(c, "--mode", "all")]
+            assert sorted("--loss" in c and c[c.index("--loss") + 1] or "robust" for c in others) == ["clean", "robust"]
         assert any(has(c, "--subset", "train-eval") for c in commands(rows[name], "flatness.py"))  # Fig. 9
     assert all("--use-ema" in c for c in rows["ema"][1:])  # weight averaging is the averaged model
     assert rows[None] == [["python", "plots.py", str(tmp_path / "runs"), "--out", str(tmp_path / "figures")]]
