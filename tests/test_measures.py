@@ -187,6 +187,7 @@ def test_robust_adaptive_worst_case_attacks_the_inputs(trained):
     clean = flatness.adaptive_worst_case(model, x, y, loss="clean", **kw)
     assert robust.reference > clean.reference + 0.5  # the reference is a robust loss, not the clean CE
     assert robust.values[0] > robust.reference
+    assert robust.values[0] > clean.values[0] + 0.5  # ν and δ jointly beat ν alone at the clean inputs
 
 
 def test_robust_adaptive_ascent_starts_at_the_references_adversarial_examples(trained, monkeypatch):
