@@ -23,6 +23,9 @@ restarts) for RLoss on test images 0…999, split into clean-correct and clean-i
 Square (--aa-version paper); the default is the standard AutoAttack with Square.
 --norm l2 (default: the checkpoint's threat model, else linf) attacks the ℓ2 ball instead: PGD-20 × 10 with
 ℓ2-normalised gradient steps (ε = 128/255, step 15/255: Rice et al.'s and AWP's values), AutoAttack's L2 version.
+--estimator paper-code (ℓ∞ only) estimates RLoss/RErr exactly as the paper's released code did (paper_code_metrics):
+its Gaussian ℓ∞-normalised PGD start, ε = 0.0314, per example the restart whose adversarial example makes a wrong
+class most probable, and the loss −log(p_y + 1e-12), capped at ≈ 27.63; AutoAttack is unchanged (at that ε).
 AutoAttack comes from pyautoattack (PyPI: fra31/auto-attack's attack code behind another wrapper
 API) or, when that is not installed, the upstream `autoattack` git package; robust accuracy is
 always recomputed by our own eval-mode fp32 forward on the returned x_adv.
@@ -46,6 +49,7 @@ import zipfile
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 import common
 from common import UsageError, check
@@ -53,6 +57,11 @@ from common import UsageError, check
 # The attacks of each AutoAttack version we offer (the order in which they run).
 AA_ATTACKS = {"standard": ["apgd-ce", "apgd-t", "fab-t", "square"],
               "paper": ["apgd-ce", "apgd-t", "fab-t"]}  # the paper's bundled copy: Square commented out
+# How PGD's RLoss/RErr are estimated: ours (uniform start, per example the max-CE iterate over steps and restarts,
+# plain CE) or the paper's released code's (paper_code_metrics: its start, its capped loss, per example the restart
+# with the most probable wrong class, ε 0.0314).
+ESTIMATORS = ("project", "paper-code")
+PAPER_CODE_EPSILON = 0.0314  # the released configs' ε (…_e00314), not 8/255 = 0.031373
 
 
 def parse_args(argv=None):
@@ -68,11 +77,17 @@ def parse_args(argv=None):
                    help="threat model of PGD and AutoAttack: linf ‖δ‖∞ ≤ ε (paper) | l2 ‖δ‖₂ ≤ ε; default: the one our "
                    "checkpoint was trained with, else linf (--robustbench: also which zoo, Linf or L2)")
     g.add_argument("--epsilon", type=common.pixels, default=None,
-                   help="radius; None: the --norm's, linf 8/255 (paper; its code 0.0314), l2 128/255 (Rice et al., AWP)")
+                   help="radius; None: the --norm's, linf 8/255 (paper; its code 0.0314), l2 128/255 (Rice et al., "
+                   "AWP); --estimator paper-code: 0.0314")
     g.add_argument("--attack-step", type=common.pixels, default=None,
                    help="PGD step size; None: linf 0.007 (paper), l2 15/255")
     g.add_argument("--steps", type=int, default=20, help="PGD iterations (paper: 20)")
     g.add_argument("--restarts", type=int, default=10, help="PGD random restarts, per example the max-CE one (paper: 10)")
+    g.add_argument("--estimator", default="project", choices=ESTIMATORS,
+                   help="PGD's RLoss/RErr: project = uniform start, per example the max-CE iterate over steps and "
+                   "restarts, plain CE; paper-code = the paper's released code exactly (Gaussian ℓ∞-normalised start, "
+                   "per example the restart with the most probable wrong class, loss −log(p_y + 1e-12) capped at "
+                   "27.6, ε 0.0314; ℓ∞ only). AutoAttack is the same under both")
     g.add_argument("--no-autoattack", action="store_true", help="skip AutoAttack (PGD only; much faster on a CPU)")
     g.add_argument("--aa-version", default="standard", choices=tuple(AA_ATTACKS),
                    help="standard: APGD-CE, APGD-T, FAB-T, Square; paper: the same without Square (the paper's runs)")
@@ -92,12 +107,14 @@ def parse_args(argv=None):
     check(args.n_eval >= 1 and args.n_clean >= 0 and args.batch_size >= 1,
           "--n-eval and --batch-size must be >= 1, --n-clean >= 0")
     check(not (args.use_ema and args.robustbench), "--use-ema needs a checkpoint of this codebase, not --robustbench")
+    check(not (args.estimator == "paper-code" and args.norm == "l2"),
+          "--estimator paper-code is ℓ∞ only (the paper's code has no ℓ2 attack); drop --norm l2 or the estimator")
     return args
 
 
 # The flags that determine evaluate.py's numbers, besides the model (README "Result files").
 EVAL_SETTINGS = ("n_eval", "n_clean", "train", "norm", "epsilon", "attack_step", "steps", "restarts", "batch_size",
-                 "seed")
+                 "seed", "estimator")
 
 
 def protocol(args):
@@ -110,7 +127,7 @@ def eval_settings(args, info):
     """(settings, non_default) of this evaluation (README "Result files"), after resolve_threat() (--norm, --epsilon
     and --attack-step not given: the model's). `train` only adds the train-image section, so it is no departure
     from the paper's protocol; --norm chooses what is measured, so the protocol it is compared with is that
-    norm's (its ε and step)."""
+    norm's (its ε and step). --estimator paper-code is compared with ours: non_default names it (and its ε 0.0314)."""
     resolve_threat(args, info)
     train = ["--train"] if args.train else []
     default = protocol(common.threat_defaults(parse_args(["-", "--norm", args.norm, *train])))
@@ -124,7 +141,12 @@ def norm_of(info):
 
 
 def resolve_threat(args, info):
-    """--norm, --epsilon and --attack-step left unset: the model's threat model (norm_of) and its defaults."""
+    """--norm, --epsilon and --attack-step left unset: the model's threat model (norm_of) and its defaults; with
+    --estimator paper-code (ℓ∞ only) ε is the released code's 0.0314 unless given."""
+    if getattr(args, "estimator", "project") == "paper-code":  # (a tool without --estimator: ours)
+        check((args.norm or norm_of(info)) == "linf", "--estimator paper-code is ℓ∞ only (the paper's code has no "
+              "ℓ2 attack), and this checkpoint was trained for --norm l2; give --norm linf or drop the estimator")
+        args.epsilon = PAPER_CODE_EPSILON if args.epsilon is None else args.epsilon
     return common.threat_defaults(args, norm_of(info))
 
 
@@ -159,8 +181,10 @@ def result_settings(tool, mode, args, info, how, default):
 
 def hashed(settings):
     """The settings a hash is taken of: all, but `norm` only when it is not linf (a result without a norm is an ℓ∞
-    one), so ℓ∞ results keep the names they had before --norm existed and are found as already measured."""
-    return {k: v for k, v in settings.items() if not (k == "norm" and v == "linf")}
+    one) and `estimator` only when it is not project, so results keep the names they had before --norm and
+    --estimator existed and are found as already measured."""
+    return {k: v for k, v in settings.items() if not (k == "norm" and v == "linf")
+            and not (k == "estimator" and v == "project")}
 
 
 def settings_hash(settings):
@@ -580,21 +604,116 @@ def error_rate(ok):
 
 
 def pgd_metrics(model, x, y, args, progress=False):
-    """RLoss/RErr of PGD-`steps` × `restarts` (per example the max-CE iterate) in the --norm ball. `args`: anything
-    with the attributes norm, epsilon, attack_step, steps, restarts, batch_size and seed (the flags, or
-    robust_loss_error's settings). Returns the JSON section, the per-example clean and robust correctness (for the
-    union with AutoAttack) and the per-example robust CE."""
+    """RLoss/RErr of PGD-`steps` × `restarts` (per example the max-CE iterate) in the --norm ball, or with estimator
+    paper-code the released code's estimate (paper_code_metrics). `args`: anything with the attributes norm,
+    epsilon, attack_step, steps, restarts, batch_size, seed and estimator (the flags, or robust_loss_error's
+    settings). Returns the JSON section, the per-example clean and robust correctness (for the union with
+    AutoAttack) and the per-example robust loss (CE; paper-code: capped_ce)."""
     t0 = time.time()
     _, clean_ok = common.clean_metrics(model, x, y, args.batch_size)
     common.seed_everything(args.seed)  # the random starts are reproducible per subset
-    rloss, robust_ok = common.robust_metrics(model, x, y, args.epsilon, args.attack_step, args.steps,
-                                             args.restarts, args.batch_size, progress=progress, clean_ok=clean_ok,
-                                             norm=args.norm)
+    if args.estimator == "paper-code":
+        rloss, robust_ok = paper_code_metrics(model, x, y, args.epsilon, args.attack_step, args.steps, args.restarts,
+                                              args.batch_size, progress=progress, clean_ok=clean_ok)
+    else:
+        rloss, robust_ok = common.robust_metrics(model, x, y, args.epsilon, args.attack_step, args.steps,
+                                                 args.restarts, args.batch_size, progress=progress, clean_ok=clean_ok,
+                                                 norm=args.norm)
     section = {"rloss": mean(rloss), "rerr": error_rate(robust_ok),
                "rloss_correct": mean(rloss[clean_ok]), "rloss_incorrect": mean(rloss[~clean_ok]),
                "n_correct": int(clean_ok.sum()), "n_incorrect": int((~clean_ok).sum()), "n": len(y),
                "clean_err": error_rate(clean_ok), "time_s": time.time() - t0}
     return section, clean_ok, robust_ok, rloss
+
+
+# ----------------------------------------------------------------------------------------------
+# --estimator paper-code: RLoss and RErr as the paper's released code (davidstutz/robust-generalization-flatness)
+# estimated them, which differs from ours in its loss, its PGD start, its ε (PAPER_CODE_EPSILON) and which restart
+# it keeps per example. ℓ∞ only: the released code has no ℓ2 attack. flatness.py uses these functions too.
+# ----------------------------------------------------------------------------------------------
+def capped_ce(logits, y):
+    """Per-example −log(softmax(logits)_y + 1e-12) in float32: the released code's robust loss, computed from the
+    stored softmax probabilities (common/eval/adversarial_evaluation.py). The 1e-12 caps it at −ln 1e-12 ≈ 27.63,
+    where the cross-entropy has no ceiling."""
+    p_y = torch.softmax(logits.float(), dim=1).gather(1, y.view(-1, 1)).squeeze(1)
+    return -torch.log(p_y + 1e-12)
+
+
+def paper_code_start(x, eps):
+    """The released code's ℓ∞ random start (attacks/initializations.py LInfUniformNormInitialization, via
+    common/numpy.py uniform_norm): per example g ~ N(0, I) over all its coordinates, divided by ‖g‖∞, times ε and
+    one u ~ U(0, 1), so ‖δ‖∞ = ε·u and most coordinates start near x (ours: U(−ε, ε) per coordinate). Drawn from
+    torch's global RNG, all of g and then all u: common.seed_everything(seed) makes it reproducible."""
+    g = torch.randn_like(x)
+    u = torch.rand(len(x), device=x.device, dtype=x.dtype)
+    per_example = (-1, *[1] * (x.dim() - 1))
+    return g / g.flatten(1).abs().amax(1).view(per_example) * eps * u.view(per_example)  # g/‖g‖∞ is ±1 at its max
+
+
+def paper_code_pgd(model, x, y, eps, alpha, steps, restarts, max_inputs):
+    """The released code's PGD (attacks/batch_gradient_descent.py: signed gradient, no momentum), `restarts` times
+    from paper_code_start, in eval mode with the weights frozen: each iterate, the start included, is projected onto
+    [0, 1] and then onto the ε-box before its forward pass; per example the iterate with the highest CE is kept (a
+    later one only when strictly higher). Returns the logits there, (restarts, N, classes). Restarts run in chunks of
+    at most `max_inputs` inputs, every start drawn before the first chunk (the chunking changes no random number)."""
+    b, ones = len(y), [1] * (x.dim() - 1)
+    starts = paper_code_start(x.repeat(restarts, *ones), eps)  # restart r: rows r·b … (r+1)·b − 1
+    n = max(1, min(restarts, max_inputs // b))  # restarts per chunk
+    chosen = []
+    with common.bn_mode(model, "eval"), common.frozen_params(model), torch.enable_grad():
+        for r in range(0, restarts, n):
+            m = min(n, restarts - r)
+            xr, yr, delta = x.repeat(m, *ones), y.repeat(m), starts[r * b:(r + m) * b]
+            for t in range(steps + 1):  # the last pass only scores the final iterate
+                with torch.no_grad():
+                    delta = ((xr + delta).clamp(0, 1) - xr).clamp(-eps, eps).requires_grad_(t < steps)
+                with torch.set_grad_enabled(t < steps):
+                    logits = model(xr + delta)
+                    loss = common.cross_entropy_each(logits, yr)
+                if t == 0:
+                    best_loss, best_logits = loss.detach(), logits.detach()
+                else:
+                    better = loss.detach() > best_loss
+                    best_loss = torch.where(better, loss.detach(), best_loss)
+                    best_logits = torch.where(better.view(-1, 1), logits.detach(), best_logits)
+                if t < steps:
+                    (grad,) = torch.autograd.grad(loss.sum(), delta)
+                    with torch.no_grad():  # δ + α·sign(∇CE); the next pass projects it as above
+                        delta = common.ascent_step(delta, grad, eps, alpha)
+            chosen.append(best_logits)
+    return torch.cat(chosen).view(restarts, b, -1)
+
+
+def most_wrong_restart(logits, y):
+    """Per example the restart whose adversarial example gives a wrong class the highest softmax probability: the
+    released notebook's choice (common/eval/adversarial_evaluation.py: errors = −max wrong-class probability, argmin
+    over the attempts, the first on a tie), not the restart of highest CE. `logits`: (restarts, N, classes); returns
+    the chosen restart's logits, (N, classes)."""
+    p = torch.softmax(logits, dim=-1)
+    p_wrong = p.masked_fill(F.one_hot(y, p.shape[-1]).bool(), -1).amax(-1)  # (restarts, N)
+    return logits[p_wrong.argmax(0), torch.arange(len(y), device=y.device)]
+
+
+def paper_code_metrics(model, x, y, eps, alpha, steps, restarts, batch_size, progress=False, clean_ok=None):
+    """Per example the released code's robust loss and correctness, PGD-`steps` × `restarts` (step `alpha`) in the
+    ℓ∞ ball of radius `eps`: paper_code_pgd, the restart most_wrong_restart chooses, its capped_ce, and correct =
+    correct on the clean input and on that adversarial example (the argmax of its probabilities). `clean_ok`: the
+    clean correctness, if known; for a perturbed model the released code counts the unperturbed model's clean
+    predictions, so flatness.py passes those. At most `batch_size` inputs go through the network at once.
+    Returns (losses, correct)."""
+    losses, correct = [], []
+    for i in common.progress_loop(range(0, len(y), batch_size), f"PGD-{steps}x{restarts} (paper code)",
+                                  disable=not progress):
+        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+        adv = most_wrong_restart(paper_code_pgd(model, xb, yb, eps, alpha, steps, restarts, batch_size), yb)
+        if clean_ok is None:
+            with torch.no_grad(), common.bn_mode(model, "eval"):
+                ok = model(xb).argmax(1) == yb
+        else:
+            ok = clean_ok[i:i + batch_size]
+        losses.append(capped_ce(adv, yb))
+        correct.append(ok & (torch.softmax(adv, dim=1).argmax(1) == yb))
+    return torch.cat(losses), torch.cat(correct)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -763,7 +882,8 @@ def model_kept(model):
 
 # robust_loss_error's settings: the command line's flags of the same names, autoattack = None (PGD only),
 # "standard" or "paper" (the --aa-version choices)
-ROBUST_SETTINGS = ("norm", "epsilon", "attack_step", "steps", "restarts", "batch_size", "seed", "autoattack")
+ROBUST_SETTINGS = ("norm", "epsilon", "attack_step", "steps", "restarts", "batch_size", "seed", "estimator",
+                   "autoattack")
 
 
 def api_settings_of(args):
@@ -775,10 +895,11 @@ def api_settings_of(args):
 @dataclasses.dataclass
 class Robustness:
     """What robust_loss_error returns (README "Python API").
-    rloss: RLoss, the mean over examples of the highest cross-entropy over PGD's iterates and restarts;
+    rloss: RLoss, the mean over examples of the highest cross-entropy over PGD's iterates and restarts (estimator
+    "paper-code": of the capped loss of the restart paper_code_metrics chooses);
     rerr: RErr, the fraction wrong on the clean or an adversarial input (AutoAttack's where it ran, else PGD's);
     pgd, autoattack: the sections of evaluate.py's result file (RLoss split by clean correctness, n, times;
-    autoattack None when not run); losses, robust_ok: per example the robust CE and whether it stayed
+    autoattack None when not run); losses, robust_ok: per example the robust loss and whether it stayed
     correct (clean and adversarially: under AutoAttack where it ran, else under PGD); settings: every setting
     used, defaults filled in."""
     rloss: float
@@ -795,12 +916,19 @@ def robust_loss_error(model, x, y, progress=False, verbose=False, **settings):
     as the model's dtype: PGD-`steps` × `restarts` (per example its highest-CE iterate) and, with
     autoattack="standard" or "paper", AutoAttack on the same examples. Settings and their defaults (the
     paper's, §4): norm="linf", epsilon=8/255, attack_step=0.007 (norm="l2": 128/255, 15/255), steps=20,
-    restarts=10, batch_size=128, seed=0, autoattack=None. Returns a Robustness; the model's weights, modes and
-    requires_grad flags are unchanged. Seeds the global RNGs with `seed`, as the command line does."""
+    restarts=10, batch_size=128, seed=0, estimator="project" ("paper-code": the released code's estimate,
+    paper_code_metrics, ℓ∞ only, epsilon 0.0314 unless given), autoattack=None. Returns a Robustness; the model's
+    weights, modes and requires_grad flags are unchanged. Seeds the global RNGs with `seed`, as the command line
+    does."""
     name = "evaluate.robust_loss_error"
-    norm = settings.get("norm", "linf")
+    norm, estimator = settings.get("norm", "linf"), settings.get("estimator", "project")
     require(name, norm in common.THREATS, f"norm must be {' or '.join(map(repr, common.THREATS))}, got {norm!r}")
-    defaults = common.threat_defaults(parse_args(["-", "--norm", norm]))  # ε and step follow the norm
+    require(name, estimator in ESTIMATORS,
+            f"estimator must be {' or '.join(map(repr, ESTIMATORS))}, got {estimator!r}")
+    require(name, estimator == "project" or norm == "linf",
+            f"estimator {estimator!r} is ℓ∞ only (the paper's code has no ℓ2 attack), got norm {norm!r}")
+    # ε and step follow the norm and the estimator (the API's model has no recorded threat model: its norm is given)
+    defaults = resolve_threat(parse_args(["-", "--norm", norm, "--estimator", estimator]), {"source": "python"})
     s = settings_with_defaults(name, {**api_settings_of(defaults), "autoattack": None}, settings)
     check_attack(name, s)
     require(name, is_int(s["restarts"], 1), f"restarts must be an integer >= 1, got {s['restarts']!r}")
@@ -840,7 +968,8 @@ def print_table(result, settings):
         p, aa = part["pgd"], part["autoattack"]
         rows.append((f"PGD-{settings['steps']}x{settings['restarts']} ({name})", p["n"], p["rerr"], p["rloss"],
                      f"RLoss correct {num(p['rloss_correct'])} (n={p['n_correct']}), "
-                     f"incorrect {num(p['rloss_incorrect'])} (n={p['n_incorrect']}); clean err {pct(p['clean_err']).strip()}"))
+                     f"incorrect {num(p['rloss_incorrect'])} (n={p['n_incorrect']}); clean err {pct(p['clean_err']).strip()}"
+                     f"; estimator {settings['estimator']}, ε {settings['epsilon']:.5f}"))
         if aa is not None:
             rows.append((f"AutoAttack-{settings['autoattack']} ({name})", aa["n"], aa["rerr"], None,
                          f"any attack {pct(aa['rerr_any']).strip()}; max ‖δ‖∞ {aa['max_linf']:.5f}, "

@@ -54,8 +54,9 @@ from torch.func import functional_call
 
 import common
 from common import check, fraction
-from evaluate import (add_model_source_args, already_measured, check_attack, check_inputs, data_dir_of, dataset_of,
-                      is_int, is_real, load_model, model_kept, model_sha256, require, resolve_threat, result_folder,
+from evaluate import (ESTIMATORS, PAPER_CODE_EPSILON, add_model_source_args, already_measured, capped_ce,
+                      check_attack, check_inputs, data_dir_of, dataset_of, is_int, is_real, load_model, model_kept,
+                      model_sha256, paper_code_metrics, paper_code_start, require, resolve_threat, result_folder,
                       result_path, result_settings, settings_with_defaults, write_result)
 
 MEASURES = ("average", "worst", "adaptive-worst", "adaptive-average", "pac-bayes", "pac-bayes-mag", "hessian-trace",
@@ -101,6 +102,10 @@ def parse_args(argv=None):
     g.add_argument("--per-batch", action="store_true",
                    help="worst-case: one ν per mini-batch (the paper's text) instead of one ν shared by all "
                         "batches of a restart (the released code, default)")
+    g.add_argument("--estimator", default="project", choices=ESTIMATORS,
+                   help="paper-code: the released code's estimator (README 'Deviations'): its loss −log(p_y + 1e-12), "
+                   "its PGD start, ε 0.0314, per example the restart with the most probable wrong class, a perturbed "
+                   "model's RErr with the unperturbed model's clean predictions; ℓ∞, average and worst case only")
     g.add_argument("--joint-batch-size", type=int, default=128,
                    help="worst-case mini-batch; ν is updated after each one, so this changes the measure (paper: 128)")
     g = p.add_argument_group("other flatness measures (README 'Other flatness measures'; --loss and --subset apply)")
@@ -183,6 +188,10 @@ def parse_args(argv=None):
     check(args.xi is None or args.mode in ("average", "worst"),
           "--xi needs --mode average or --mode worst (their paper values differ: 0.5 and 0.00075)")
     check(args.xi is None or args.xi >= 0, f"--xi must be >= 0, got {args.xi}")
+    check(args.estimator == "project" or args.mode in ("average", "worst", "both"),
+          "--estimator paper-code is the paper's measures' estimator: it needs --mode average, worst or both")
+    check(not (args.estimator == "paper-code" and args.norm == "l2"),
+          "--estimator paper-code is ℓ∞ only (the paper's code has no ℓ2 attack); drop --norm l2 or the estimator")
     check(args.rho is None or args.mode in ADAPTIVE_NORM,
           "--rho needs --mode adaptive-worst or --mode adaptive-average (their defaults differ: 0.002 and 0.1)")
     check(args.rho is None or args.rho >= 0, f"--rho must be >= 0, got {args.rho}")
@@ -282,27 +291,35 @@ def nu_generator(seed, device):
     return g
 
 
-def loss_of(model, x, y, loss, eps, alpha, steps, restarts, batch_size, progress=False, norm="linf"):
+def loss_of(model, x, y, loss, eps, alpha, steps, restarts, batch_size, progress=False, norm="linf",
+            estimator="project", clean_ok=None):
     """Per-example loss and correctness: RLoss by PGD in the `norm` ball (max over iterates and restarts) or
-    clean CE."""
+    clean CE; with estimator "paper-code" the released code's (evaluate.paper_code_metrics: its start, restart choice
+    and capped loss; `clean_ok` the clean correctness its RErr counts; clean: the capped loss)."""
+    if estimator == "paper-code":
+        if loss == "clean":
+            with torch.no_grad(), common.bn_mode(model, "eval"):
+                logits = torch.cat([model(x[i:i + batch_size]).float() for i in range(0, len(y), batch_size)])
+            return capped_ce(logits, y), logits.argmax(1) == y
+        return paper_code_metrics(model, x, y, eps, alpha, steps, restarts, batch_size, progress, clean_ok)
     if loss == "clean":
         return common.clean_metrics(model, x, y, batch_size)
     return common.robust_metrics(model, x, y, eps, alpha, steps, restarts, batch_size, progress, norm=norm)
 
 
 def reference_each(model, x, y, loss="robust", eps=8 / 255, alpha=0.007, steps=20, restarts=10, batch_size=128,
-                   seed=0, norm="linf"):
+                   seed=0, norm="linf", estimator="project"):
     """Per example the loss and correctness of the unperturbed model: RLoss (PGD-`steps` × `restarts`, the
-    max-CE iterate; correct = clean and adversarially correct) or the clean CE."""
+    max-CE iterate; correct = clean and adversarially correct) or the clean CE (`estimator`: loss_of)."""
     common.seed_everything(seed)
-    return loss_of(model, x, y, loss, eps, alpha, steps, restarts, batch_size, norm=norm)
+    return loss_of(model, x, y, loss, eps, alpha, steps, restarts, batch_size, norm=norm, estimator=estimator)
 
 
 def reference(model, x, y, loss="robust", eps=8 / 255, alpha=0.007, steps=20, restarts=10, batch_size=128,
-              seed=0, norm="linf"):
+              seed=0, norm="linf", estimator="project"):
     """RLoss(w) (PGD-20 × 10 restarts, per example the max-CE iterate) or the clean CE of the
     unperturbed model: (mean loss, error) as floats."""
-    ce, ok = reference_each(model, x, y, loss, eps, alpha, steps, restarts, batch_size, seed, norm)
+    ce, ok = reference_each(model, x, y, loss, eps, alpha, steps, restarts, batch_size, seed, norm, estimator)
     return ce.mean().item(), 1 - ok.float().mean().item()
 
 
@@ -310,11 +327,14 @@ def reference(model, x, y, loss="robust", eps=8 / 255, alpha=0.007, steps=20, re
 # Average-case flatness (Eq. 3)
 # ----------------------------------------------------------------------------------------------
 def average_case_draws(model, x, y, xi=0.5, samples=10, loss="robust", eps=8 / 255, alpha=0.007, steps=20,
-                       restarts=1, batch_size=128, seed=0, progress=False, on_sample=None, box=None, norm="linf"):
+                       restarts=1, batch_size=128, seed=0, progress=False, on_sample=None, box=None, norm="linf",
+                       estimator="project"):
     """Per draw ν (exactly on the per-layer sphere ‖ν_l‖ = ξ‖w_l‖, as the released code), the
     loss of f(·; w + ν) with adversarial examples recomputed on the perturbed model (PGD-`steps`,
     `restarts` restarts). Returns (losses, errors): one mean over the subset per draw, as tensors.
-    `on_sample(ν)` sees every draw (tests). `box`: a weight-clipped model's --clip (in_box)."""
+    `on_sample(ν)` sees every draw (tests). `box`: a weight-clipped model's --clip (in_box). `estimator`
+    "paper-code": the released code's loss and RErr, the latter with the unperturbed model's clean predictions."""
+    clean_ok = common.clean_metrics(model, x, y, batch_size)[1] if estimator == "paper-code" else None
     common.seed_everything(seed)  # the PGD starts
     generator = nu_generator(seed, x.device)
     weights = frozen_weights(model)
@@ -325,7 +345,7 @@ def average_case_draws(model, x, y, xi=0.5, samples=10, loss="robust", eps=8 / 2
         if on_sample is not None:
             on_sample(nu)
         ce, ok = loss_of(Perturbed(model, plus(weights, in_box(weights, nu, box))), x, y, loss, eps, alpha, steps,
-                         restarts, batch_size, progress, norm)
+                         restarts, batch_size, progress, norm, estimator, clean_ok)
         losses.append(ce.mean())
         errors.append(1 - ok.float().mean())
     return torch.stack(losses), torch.stack(errors)
@@ -335,7 +355,8 @@ def average_case_draws(model, x, y, xi=0.5, samples=10, loss="robust", eps=8 / 2
 # Worst-case flatness (Eq. 5): joint PGD on the weights and the inputs
 # ----------------------------------------------------------------------------------------------
 def joint_ascent(model, x, y, xi, passes=20, weight_step=0.01, batch_size=128, eps=8 / 255, alpha=0.007,
-                 attack_inputs=True, per_batch=False, generator=None, progress=False, box=None, norm="linf"):
+                 attack_inputs=True, per_batch=False, generator=None, progress=False, box=None, norm="linf",
+                 clean_ok=None):
     """One restart of the joint maximisation of Σ CE(f(x + δ; w + ν), y) over ν ∈ B_ξ(w) and δ:
     per layer ν_l starts in a uniformly random direction at radius ξ‖w_l‖·U(0, 1) (relative_random), δ at common.pgd's random start in the ε-ball of `norm`; `passes`
     passes over the data in mini-batches, each batch one backward for ∂/∂ν and ∂/∂δ, then
@@ -346,7 +367,10 @@ def joint_ascent(model, x, y, xi, passes=20, weight_step=0.01, batch_size=128, e
     adversarial inputs for the landscape's directions). With `box` (a weight-clipped model's --clip)
     w + ν is clamped to [−box, box] before each projection onto the ball, the released code's order;
     the ball projection keeps w + ν in the box (both sets are convex and contain w). The final iterates are returned
-    (no best tracking): (list of ν per batch group, δ, per-example CE, per-example correctness)."""
+    (no best tracking): (list of ν per batch group, δ, per-example CE, per-example correctness). Given `clean_ok`
+    (the unperturbed model's clean correctness), the released code's estimator (--estimator paper-code): δ starts at
+    evaluate.paper_code_start, not projected before the first pass (its model clamps the input to [0, 1] first, as
+    here), the loss is evaluate.capped_ce and an example is correct only where clean_ok is."""
     weights = frozen_weights(model)
     norms = layer_norms(weights)
     batches = [slice(i, i + batch_size) for i in range(0, len(y), batch_size)]
@@ -354,7 +378,10 @@ def joint_ascent(model, x, y, xi, passes=20, weight_step=0.01, batch_size=128, e
            for _ in (batches if per_batch else batches[:1])]
     if box:
         nus = [project_relative(in_box(weights, nu, box), weights, xi, norms) for nu in nus]
-    if attack_inputs:
+    paper_code = clean_ok is not None
+    if attack_inputs and paper_code:
+        delta = paper_code_start(x, eps)
+    elif attack_inputs:
         delta = common.random_start(x, eps, norm)
         delta = (x + delta).clamp_(0, 1) - x
     else:
@@ -365,7 +392,8 @@ def joint_ascent(model, x, y, xi, passes=20, weight_step=0.01, batch_size=128, e
                 j = b if per_batch else 0
                 nu = {k: v.detach().requires_grad_(True) for k, v in nus[j].items()}
                 d = delta[sl].clone().requires_grad_(attack_inputs)
-                logits = functional_call(model, plus(weights, nu), (x[sl] + d,))
+                inputs = (x[sl] + d).clamp(0, 1) if paper_code else x[sl] + d  # (the released model's clamp)
+                logits = functional_call(model, plus(weights, nu), (inputs,))
                 ce = F.cross_entropy(logits.float(), y[sl], reduction="sum")  # sums: steps are scale-free
                 grads = torch.autograd.grad(ce, list(nu.values()) + ([d] if attack_inputs else []))
                 with torch.no_grad():
@@ -382,25 +410,28 @@ def joint_ascent(model, x, y, xi, passes=20, weight_step=0.01, batch_size=128, e
         with torch.no_grad():
             ce, ok = [], []
             for b, sl in enumerate(batches):
-                logits = functional_call(model, plus(weights, nus[b if per_batch else 0]), (x[sl] + delta[sl],))
-                ce.append(F.cross_entropy(logits.float(), y[sl], reduction="none"))
-                ok.append(logits.argmax(1) == y[sl])
+                inputs = (x[sl] + delta[sl]).clamp(0, 1) if paper_code else x[sl] + delta[sl]
+                logits = functional_call(model, plus(weights, nus[b if per_batch else 0]), (inputs,)).float()
+                ce.append(capped_ce(logits, y[sl]) if paper_code else F.cross_entropy(logits, y[sl], reduction="none"))
+                ok.append((logits.argmax(1) == y[sl]) & (clean_ok[sl] if paper_code else True))
     return nus, delta, torch.cat(ce), torch.cat(ok)
 
 
 def worst_case_restarts(model, x, y, xi=0.00075, restarts=10, loss="robust", passes=20, weight_step=0.01,
                         batch_size=128, eps=8 / 255, alpha=0.007, per_batch=False, seed=0, progress=False,
-                        on_restart=None, box=None, norm="linf"):
+                        on_restart=None, box=None, norm="linf", estimator="project"):
     """Per restart the loss at the final iterates of joint_ascent (ν and δ for RLoss; ν only for
     clean CE). Returns (losses, errors) per restart as tensors; the measure takes the max.
-    `on_restart(nus, delta)` sees every restart's final iterates (tests)."""
+    `on_restart(nus, delta)` sees every restart's final iterates (tests). `estimator`: joint_ascent's."""
+    clean_ok = common.clean_metrics(model, x, y, batch_size)[1] if estimator == "paper-code" else None
     common.seed_everything(seed)  # the δ starts
     generator = nu_generator(seed, x.device)
     losses, errors = [], []
     for _ in common.progress_loop(range(restarts), f"worst-case ξ={xi:g} restarts", disable=not progress):
         nus, delta, ce, ok = joint_ascent(model, x, y, xi, passes, weight_step, batch_size, eps, alpha,
                                           attack_inputs=(loss == "robust"), per_batch=per_batch,
-                                          generator=generator, progress=progress, box=box, norm=norm)
+                                          generator=generator, progress=progress, box=box, norm=norm,
+                                          clean_ok=clean_ok)
         if on_restart is not None:
             on_restart(nus, delta)
         losses.append(ce.mean())
@@ -415,9 +446,9 @@ def worst_case_restarts(model, x, y, xi=0.00075, restarts=10, loss="robust", pas
 # Their settings: the command line's flags of the same names, with its defaults (the paper's, Table 1)
 API_SETTINGS = {
     "average": ("xi", "samples", "loss", "restarts_perturbed", "steps", "ref_restarts", "norm", "epsilon",
-                "attack_step", "batch_size", "seed"),
+                "attack_step", "batch_size", "seed", "estimator"),
     "worst": ("xi", "restarts", "loss", "passes", "weight_step", "per_batch", "joint_batch_size", "steps",
-              "ref_restarts", "norm", "epsilon", "attack_step", "batch_size", "seed"),
+              "ref_restarts", "norm", "epsilon", "attack_step", "batch_size", "seed", "estimator"),
     "adaptive-worst": ("rho", "sharpness_norm", "sharpness_batch", "sharpness_steps", "step_mult", "logit_normalise",
                        "loss", "steps", "ref_restarts", "norm", "epsilon", "attack_step", "batch_size", "seed"),
     "adaptive-average": ("rho", "sharpness_norm", "sharpness_batch", "sharpness_samples", "logit_normalise", "loss",
@@ -477,8 +508,14 @@ def api_settings(mode, settings):
     require(name, norm in common.THREATS, f"norm must be {' or '.join(map(repr, common.THREATS))}, got {norm!r}")
     require(name, settings.get("sharpness_norm") in (None, "linf", "l2"),
             f"sharpness_norm must be 'linf' or 'l2', got {settings.get('sharpness_norm')!r}")
-    # --samples follows --loss, --epsilon and --attack-step follow --norm
-    defaults = common.threat_defaults(parse_args(["-", "--mode", mode, "--loss", loss, "--norm", norm]))
+    estimator = settings.get("estimator", "project")
+    require(name, estimator in ESTIMATORS, f"estimator must be {' or '.join(map(repr, ESTIMATORS))}, got {estimator!r}")
+    require(name, estimator == "project" or norm == "linf",
+            f"estimator {estimator!r} is ℓ∞ only (the paper's code has no ℓ2 attack), got norm {norm!r}")
+    # --samples follows --loss, --epsilon and --attack-step follow --norm (and --estimator: 0.0314)
+    defaults = parse_args(["-", "--mode", mode, "--loss", loss, "--norm", norm])
+    defaults.epsilon = PAPER_CODE_EPSILON if estimator == "paper-code" else None
+    defaults = common.threat_defaults(defaults)
     s = mode_defaults(mode, settings_with_defaults(name, {k: getattr(defaults, k) for k in API_SETTINGS[mode]},
                                                    settings))
     for key in ("xi", "rho", "magnitude_eps"):
@@ -512,7 +549,7 @@ def api_reference(name, model, x, y, s, given):
     line's --mode both measures it once for both measures)."""
     if given is None:
         return reference(model, x, y, s["loss"], s["epsilon"], s["attack_step"], s["steps"], s["ref_restarts"],
-                         s["batch_size"], s["seed"], s["norm"])
+                         s["batch_size"], s["seed"], s["norm"], s["estimator"])
     require(name, isinstance(given, (tuple, list)) and len(given) == 2 and all(map(is_real, given)),
             f"reference must be None or a pair (loss, error) from flatness.reference, got {given!r}")
     return float(given[0]), float(given[1])
@@ -535,7 +572,7 @@ def average_case(model, x, y, reference=None, box=None, progress=False, **settin
         ref = api_reference(name, model, x, y, s, reference)
         losses, errors = average_case_draws(model, x, y, s["xi"], s["samples"], s["loss"], s["epsilon"],
                                             s["attack_step"], s["steps"], s["restarts_perturbed"], s["batch_size"],
-                                            s["seed"], progress, box=box, norm=s["norm"])
+                                            s["seed"], progress, box=box, norm=s["norm"], estimator=s["estimator"])
     return Flatness(value=losses.mean().item() - ref[0], reference=ref[0], reference_err=ref[1],
                     values=losses.tolist(), errs=errors.tolist(), settings=s)
 
@@ -556,7 +593,8 @@ def worst_case(model, x, y, reference=None, box=None, progress=False, **settings
         ref = api_reference(name, model, x, y, s, reference)
         losses, errors = worst_case_restarts(model, x, y, s["xi"], s["restarts"], s["loss"], s["passes"],
                                              s["weight_step"], s["joint_batch_size"], s["epsilon"], s["attack_step"],
-                                             s["per_batch"], s["seed"], progress, box=box, norm=s["norm"])
+                                             s["per_batch"], s["seed"], progress, box=box, norm=s["norm"],
+                                             estimator=s["estimator"])
     return Flatness(value=losses.max().item() - ref[0], reference=ref[0], reference_err=ref[1],
                     values=losses.tolist(), errs=errors.tolist(), settings=s)
 
@@ -1076,9 +1114,9 @@ def selected_modes(args):
 # rescaling (README "Result files")
 MODE_SETTINGS = {  # (the Hessian, of the clean CE, has no threat model)
     "average": ("loss", "subset", "n_eval", "xi", "samples", "restarts_perturbed", "steps", "ref_restarts", "norm",
-                "epsilon", "attack_step"),
+                "epsilon", "attack_step", "estimator"),
     "worst": ("loss", "subset", "n_eval", "xi", "restarts", "passes", "weight_step", "per_batch", "joint_batch_size",
-              "steps", "ref_restarts", "norm", "epsilon", "attack_step"),
+              "steps", "ref_restarts", "norm", "epsilon", "attack_step", "estimator"),
     "landscape": ("directions", "points", "n_landscape", "landscape_steps", "direction_norm", "random_scale",
                   "adversarial_scale", "adversarial_xi", "adversarial_passes", "weight_step", "norm", "epsilon",
                   "attack_step"),
@@ -1153,14 +1191,14 @@ def measure_checkpoint(model, info, todo, checkpoint_sha256, args, data, device,
         t0 = time.time()
         x, y = data.for_mode(mode)
         api = {k: settings[k] for k in API_SETTINGS.get(mode, ())}
-        normalised = api.get("logit_normalise", False)
-        if mode in API_SETTINGS and mode != "hessian-trace" and normalised not in refs:
-            refs[normalised] = (reference_each(scored(model, normalised), x, y, args.loss, args.epsilon,
-                                               args.attack_step, args.steps, args.ref_restarts, args.batch_size,
-                                               args.seed, args.norm), time.time() - t0)
+        key = (api.get("logit_normalise", False), api.get("estimator", "project"))
+        if mode in API_SETTINGS and mode != "hessian-trace" and key not in refs:
+            refs[key] = (reference_each(scored(model, key[0]), x, y, args.loss, args.epsilon, args.attack_step,
+                                        args.steps, args.ref_restarts, args.batch_size, args.seed, args.norm, key[1]),
+                         time.time() - t0)
             t0 = time.time()
         if mode in ("average", "worst"):
-            (ce, ok), ref_time = refs[False]
+            (ce, ok), ref_time = refs[key]
             box = (info["args"] or {}).get("clip") or None  # a weight-clipped model stays in its box
             measure = average_case if mode == "average" else worst_case
             m = measure(model, x, y, reference=(ce.mean().item(), 1 - ok.float().mean().item()), box=box,
@@ -1177,7 +1215,7 @@ def measure_checkpoint(model, info, todo, checkpoint_sha256, args, data, device,
             else:
                 measure = {"adaptive-worst": adaptive_worst_case, "adaptive-average": adaptive_average_case,
                            "pac-bayes": pac_bayes, "pac-bayes-mag": functools.partial(pac_bayes, magnitude_aware=True)}
-                m = measure[mode](model, x, y, reference=refs[normalised][0], progress=progress, **api)
+                m = measure[mode](model, x, y, reference=refs[key][0], progress=progress, **api)
             result = {"n": len(y), "reference": m.reference, "reference_err": m.reference_err, "values": m.values,
                       "errs": m.errs, "value": m.value, "value_std": m.value_std, **m.details}
             how = {"adaptive-worst": f"ρ={m.settings.get('rho')}, {m.settings.get('sharpness_norm')}",

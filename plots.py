@@ -20,7 +20,10 @@ says what it measured in its "settings" ("checkpoint" names last / best / epochN
   fig9_generalisation        Fig. 9: flatness on train examples; test−train RLoss; last−ES RLoss;
                              early-stopped vs last models
 and table1.md / table1.csv / table1.json (Table 1 with the Good/Average/Poor group means),
-correlations.json (Pearson and Spearman with p-values and n) and summary.json (every number read).
+correlations.json (Pearson, Spearman and Kendall with p-values and n), summary.json (every number read), and the
+measures table: measures.md / measures.csv / measures.json and fig_measures (every flatness measure of the runs and
+two baselines, the weight norm and train RLoss, against test RLoss, test − train RLoss and test RErr: Pearson,
+Spearman, Kendall τ with p-values, and Jiang et al.'s granulated Kendall Ψ over the hyper-parameters the runs vary).
 A figure whose inputs are missing is skipped with one line that says what is missing; a figure that leaves
 runs out names them and why in one line, in small print under it and in its files' metadata.
 
@@ -178,7 +181,15 @@ def is_number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-MODES = ("eval", "average", "worst", "landscape", "hessian")  # evaluate.py's, then flatness.py's
+# flatness.py's measures: one number per result (the landscape is a figure), in the measures table's order
+MEASURE_MODES = ("average", "worst", "adaptive-average", "adaptive-worst", "pac-bayes", "pac-bayes-mag", "hessian",
+                 "hessian-trace")
+MODES = ("eval", "landscape") + MEASURE_MODES  # evaluate.py's, then flatness.py's (a figure, then the measures)
+
+
+def measured_value(obj, mode):
+    """A flatness result's measure: the Hessian's largest eigenvalue, else `value` (PAC-Bayes: 1/σ'²)."""
+    return obj.get("eigenvalue" if mode == "hessian" else "value")
 
 
 def has_numbers(obj, mode):
@@ -187,7 +198,7 @@ def has_numbers(obj, mode):
         return isinstance(obj.get("pgd"), dict) and is_number(obj["pgd"].get("rloss"))
     if mode == "landscape":
         return isinstance(obj.get("s"), list)
-    return is_number(obj.get("eigenvalue" if mode == "hessian" else "value"))
+    return is_number(measured_value(obj, mode))
 
 
 def load_result(path, log):
@@ -197,6 +208,10 @@ def load_result(path, log):
     if obj is None:
         return None
     settings = obj.get("settings")
+    if isinstance(settings, dict) and settings.get("tool") == "flatness.py" and settings.get("mode") not in MODES:
+        log(f"skip {path}: flatness.py mode {settings.get('mode')!r} is unknown to plots.py (a newer flatness.py: "
+            f"add it to plots.py's MEASURE_MODES)")
+        return None
     if not isinstance(settings, dict) or settings.get("mode") not in MODES:
         log(f"skip {path}: no 'settings' of evaluate.py or flatness.py (a result file from before they recorded "
             "them, or not a result; measure again)")
@@ -210,6 +225,8 @@ def load_result(path, log):
         return None
     if mode != "hessian":  # (of the clean CE: no threat model) a result from before --norm is an ℓ∞ one
         settings = {"norm": "linf", **settings}
+    if mode in ("eval", "average", "worst"):  # and one from before --estimator is ours
+        settings = {"estimator": "project", **settings}
     return {"kind": checkpoint_label(settings["checkpoint"]),  # last, best, epoch045, ...
             "norm": settings.get("norm"),
             "epoch": obj.get("epoch"), "ema": settings["use_ema"], "mode": mode,
@@ -324,6 +341,13 @@ def keep_norm(runs, norm, baseline, log):
     return kept
 
 
+def run_reference(runs, base):
+    """The reference of RUN_SCALE and RUN_SIZE in labels: the baseline run's batch size, lr and size; without one,
+    the values most runs share."""
+    return {f: base["args"].get(f) if base else Counter(r["args"].get(f) for r in runs).most_common(1)[0][0]
+            for f in RUN_SCALE + RUN_SIZE}
+
+
 def find_runs(root, log, baseline=None, norm=None):
     root = Path(root)
     check(root.exists(), f"{root} does not exist; give the folder that holds the run folders (e.g. runs/)")
@@ -336,9 +360,7 @@ def find_runs(root, log, baseline=None, norm=None):
         r["name"] = n
     runs = keep_norm(runs, norm, baseline, log)
     base = choose_baseline(runs, baseline, log)
-    # the baseline run's batch size, lr and size; without one, the values most runs share
-    reference = {f: base["args"].get(f) if base else Counter(r["args"].get(f) for r in runs).most_common(1)[0][0]
-                 for f in RUN_SCALE + RUN_SIZE}
+    reference = run_reference(runs, base)
     for r in runs:
         r["label"], r["family"], r["sweep"] = describe(r["args"], reference)
         r["baseline"] = r is base
@@ -367,12 +389,18 @@ def pick(entries, prefer_ema, **want):
                                          -len(e["data"].get("non_default") or []), e["hash"]))
 
 
+def flatness_results(run, kind, mode, loss="robust", subset="eval", ema=None, scale=1.0):
+    """Every flatness result of one checkpoint that measured `mode` of `loss` on `subset`, at --scale `scale`; with
+    `ema` given, only those of that model (averaged or not)."""
+    return [e for e in run["flats"] if e["kind"] == kind and e["mode"] == mode and e["loss"] == loss
+            and e["subset"] == subset and e["scale"] == scale and (ema is None or e["ema"] == ema)]
+
+
 def pick_flatness(run, kind, mode, loss="robust", subset="eval", ema=None, scale=1.0):
     """The flatness entry of one checkpoint, at the paper's ξ when several ξ were measured; with
     `ema` given, only a measurement of that model (averaged or not), never the other one."""
     prefer_ema = bool(run["args"].get("ema"))
-    found = [e for e in run["flats"] if e["kind"] == kind and e["mode"] == mode and e["loss"] == loss
-             and e["subset"] == subset and e["scale"] == scale and (ema is None or e["ema"] == ema)]
+    found = flatness_results(run, kind, mode, loss, subset, ema, scale)
     at_paper_xi = [e for e in found if is_number(e["xi"]) and math.isclose(e["xi"], PAPER_XI.get(mode, -1))]
     return pick(at_paper_xi or found, prefer_ema)
 
@@ -1228,49 +1256,68 @@ def pearson(x, y):
     return (xc * yc).sum(-1) / np.sqrt((xc ** 2).sum(-1) * (yc ** 2).sum())
 
 
-def exact_p(x, y):
-    """Two-sided permutation p-value of Pearson's r: the fraction of all n! pairings of x with y whose |r|
-    reaches the observed one (the observed pairing is one of them, so it is never 0)."""
-    r = pearson(x[np.array(list(itertools.permutations(range(len(x)))))], y)
-    return float(np.mean(np.abs(r) >= abs(pearson(x, y)) - 1e-12))
+def kendall_s(x, y):
+    """Kendall's S (concordant − discordant pairs) of every row of x (shape (..., n)) with y (shape (n,)). τ_b is
+    S over a norm that pairing x differently keeps (ties stay ties), so S orders the pairings as τ_b does."""
+    i, j = np.triu_indices(len(y), 1)
+    return (np.sign(x[..., i] - x[..., j]) * np.sign(y[i] - y[j])).sum(-1)
+
+
+def exact_p(x, y, statistic=pearson):
+    """Two-sided permutation p-value of `statistic` (Pearson's r; kendall_s for Kendall's τ): the fraction of all
+    n! pairings of x with y whose |statistic| reaches the observed one (the observed pairing is one of them, so it
+    is never 0)."""
+    r = statistic(x[np.array(list(itertools.permutations(range(len(x)))))], y)
+    return float(np.mean(np.abs(r) >= abs(statistic(x, y)) - 1e-12))
 
 
 def correlation(xs, ys):
-    """Pearson and Spearman coefficients with two-sided p-values, n and how the p-values were computed.
-    Up to EXACT_P_MAX_N models by an exact permutation test (Spearman's: Pearson's on ranks), since
+    """Pearson, Spearman and Kendall (τ_b) coefficients with two-sided p-values, n and how the p-values were
+    computed. Up to EXACT_P_MAX_N models by an exact permutation test (Spearman's: Pearson's on ranks), since
     scipy's t-distribution p-value is 0.0 for a perfect correlation at small n; above it, scipy.stats'."""
     x, y = np.asarray(xs, float), np.asarray(ys, float)
     out = {"n": len(x)}
     if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
         out["note"] = "needs at least 3 points with non-constant values"
         return out
-    pr, sr = scipy.stats.pearsonr(x, y), scipy.stats.spearmanr(x, y)
+    pr, sr, kt = scipy.stats.pearsonr(x, y), scipy.stats.spearmanr(x, y), scipy.stats.kendalltau(x, y)
     if len(x) <= EXACT_P_MAX_N:
         rx, ry = scipy.stats.rankdata(x), scipy.stats.rankdata(y)
-        p_pearson, p_spearman = exact_p(x, y), exact_p(rx, ry)
+        p_pearson, p_spearman, p_kendall = exact_p(x, y), exact_p(rx, ry), exact_p(x, y, kendall_s)
         method = f"exact permutation test (all {math.factorial(len(x))} pairings)"
     else:
-        p_pearson, p_spearman, method = pr.pvalue, sr.pvalue, "scipy.stats.pearsonr / spearmanr (t-distribution)"
+        p_pearson, p_spearman, p_kendall = pr.pvalue, sr.pvalue, kt.pvalue
+        method = "scipy.stats.pearsonr / spearmanr (t-distribution), kendalltau (exact without ties, else normal)"
     out.update(pearson_r=float(pr.statistic), pearson_p=float(p_pearson), spearman_rho=float(sr.statistic),
-               spearman_p=float(p_spearman), p_method=method)
+               spearman_p=float(p_spearman), kendall_tau=float(kt.statistic), kendall_p=float(p_kendall),
+               p_method=method)
     return out
 
 
 CORRELATIONS = (("rloss", "flat_avg"), ("rloss", "flat_worst"), ("rerr", "flat_avg"), ("rerr", "flat_worst"))
 
 
+def distinct_es(points, es_points):
+    """The early-stopped checkpoints but where early stopping chose the last epoch (ckpt_best.pt is then
+    ckpt_last.pt again, one model)."""
+    last_epoch = {p["run"]: p.get("epoch") for p in points}
+    return [q for q in es_points if q.get("epoch") is None or q["epoch"] != last_epoch.get(q["run"])]
+
+
+def checkpoint_id(p):
+    return f"{p['run']}:{p['kind']}"
+
+
 def correlations(points, es_points):
     """Over the last checkpoints of all runs, and again with the early-stopped checkpoints added
-    (except where early stopping chose the last epoch: ckpt_best.pt is then ckpt_last.pt again)."""
-    last_epoch = {p["run"]: p.get("epoch") for p in points}
-    es_points = [q for q in es_points if q.get("epoch") is None or q["epoch"] != last_epoch.get(q["run"])]
+    (distinct_es())."""
     result = {}
-    for name, ps in (("last", points), ("last_and_es", points + es_points)):
+    for name, ps in (("last", points), ("last_and_es", points + distinct_es(points, es_points))):
         block = {}
         for yk, xk in CORRELATIONS:
             use = points_with(ps, yk, xk)
             c = correlation([p[xk] for p in use], [p[yk] for p in use])
-            c["models"] = [f"{p['run']}:{p['kind']}" for p in use]
+            c["models"] = [checkpoint_id(p) for p in use]
             block[f"{yk}_vs_{xk}"] = c
         result[name] = block
     return result
@@ -1285,6 +1332,354 @@ def print_correlations(result):
                       f"Spearman ρ={c['spearman_rho']:+.3f} (p={c['spearman_p']:.2g})")
             else:
                 print(f"  {key:22s} n={c['n']:3d}  – ({c['note']})")
+
+
+# ---------------------------------------------------------------------------------------------
+# The measures table: which flatness measure predicts robust generalization
+# ---------------------------------------------------------------------------------------------
+## Every measure flatness.py wrote, and two baselines, ranked as Jiang et al. ("Fantastic Generalization Measures
+## and Where to Find Them", ICLR 2020) rank generalization measures: Kendall's τ with the target over all
+## checkpoints, and their granulated Kendall coefficient Ψ (Eq. 4–5), which asks whether the measure follows the
+## target when one hyper-parameter changes and every other stays.
+TARGETS = {"rloss": "test RLoss", "gap": "test − train RLoss", "rerr": "test RErr"}
+POINT_SETS = {"last": "last checkpoints", "last_and_es": "last + early-stopped checkpoints"}
+LOSS_NAMES = {"robust": "RLoss", "clean": "clean", None: "clean"}  # the Hessian records no loss: the clean CE's
+DEFAULT_SUBSETS = ("eval", None)  # test images 0…999; the Hessians record none (they use the last test images)
+# Settings that say which model a result measured, or how fast: results that differ only in them are one measure
+NOT_MEASURE = NOT_PROTOCOL + ("tool", "data_dir", "batch_size")
+SETTING_NAMES = {"xi": "ξ", "rho": "ρ", "sharpness_norm": "sharpness-norm", "logit_normalise": "logit-normalise"}
+
+
+def measure_name(mode, loss):
+    """"adaptive-worst (RLoss)", "pac-bayes-mag (clean)", "hessian λ_max (clean)"."""
+    return f"{'hessian λ_max' if mode == 'hessian' else mode} ({LOSS_NAMES.get(loss, loss)})"
+
+
+def measure_setting(e):
+    """What a flatness result measured, as its settings without NOT_MEASURE (ξ, ρ, images, steps, seed, ...)."""
+    return {k: v for k, v in e["settings"].items() if k not in NOT_MEASURE}
+
+
+def setting_key(setting):
+    return json.dumps(setting, sort_keys=True)
+
+
+def setting_text(setting, non_default=()):
+    """"ρ=0.002, sharpness-norm=linf, logit-normalise": the SETTING_NAMES a result has (a switch only when on), then
+    its other non-default settings."""
+    named = [SETTING_NAMES[k] if setting[k] is True else f"{SETTING_NAMES[k]}={format_value(k, setting[k])}"
+             for k in SETTING_NAMES if k in setting and setting[k] is not False]
+    other = [f"{k}={format_value(k, setting[k])}" for k in non_default if k not in SETTING_NAMES and k in setting]
+    return ", ".join(named + other) or "defaults"
+
+
+def setting_difference(a, b):
+    """a's values of the settings in which a and b differ ("ρ=0.2, n_eval=100")."""
+    return ", ".join(f"{SETTING_NAMES.get(k, k)}={format_value(k, a.get(k))}" for k in sorted(a.keys() | b.keys())
+                     if a.get(k) != b.get(k))
+
+
+def measure_points(points, es_points):
+    """The table's checkpoints: every one with an evaluation, in two sets as correlations.json (the last ones; with
+    the early-stopped ones added, distinct_es()); each with its robust generalization gap, test − train RLoss of
+    one evaluation (evaluate.py --train)."""
+    def with_gap(p):
+        return {**p, "gap": p["rloss"] - p["rloss_train"]} if is_number(p.get("rloss_train")) else p
+    last = [with_gap(p) for p in points if is_number(p.get("rloss"))]
+    es = [with_gap(q) for q in distinct_es(points, es_points) if is_number(q.get("rloss"))]
+    return {"last": last, "last_and_es": last + es}
+
+
+def flatness_columns(runs, points, log):
+    """One column per measure (mode, loss) of MEASURE_MODES that a checkpoint of `points` has at scale 1 on the
+    default subset: its value per checkpoint, of the evaluated model (EMA or not). Of several results of one
+    checkpoint, pick_flatness()'s (the paper's ξ and protocol, then the most images). Where the checkpoints' choices
+    differ in a setting (ρ, ξ, images, ...), the column keeps the setting most of them have (a tie: the paper's
+    protocol) and leaves the others out, named by left_out(), rather than mix two measures in one row."""
+    by_run = {r["name"]: r for r in runs}
+    chosen = {}  # (mode, loss) → {checkpoint: (pick_flatness()'s result, every candidate, prefer EMA)}
+    for p in points:
+        run = by_run[p["run"]]
+        measured = {(e["mode"], e["loss"], e["subset"]) for e in run["flats"] if e["kind"] == p["kind"]
+                    and e["mode"] in MEASURE_MODES and e["subset"] in DEFAULT_SUBSETS}
+        for mode, loss, subset in measured:
+            found = flatness_results(run, p["kind"], mode, loss, subset, ema=p["ema"])  # at scale 1
+            if found:
+                first = pick_flatness(run, p["kind"], mode, loss, subset, ema=p["ema"])
+                chosen.setdefault((mode, loss), {})[checkpoint_id(p)] = (first, found, bool(run["args"].get("ema")))
+    columns = []
+    for (mode, loss), per_point in sorted(chosen.items(), key=lambda kv: (MEASURE_MODES.index(kv[0][0]),
+                                                                          kv[0][1] != "robust", str(kv[0][1]))):
+        count = Counter(setting_key(measure_setting(first)) for first, _, _ in per_point.values())
+        paper = {setting_key(measure_setting(first)) for first, _, _ in per_point.values() if first["default"]}
+        keep = max(count, key=lambda k: (count[k], k in paper, k))
+        values, files, left, example = {}, {}, {}, None
+        for cid, (first, found, prefer_ema) in per_point.items():
+            same = [e for e in found if setting_key(measure_setting(e)) == keep]
+            if same:
+                e = pick(same, prefer_ema)
+                values[cid], files[cid] = float(measured_value(e["data"], mode)), str(e["file"])
+                example = example or e
+            else:
+                left[cid] = f"measured with {setting_difference(measure_setting(first), json.loads(keep))} only"
+        setting = measure_setting(example)
+        column = {"name": measure_name(mode, loss), "type": "measure", "mode": mode, "loss": loss, "setting": setting,
+                  "settings": setting_text(setting, example["data"].get("non_default") or []),
+                  "values": values, "files": files, "left_out": left}
+        if left:
+            left_out(f"measures table, {column['name']}", left, log,
+                     f"left out (the row's setting: {column['settings']})")
+        columns.append(column)
+    return columns
+
+
+def baseline_columns(runs, points):
+    """The two baselines as columns: the weight norm Σ_l ‖w_l‖² over the tensors flatness.py perturbs (conv /
+    linear weights and biases; `weight_norm_sq` of any flatness result at scale 1 of the evaluated model) and train
+    RLoss (the evaluation's train section, evaluate.py --train)."""
+    by_run = {r["name"]: r for r in runs}
+    norms, files = {}, {}
+    for p in points:
+        run = by_run[p["run"]]
+        found = [e for e in run["flats"] if e["kind"] == p["kind"] and e["scale"] == 1 and e["ema"] == p["ema"]
+                 and is_number(e["data"].get("weight_norm_sq"))]
+        if found:
+            e = pick(found, bool(run["args"].get("ema")))
+            norms[checkpoint_id(p)], files[checkpoint_id(p)] = float(e["data"]["weight_norm_sq"]), str(e["file"])
+    train = [p for p in points if is_number(p.get("rloss_train"))]
+    return [{"name": "weight norm Σ‖w_l‖²", "type": "baseline", "mode": None, "loss": None, "setting": {},
+             "settings": "weight_norm_sq of the flatness results", "values": norms, "files": files, "left_out": {}},
+            {"name": "train RLoss", "type": "baseline", "mode": None, "loss": None, "setting": {},
+             "settings": "evaluate.py --train", "values": {checkpoint_id(p): float(p["rloss_train"]) for p in train},
+             "files": {checkpoint_id(p): p["eval_file"] for p in train}, "left_out": {}}]
+
+
+def hyper_parameters(runs, points):
+    """{checkpoint: {axis: value}}, the axes of the granulated Kendall coefficient: the method; every flag that
+    differs from the AT baseline in some run (differing_flags()) and the methods' own hyper-parameters
+    (METHOD_FLAGS), "–" where a run has the baseline's value or none; the run-size settings (RUN_SIZE) in which
+    runs differ; and the checkpoint, last or early-stopped (best)."""
+    base = next((r for r in runs if r["baseline"]), None)
+    reference = run_reference(runs, base)
+    varied = {r["name"]: {**dict(differing_flags(r["args"], reference)),
+                          **{f: r["args"].get(f) for f in METHOD_FLAGS.get(r["args"].get("method", "at"), [])}}
+              for r in runs}
+    flags = sorted(set().union(*varied.values()))
+    size = [f for f in RUN_SIZE if len({format_value(f, r["args"].get(f)) for r in runs}) > 1]
+    by_run = {r["name"]: r for r in runs}
+    out = {}
+    for p in points:
+        args, own = by_run[p["run"]]["args"], varied[p["run"]]
+        out[checkpoint_id(p)] = {"method": args.get("method", "at"),
+                                 **{f: format_value(f, own[f]) if f in own else "–" for f in flags},
+                                 **{f: format_value(f, args.get(f)) for f in size}, "checkpoint": p["kind"]}
+    return out
+
+
+def axis_name(axis):
+    return "checkpoint (last / ES)" if axis == "checkpoint" else SYMBOLS.get(axis, axis)
+
+
+def axis_groups(hyper, axis):
+    """Jiang et al.'s groups for `axis`: the checkpoints (indices into `hyper`) that agree on every other axis,
+    where `axis` takes at least two values (a group of repeats, or of one checkpoint, says nothing about it)."""
+    groups = {}
+    for k, h in enumerate(hyper):
+        groups.setdefault(tuple(v for a, v in h.items() if a != axis), []).append(k)
+    return [g for g in groups.values() if len({hyper[k][axis] for k in g}) >= 2]
+
+
+def granulated_kendall(x, y, hyper):
+    """Jiang et al.'s granulated Kendall coefficient (ICLR 2020, Eq. 4–5) of measure values x with targets y, one
+    per checkpoint, whose hyper-parameters are hyper[k] ({axis: value}, the same axes for all). For axis i:
+    Kendall's τ of x with y in each group of axis_groups(); ψ_i = the mean over the groups (Eq. 4); Ψ = the mean of
+    ψ_i over the axes that have a group (Eq. 5). A group whose x or y is constant has no τ and is not counted
+    ("undefined"); an axis without a counted group is named as not estimable."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    psi, not_estimable = {}, []
+    for axis in (list(hyper[0]) if hyper else []):
+        taus, undefined = [], 0
+        for g in axis_groups(hyper, axis):
+            if np.ptp(x[g]) == 0 or np.ptp(y[g]) == 0:
+                undefined += 1
+                continue
+            taus.append(float(scipy.stats.kendalltau(x[g], y[g]).statistic))
+        if taus:
+            psi[axis] = {"psi": float(np.mean(taus)), "groups": len(taus), "undefined": undefined}
+        else:
+            not_estimable.append(axis)
+    return {"Psi": float(np.mean([v["psi"] for v in psi.values()])) if psi else None, "axes": psi,
+            "not_estimable": not_estimable}
+
+
+def measure_correlations(columns, point_sets, hyper):
+    """{point set: {measure: {target: correlation() + granulated Kendall + the checkpoints}}}: each column with
+    each target over the checkpoints that have both."""
+    out = {}
+    for set_name, ps in point_sets.items():
+        out[set_name] = {}
+        for col in columns:
+            out[set_name][col["name"]] = {}
+            for target in TARGETS:
+                use = [p for p in ps if checkpoint_id(p) in col["values"] and is_number(p.get(target))]
+                x, y = [col["values"][checkpoint_id(p)] for p in use], [p[target] for p in use]
+                c = correlation(x, y)
+                c.update(granulated=granulated_kendall(x, y, [hyper[checkpoint_id(p)] for p in use]),
+                         models=[checkpoint_id(p) for p in use])
+                out[set_name][col["name"]][target] = c
+    return out
+
+
+def coefficient(c, key, p_key):
+    return f"{fmt(c[key], 2, signed=True)} ({c[p_key]:.2g})" if key in c else "–"
+
+
+def measures_markdown(t):
+    """measures.md: a header saying what the points are, then per point set and target a table, one row per
+    measure and baseline: Pearson, Spearman, Kendall (p), n, Ψ and ψ per axis (groups)."""
+    n_last, n_all = len(t["points"]["last"]), len(t["points"]["last_and_es"])
+    n_runs = len({c.rsplit(":", 1)[0] for c in t["points"]["last_and_es"]})
+    rerr = ", ".join(f"{k} for {v} checkpoints" for k, v in Counter(t["rerr_sources"].values()).items())
+    lines = ["# Which flatness measure predicts robust generalization", "",
+             f"n = {n_all} checkpoints with an evaluation, of {n_runs} runs: {n_last} last (ckpt_last.pt), "
+             f"{n_all - n_last} early-stopped (ckpt_best.pt; one where early stopping chose the last epoch counts "
+             f"once). Threat model {NORM_NAMES[t['norm']]} (--norm {t['norm']}). Targets: test RLoss (the "
+             "evaluation's PGD), test − train RLoss (one evaluation with evaluate.py --train), test RErr "
+             f"({rerr}). Measures: flatness.py's results at scale 1 on the default images, of the evaluated model; "
+             f"baselines: the weight norm, train RLoss. p-values are two-sided: for n ≤ {EXACT_P_MAX_N} exact "
+             "permutation tests (all n! pairings of measure and target), above scipy.stats'. n per cell: the "
+             "checkpoints with the measure and the target.",
+             "Ψ: the granulated Kendall coefficient of Jiang et al. (ICLR 2020, Eq. 4–5), the mean over axes of ψ_i, "
+             "the mean Kendall τ within groups of checkpoints that differ in axis i only; ψ per axis with its number "
+             "of groups in brackets."]
+    for set_name, title in POINT_SETS.items():
+        axes = t["axes"][set_name]
+        lines += ["", f"## {title} (n = {len(t['points'][set_name])})", "",
+                  f"Axes: {', '.join(map(axis_name, axes['all']))}"
+                  + (f"; not estimable (no two checkpoints differ in it alone): "
+                     f"{', '.join(map(axis_name, axes['not_estimable']))}." if axes["not_estimable"] else ".")]
+        for target, target_name in TARGETS.items():
+            lines += ["", f"### {target_name} — {title}", "", "| measure | settings | Pearson r (p) | Spearman ρ (p) | "
+                      "Kendall τ (p) | n | Ψ | ψ per axis (groups) |", "|---|---|---|---|---|---|---|---|"]
+            for col in t["columns"]:
+                c = t["correlations"][set_name][col["name"]][target]
+                g = c["granulated"]
+                per_axis = ", ".join(f"{axis_name(a)} {fmt(v['psi'], 2, signed=True)} ({v['groups']})"
+                                     for a, v in g["axes"].items())
+                name = col["name"] + (" *(baseline)*" if col["type"] == "baseline" else "")
+                lines.append(f"| {name} | {col['settings']} | {coefficient(c, 'pearson_r', 'pearson_p')} | "
+                             f"{coefficient(c, 'spearman_rho', 'spearman_p')} | "
+                             f"{coefficient(c, 'kendall_tau', 'kendall_p')} | {c['n']} | "
+                             f"{fmt(g['Psi'], 2, signed=True)} | {per_axis or '–'} |")
+    left = [f"{col['name']}: {', '.join(f'{k} ({why})' for k, why in col['left_out'].items())}"
+            for col in t["columns"] if col["left_out"]]
+    if left:
+        lines += ["", "Left out, measured with another setting than the row's: " + "; ".join(left) + "."]
+    if t.get("not_drawn"):
+        lines += ["", "Not drawn in fig_measures: " + "; ".join(f"{k} ({v})" for k, v in t["not_drawn"].items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+MEASURES_CSV = ["point_set", "measure", "type", "mode", "loss", "settings", "target", "n", "pearson_r", "pearson_p",
+                "spearman_rho", "spearman_p", "kendall_tau", "kendall_p", "p_method", "granulated_kendall",
+                "psi_per_axis", "not_estimable", "left_out", "note"]
+
+
+def write_measures_csv(t, path):
+    """measures.csv: one row per point set × measure × target; psi_per_axis is JSON ({axis: {psi, groups,
+    undefined}}), not_estimable and left_out are "; "-separated."""
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=MEASURES_CSV, extrasaction="ignore")
+        w.writeheader()
+        for set_name in POINT_SETS:
+            for col in t["columns"]:
+                for target in TARGETS:
+                    c = t["correlations"][set_name][col["name"]][target]
+                    g = c["granulated"]
+                    w.writerow({**c, "point_set": set_name, "measure": col["name"], "type": col["type"],
+                                "mode": col["mode"], "loss": col["loss"], "settings": col["settings"], "target": target,
+                                "granulated_kendall": g["Psi"], "psi_per_axis": json.dumps(g["axes"]),
+                                "not_estimable": "; ".join(g["not_estimable"]),
+                                "left_out": "; ".join(f"{k} ({why})" for k, why in col["left_out"].items())})
+
+
+def print_measures(t):
+    for set_name, title in POINT_SETS.items():
+        print(f"measures ({title}): Kendall τ (p) with each target; Ψ with test RLoss")
+        for col in t["columns"]:
+            cs = t["correlations"][set_name][col["name"]]
+            taus = "  ".join(f"{TARGETS[k]} {coefficient(c, 'kendall_tau', 'kendall_p'):16s}" for k, c in cs.items())
+            psi = fmt(cs["rloss"]["granulated"]["Psi"], 2, signed=True)
+            print(f"  {col['name']:28s} n={cs['rloss']['n']:3d}  {taus}  Ψ={psi}")
+
+
+def fig_measures(t, points, colours, out, log, written):
+    """Small multiples: one scatter per measure and baseline, x = its value, y = test RLoss, over the last (● / ◆
+    as every figure) and early-stopped (■) checkpoints, coloured by method family; each panel titled with Kendall's
+    τ. A measure of fewer than MIN_FIT_POINTS checkpoints is named, not drawn. Returns {measure: why} not drawn."""
+    by_id = {checkpoint_id(p): p for p in points}
+    drawn, not_drawn = [], {}
+    for col in t["columns"]:
+        n = t["correlations"]["last_and_es"][col["name"]]["rloss"]["n"]
+        if n >= MIN_FIT_POINTS:
+            drawn.append(col)
+        else:
+            not_drawn[col["name"]] = f"{n} checkpoint(s) with test RLoss, a panel needs {MIN_FIT_POINTS}"
+    if not drawn:
+        log("skip fig_measures: no measure of at least 3 evaluated checkpoints")
+        return not_drawn
+    note = left_out("fig_measures", not_drawn, log)
+    ncols = min(4, len(drawn))
+    nrows = math.ceil(len(drawn) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.8 * ncols, 3.2 * nrows + 0.7), squeeze=False)
+    for k, (ax, col) in enumerate(zip(axes.flat, drawn)):
+        c = t["correlations"]["last_and_es"][col["name"]]["rloss"]
+        for cid in c["models"]:
+            p = by_id[cid]
+            ax.scatter(col["values"][cid], p["rloss"], color=colours[p["family"]],
+                       marker="s" if p["kind"] == "best" else p["marker"], s=30, edgecolor="k", linewidth=0.4, zorder=3)
+        tau = f"τ = {fmt(c['kendall_tau'], 2, signed=True)} (p = {c['kendall_p']:.2g})" if "kendall_tau" in c \
+            else "τ: –"
+        what = "default settings" if col["settings"] == "defaults" else col["settings"]
+        ax.set(title=f"{col['name']}\n{tau}, n = {c['n']}", xlabel=f"value ({what})" if col["type"] == "measure"
+               else col["name"], ylabel=LABELS["rloss"] if k % ncols == 0 else "")
+    for ax in axes.flat[len(drawn):]:
+        ax.axis("off")
+    from matplotlib.lines import Line2D
+    es = Line2D([], [], marker="s", ls="", color="w", markeredgecolor="k", label="early-stopped (ckpt_best.pt)")
+    family_legend(fig, [p for p in points if p["kind"] != "best"], colours, extra=[es], loc="lower center",
+                  ncol=min(6, len(colours) + 3), bbox_to_anchor=(0.5, 0))
+    save(fig, out, "fig_measures", written, rect=(0, 0.5 / fig.get_figheight(), 1, 1), note=note)
+    return not_drawn
+
+
+def measures_table(runs, points, es_points, colours, out, log, written):
+    """The measures table: every measure's and baseline's correlation with test RLoss, the robust generalization
+    gap and test RErr over the evaluated checkpoints; measures.md, measures.csv, measures.json and fig_measures.
+    Returns the table (None without an evaluated checkpoint)."""
+    point_sets = measure_points(points, es_points)
+    every = point_sets["last_and_es"]
+    if not every:
+        log("skip measures table: no checkpoint has an evaluation (evaluate.py)")
+        return None
+    columns = flatness_columns(runs, every, log) + baseline_columns(runs, every)
+    hyper = hyper_parameters(runs, every)
+    t = {"norm": log.norm, "points": {k: [checkpoint_id(p) for p in ps] for k, ps in point_sets.items()},
+         "targets": TARGETS, "columns": columns, "hyper_parameters": hyper,
+         "rerr_sources": {checkpoint_id(p): p["rerr_source"] for p in every},
+         "correlations": measure_correlations(columns, point_sets, hyper)}
+    t["axes"] = {}
+    for set_name, ps in point_sets.items():
+        hs = [hyper[checkpoint_id(p)] for p in ps]
+        t["axes"][set_name] = {"all": list(hs[0]) if hs else [],
+                               "not_estimable": [a for a in (hs[0] if hs else []) if not axis_groups(hs, a)]}
+    t["not_drawn"] = fig_measures(t, every, colours, out, log, written)
+    (out / "measures.md").write_text(measures_markdown(t))
+    write_measures_csv(t, out / "measures.csv")
+    common.write_json(out / "measures.json", {**t, "versions": common.versions(torch.device("cpu"))})
+    written += [str(out / "measures.md"), str(out / "measures.csv"), str(out / "measures.json")]
+    print_measures(t)
+    return t
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1380,6 +1775,7 @@ def main(argv=None):
     print_correlations(corr)
     common.write_json(out / "correlations.json", {**corr, "norm": log.norm, "runs_dir": str(args.runs),
                                                   "versions": vers})
+    measures_table(runs, points, es_points, colours, out, log, written)
     written += [str(out / "correlations.json"), str(out / "summary.json")]
     summary = {"runs": [{**run_meta(r), "dir": str(r["dir"]), "args": r["args"], "last": r["last"], "best": r["best"],
                          "es_epoch": es_epoch(r), "over_epochs": over_epochs(r)} for r in runs],

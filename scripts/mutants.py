@@ -24,6 +24,7 @@ MAIN = (W + "::test_main_wiring[{}]").format
 MISC = "tests/test_misc.py::{}".format
 FIRST = "tests/test_first_hour.py::"
 MEAS = "tests/test_measures.py::"
+PC = "tests/test_paper_code.py::"
 MUTANTS = [
     # ---- train_at.py: the step
     ("at-clean-inputs", "train_at.py", "x_adv = adversarial_batch(attack_model, x, y, args)", "x_adv = x",
@@ -221,6 +222,32 @@ MUTANTS = [
     ("measures-rho-ignores-norm", "flatness.py", '            s["rho"] = ADAPTIVE_RHO.get((mode, s["sharpness_norm"]))',
      '            s["rho"] = ADAPTIVE_RHO.get((mode, ADAPTIVE_NORM[mode]))',
      MEAS + "test_cli_adaptive_flags_choose_the_measure_and_name_its_file"),
+    # ---- --estimator paper-code (evaluate.py, flatness.py; README "Deviations")
+    ("paper-code-no-cap", "evaluate.py", "    return -torch.log(p_y + 1e-12)", "    return -torch.log(p_y)",
+     PC + "test_capped_ce_is_minus_log_p_plus_1e_12_in_float32"),
+    ("paper-code-uniform-start", "evaluate.py", "    g = torch.randn_like(x)\n", "    g = torch.rand_like(x) * 2 - 1\n",
+     PC + "test_paper_code_start_is_a_gaussian_at_linf_radius_eps_u"),
+    ("paper-code-max-ce-restart", "evaluate.py", "    return logits[p_wrong.argmax(0), torch.arange(len(y), device=y.device)]",
+     "    return logits[F.cross_entropy(logits.transpose(1, 2), y.expand(len(logits), -1), reduction='none').argmax(0), "
+     "torch.arange(len(y), device=y.device)]",
+     PC + "test_restart_choice_is_the_most_probable_wrong_class_not_the_highest_ce"),
+    ("paper-code-own-clean-predictions", "evaluate.py", "            ok = clean_ok[i:i + batch_size]",
+     "            ok = model(xb).argmax(1) == yb", PC + "test_rerr_counts_the_given_clean_correctness"),
+    ("paper-code-estimator-always-hashed", "evaluate.py", '            and not (k == "estimator" and v == "project")}',
+     "}", PC + "test_command_line_records_the_estimator_and_keeps_old_names"),
+    ("paper-code-flatness-uncapped", "flatness.py",
+     'ce.append(capped_ce(logits, y[sl]) if paper_code else F.cross_entropy(logits, y[sl], reduction="none"))',
+     'ce.append(F.cross_entropy(logits, y[sl], reduction="none"))',
+     PC + "test_flatness_paper_code_caps_the_loss_of_every_perturbed_model"),
+    ("paper-code-flatness-own-clean", "flatness.py", "                         restarts, batch_size, progress, norm, estimator, clean_ok)",
+     "                         restarts, batch_size, progress, norm, estimator)",
+     PC + "test_flatness_paper_code_counts_the_unperturbed_clean_predictions"),
+    ("paper-code-flatness-our-start", "flatness.py", "    if attack_inputs and paper_code:\n", "    if False:\n",
+     PC + "test_flatness_paper_code_counts_the_unperturbed_clean_predictions"),
+    ("paper-code-flatness-estimator-ignored", "flatness.py",
+     '                                            s["seed"], progress, box=box, norm=s["norm"], estimator=s["estimator"])',
+     '                                            s["seed"], progress, box=box, norm=s["norm"])',
+     PC + "test_flatness_paper_code_caps_the_loss_of_every_perturbed_model"),
 ]
 
 

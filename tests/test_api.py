@@ -106,7 +106,7 @@ def test_defaults_are_the_papers_settings(plain):
     x, y = x[:10], y[:10]
     avg, worst = flatness.average_case(model, x, y), flatness.worst_case(model, x, y)
     pgd = {"steps": 20, "ref_restarts": 10, "norm": "linf", "epsilon": 8 / 255, "attack_step": 0.007, "batch_size": 128,
-           "seed": 0}
+           "seed": 0, "estimator": "project"}
     assert avg.settings == {"xi": 0.5, "samples": 10, "loss": "robust", "restarts_perturbed": 1, **pgd}
     assert worst.settings == {"xi": 0.00075, "restarts": 10, "loss": "robust", "passes": 20, "weight_step": 0.01,
                               "per_batch": False, "joint_batch_size": 128, **pgd}
@@ -115,7 +115,7 @@ def test_defaults_are_the_papers_settings(plain):
     assert clean.settings["samples"] == 50 and len(clean.values) == 50
     r = evaluate.robust_loss_error(model, x, y)
     assert r.settings == {"norm": "linf", "epsilon": 8 / 255, "attack_step": 0.007, "steps": 20, "restarts": 10,
-                          "batch_size": 128, "seed": 0, "autoattack": None}
+                          "batch_size": 128, "seed": 0, "estimator": "project", "autoattack": None}
     assert r.rloss == pytest.approx(avg.reference, rel=1e-6)  # the same PGD-20 × 10 estimator and seed (fp64 mean)
 
 

@@ -26,7 +26,8 @@ SCHEMA = {
             "model_args", "clean", "pgd", "autoattack"},
     # README "Result files": which model, then how it was measured
     "settings": {"tool", "mode", "checkpoint", "use_ema", "source", "arch", "data_dir", "dataset", "n_eval", "n_clean", "train",
-                 "norm", "epsilon", "attack_step", "steps", "restarts", "batch_size", "seed", "autoattack", "aa_attacks"},
+                 "norm", "epsilon", "attack_step", "steps", "restarts", "batch_size", "seed", "estimator", "autoattack",
+                 "aa_attacks"},
     "clean": {"loss", "err", "n"},
     "pgd": {"rloss", "rerr", "rloss_correct", "rloss_incorrect", "n_correct", "n_incorrect", "n"},
     "autoattack": {"rerr", "rerr_any", "n", "max_linf", "max_l2"},

@@ -179,7 +179,7 @@ def test_tick_labels_never_overlap(quick):
     labels do overlap (long plain numbers on a narrow axes) is untangled."""
     _, _, _, figs = quick
     assert set(figs) == {"fig1_rloss_vs_flatness", "fig2_robust_overfitting", "fig5_training_curves",
-                         "fig8_rloss_flatness"}
+                         "fig8_rloss_flatness", "fig_measures"}
     for name, fig in figs.items():
         assert overlapping_ticks(fig) == [], name
     fig, ax = plt.subplots(figsize=(3, 2))
