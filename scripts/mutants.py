@@ -25,6 +25,7 @@ MISC = "tests/test_misc.py::{}".format
 FIRST = "tests/test_first_hour.py::"
 MEAS = "tests/test_measures.py::"
 PC = "tests/test_paper_code.py::"
+TAB = "tests/test_plots_measures.py::"
 MUTANTS = [
     # ---- train_at.py: the step
     ("at-clean-inputs", "train_at.py", "x_adv = adversarial_batch(attack_model, x, y, args)", "x_adv = x",
@@ -248,6 +249,28 @@ MUTANTS = [
      '                                            s["seed"], progress, box=box, norm=s["norm"], estimator=s["estimator"])',
      '                                            s["seed"], progress, box=box, norm=s["norm"])',
      PC + "test_flatness_paper_code_caps_the_loss_of_every_perturbed_model"),
+    # ---- plots.py: the measures table
+    ("table-baselines-dropped", "plots.py", 'return [{"name": "weight norm Σ‖w_l‖²"',
+     'return [][:0] and [{"name": "weight norm Σ‖w_l‖²"', TAB + "test_a_row_per_measure_and_baseline_with_its_n"),
+    ("table-tau-sign-lost", "plots.py", "kendall_tau=float(kt.statistic)", "kendall_tau=float(abs(kt.statistic))",
+     TAB + "test_a_monotone_measure_has_tau_one_and_an_anti_monotone_one_minus_one"),
+    ("table-train-images-counted", "plots.py", 'DEFAULT_SUBSETS = ("eval", None)',
+     'DEFAULT_SUBSETS = ("eval", None, "train-eval")', TAB + "test_a_row_per_measure_and_baseline_with_its_n"),
+    ("table-gap-flipped", "plots.py", '"gap": p["rloss"] - p["rloss_train"]', '"gap": p["rloss_train"] - p["rloss"]',
+     TAB + "test_baselines_are_the_weight_norm_and_train_rloss"),
+    ("table-kendall-p-asymptotic", "plots.py", "exact_p(rx, ry), exact_p(x, y, kendall_s)", "exact_p(rx, ry), kt.pvalue",
+     TAB + "test_kendall_p_is_exact_for_few_points_and_scipys_above"),
+    ("table-groups-keyed-on-every-axis", "plots.py",
+     "groups.setdefault(tuple(v for a, v in h.items() if a != axis), []).append(k)",
+     "groups.setdefault(tuple(v for a, v in h.items()), []).append(k)",
+     TAB + "test_granulated_kendall_equals_a_hand_computation_on_a_grid"),
+    ("table-no-checkpoint-axis", "plots.py", '**{f: format_value(f, args.get(f)) for f in size}, "checkpoint": p["kind"]}',
+     '**{f: format_value(f, args.get(f)) for f in size}}',
+     TAB + "test_granulated_kendall_over_the_runs_hyper_parameters"),
+    ("table-settings-mixed", "plots.py", "same = [e for e in found if setting_key(measure_setting(e)) == keep]",
+     "same = found", TAB + "test_settings_are_never_mixed_and_the_left_out_are_named"),
+    ("table-old-results-not-ours", "plots.py", '        settings = {"estimator": "project", **settings}',
+     "        pass", TAB + "test_a_result_from_before_the_estimator_is_ours"),
 ]
 
 

@@ -265,3 +265,19 @@ def test_fig_measures_draws_a_panel_per_measure_of_three_points(table):
     assert "hessian-trace (clean)" in table["summary"]["left_out"]["fig_measures"]
     assert "Not drawn in fig_measures: hessian-trace (clean) (2 checkpoint(s)" in \
         (table["out"] / "measures.md").read_text()
+
+
+def test_a_result_from_before_the_estimator_is_ours(tmp_path):
+    """An evaluation written before --estimator existed has no such setting: it reads as estimator "project", so
+    it stays comparable with one that records it (Fig. 9's RLoss(last) − RLoss(ES) and the gap need both)."""
+    eval_file(tmp_path, "ckpt_last.pt", 2.0, 1.0, 30)
+    (path,) = tmp_path.glob("eval_*.json")
+    obj = json.loads(path.read_text())
+    del obj["settings"]["estimator"]
+    path.write_text(json.dumps(obj))
+    old = plots.load_result(path, plots.Log())
+    eval_file(tmp_path, "ckpt_best.pt", 2.0, 1.0, 20)
+    (new_path,) = [p for p in tmp_path.glob("eval_best_*.json")]
+    new = plots.load_result(new_path, plots.Log())
+    assert old["settings"]["estimator"] == "project"
+    assert plots.protocol(old["settings"]) == plots.protocol(new["settings"])
