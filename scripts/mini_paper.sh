@@ -35,8 +35,8 @@ if [ "${QUICK:-0}" = 1 ]; then  # everything shrunk further: checks the pipeline
     FLAT=(--n-eval 50 --samples 2 --restarts 2 --passes 3 --ref-restarts 1)
     LANDSCAPE=(--directions 2 --points 5 --n-landscape 20 --landscape-steps 3 --adversarial-passes 2)
     HESSIAN=(--n-hessian 50 --hessian-iters 5)
-    OTHER=(--sharpness-batch 50 --sharpness-steps 5 --sharpness-samples 2 --probes 3 --n-hessian 50 --hessian-iters 5)
-    PACB=(--n-eval 50 --steps 3 --ref-restarts 1 --search-depth 4 --mc-samples 1)
+    OTHER=(--n-eval 50 --steps 3 --ref-restarts 1 --sharpness-batch 50 --sharpness-steps 5 --sharpness-samples 2
+           --search-depth 4 --mc-samples 1 --probes 3 --n-hessian 50 --hessian-iters 5)
     RUNS=${RUNS:-runs_mini_quick} FIGURES=${FIGURES:-figures_mini_quick}
 else
     # width 16 and 250 training images (25 per class), batch 25: 10 steps per epoch, 800 in all,
@@ -51,11 +51,11 @@ else
     FLAT=(--n-eval 200 --samples 3 --restarts 2 --passes 20 --ref-restarts 2)
     LANDSCAPE=(--directions 2 --points 11 --n-landscape 50 --landscape-steps 10 --adversarial-passes 7)
     HESSIAN=(--n-hessian 200 --hessian-iters 30)
-    # the other measures (README "Other flatness measures"): adaptive sharpness on the FLAT images in 2 batches
-    # of 100, the Hessian trace and λ_max on the HESSIAN images; PAC-Bayes's bisection runs PGD on every one of
-    # its noise draws (depth × draws attacks), so it gets half the images and PGD-10
-    OTHER=(--sharpness-batch 100 --sharpness-samples 3 --probes 10 --n-hessian 200 --hessian-iters 30)
-    PACB=(--n-eval 100 --steps 10 --ref-restarts 1 --search-depth 8 --mc-samples 2)
+    # the other measures (README "Other flatness measures") on every checkpoint of the measures table: 100 test
+    # images (one batch for the adaptive ones) and PGD-10 × 1 (PAC-Bayes's bisection attacks every one of its
+    # depth × draws noisy models); the Hessian trace and λ_max on the last 100 test images
+    OTHER=(--n-eval 100 --steps 10 --ref-restarts 1 --sharpness-batch 100 --sharpness-samples 3
+           --search-depth 8 --mc-samples 2 --probes 10 --n-hessian 100 --hessian-iters 20)
 fi
 RUNS=${RUNS:-runs_mini} FIGURES=${FIGURES:-figures_mini}
 [ "${AA:-0}" = 1 ] || EVAL+=(--no-autoattack)
@@ -95,11 +95,8 @@ others() {  # others NAME [--use-ema]: every other measure, RLoss and clean, on 
     for ckpt in last best; do
         run $PY flatness.py "$dir/ckpt_$ckpt.pt" --mode hessian "${ema[@]}" "${OTHER[@]}" "${COMMON[@]}" || return 1
         for loss in robust clean; do
-            for mode in adaptive-worst adaptive-average hessian-trace; do
-                run $PY flatness.py "$dir/ckpt_$ckpt.pt" --mode $mode --loss $loss "${ema[@]}" "${FLAT[@]}" "${OTHER[@]}" "${COMMON[@]}" || return 1
-            done
-            for mode in pac-bayes pac-bayes-mag; do
-                run $PY flatness.py "$dir/ckpt_$ckpt.pt" --mode $mode --loss $loss "${ema[@]}" "${PACB[@]}" "${COMMON[@]}" || return 1
+            for mode in adaptive-worst adaptive-average hessian-trace pac-bayes pac-bayes-mag; do
+                run $PY flatness.py "$dir/ckpt_$ckpt.pt" --mode $mode --loss $loss "${ema[@]}" "${OTHER[@]}" "${COMMON[@]}" || return 1
             done
         done
     done
