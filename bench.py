@@ -13,6 +13,11 @@ Rows
   3. Flatness, on one batch of the measures' own mini-batch size (128): one average-case sample vs
      one bare PGD-20 run; worst-case joint passes (ν and δ) vs forward + full backward each.
                                                                              target ≥ 0.9 each
+  3c. Adaptive worst-case sharpness (--mode adaptive-worst), on the same batch: steps of flatness.adaptive_ascent
+     (ν and δ jointly: step, momentum, best-iterate tracking) vs forward + gradient w.r.t. ν and δ each, per step.
+                                                                             target ≥ 0.9
+  3d. Hessian trace (--mode hessian-trace), on the same batch: a Hutchinson probe of flatness.hessian_trace_probes
+     (Rademacher draw, H·v, vᵀHv) vs the bare double backward it needs.      target ≥ 0.9
   2w. Row 2 for a WideResNet (--wrn; wrn-16-4 by default, small enough for a CPU; wrn-34-10 on a GPU), the
      architecture of the TRADES/MART/AWP papers: the same step vs its bare passes.  target ≥ 0.9
   4. Data: the device-resident loader's images/s vs a DataLoader with the same augmentation.
@@ -24,7 +29,9 @@ Rows
 With --epoch-time (GPU): seconds per CIFAR-10-sized epoch (50,000 images, batch 128) of PGD-7 AT for
 fp32 eager, bf16 + channels_last, and + torch.compile, for ResNet-18 and for the --wrn WideResNet.
 
-Usage:  python bench.py --device cpu            # ~12 min on 2 cores (width 64, batch 16; row 6 ~6 min of it)
+Usage:  python bench.py --device cpu            # ~12 min on 2 cores (width 64, batch 16; row 6 ~6 min of it),
+                                                # + rows 3c, 3d: 17 min on 2 cores shared with a training job
+                                                # (55 ascent steps and 12 probes; idle, est. 3-4 min)
         python bench.py --device cuda --amp --channels-last [--compile] --epoch-time
 Writes bench.json (every timing, the machine, versions and parameters) and prints a table.
 """
@@ -38,11 +45,13 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call
 
 import common
 import train_at
 
-ROWS = ("at_step", "floor", "wrn_floor", "avg_flatness", "worst_flatness", "data", "attack_memory")
+ROWS = ("at_step", "floor", "wrn_floor", "avg_flatness", "worst_flatness", "adaptive_step", "hutchinson", "data",
+        "attack_memory")
 MEMORY_WRN = "wrn-34-10"  # the WideResNet whose activation memory row 6 reports (TRADES, MART, AWP)
 
 
@@ -281,6 +290,106 @@ def row_worst_flatness(args, device, b, passes=4):
 
 
 # ------------------------------------------------------------------------------------------------
+# Rows 3c and 3d: the field's other measures (adaptive worst-case sharpness, the Hessian trace) vs bare passes
+# ------------------------------------------------------------------------------------------------
+def measure_batch(args, device, b=128):
+    """One mini-batch of the measures' own size (128: flatness.py --sharpness-batch and --batch-size) and the
+    network of the flatness rows, in eval mode (the measures' BN mode)."""
+    x_u8, y = synthetic_cifar(b)
+    return x_u8.to(device).float() / 255, y.to(device), make_net(args, device).eval()
+
+
+def bare_adaptive_passes(net, weights, nu, x, delta, y, steps, forwards):
+    """The passes `steps` steps of the adaptive ascent cannot avoid: `steps` × (forward of f(x + δ; w + ν), CE,
+    torch.autograd.grad w.r.t. ν and δ), then `forwards` − `steps` forwards without gradients (the ascent scores its
+    last iterate, and takes one more forward per step halving, at the best iterate); no step, no bookkeeping, and
+    w + ν one addition (flatness.plus's ×s counts as the measure's). Returns the last gradients (for the tests)."""
+    for i in range(forwards):
+        grad = i < steps
+        params = {k: v.detach().requires_grad_(grad) for k, v in nu.items()}
+        d = delta.clone().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            ce = F.cross_entropy(functional_call(net, {k: w + params[k] for k, w in weights.items()}, (x + d,)), y)
+        if grad:
+            grads = torch.autograd.grad(ce, list(params.values()) + [d])
+    return grads
+
+
+def row_adaptive_step(args, device, b, steps=5):
+    """Steps of the adaptive worst-case ascent, timed as flatness.adaptive_ascent itself (--mode adaptive-worst's
+    estimator at its defaults: ℓ∞, ρ = 0.002, the input attack from a given δ, here a uniform start in the ε-ball)
+    running `steps` steps on one mini-batch of 128: per step a forward of f(x + δ; w + ν), autograd.grad w.r.t. ν and
+    δ, flatness.adaptive_step on ν, the PGD step on δ and the best-iterate tracking (torch.where), plus per call its
+    set-up, the last iterate's forward and one forward per step halving (a reload of the best iterate). Against
+    bare_adaptive_passes with the same forwards (counted on the untimed first call by a forward hook: the ascent is
+    deterministic). Reported per step (both times / `steps`); the measure takes 20 steps per batch (twice, with
+    ρ and ρ = 0), so charging the set-up and the last forward to 5 overstates their share."""
+    import flatness
+    b = 128
+    x, y, net = measure_batch(args, device, b)
+    torch.manual_seed(0)
+    delta = (x + common.random_start(x, 8 / 255)).clamp_(0, 1) - x
+    with torch.no_grad():
+        logits = net(x + delta)
+        init_loss, init_err = F.cross_entropy(logits, y), (logits.argmax(1) != y).float().mean()
+    rho = flatness.ADAPTIVE_RHO[("adaptive-worst", "linf")]
+    weights = flatness.frozen_weights(net)
+    nu = {k: torch.zeros_like(w) for k, w in weights.items()}
+
+    def ascent():
+        flatness.adaptive_ascent(net, x, y, init_loss, init_err, rho, "linf", steps, delta=delta)
+
+    calls = []
+    hook = net.register_forward_hook(lambda *_: calls.append(1))
+    ascent()  # the count, and ours' warm-up
+    hook.remove()
+    forwards = len(calls)
+    t = side_by_side({"ours": ascent, "bare": lambda: bare_adaptive_passes(net, weights, nu, x, delta, y, steps,
+                                                                           forwards)},
+                     device, args.repeats, 1,
+                     warmups={"bare": lambda: bare_adaptive_passes(net, weights, nu, x, delta, y, 1, 1)})
+    return {"step_s": t["ours"] / steps, "bare_step_s": t["bare"] / steps, "efficiency": t["bare"] / t["ours"],
+            "steps": steps, "forwards": forwards}
+
+
+def bare_hessian_vector_products(net, weights, x, y, v, probes, batch_size=128):
+    """The passes `probes` Hutchinson probes cannot avoid, with one fixed v: per probe and batch, forward, CE,
+    torch.autograd.grad w.r.t. the weights with create_graph=True, the dot with v, torch.autograd.grad of it.
+    Returns the last batch's H·v (for the tests)."""
+    params = list(weights.values())
+    for _ in range(probes):
+        for i in range(0, len(y), batch_size):
+            ce = F.cross_entropy(net(x[i:i + batch_size]), y[i:i + batch_size], reduction="sum") / len(y)
+            grads = torch.autograd.grad(ce, params, create_graph=True)
+            dot = sum((g * v[k]).sum() for k, g in zip(weights, grads))
+            hv = torch.autograd.grad(dot, params)
+    return hv
+
+
+def row_hutchinson(args, device, b, probes=1):
+    """Hutchinson probes of the Hessian trace, timed as flatness.hessian_trace_probes itself (--mode hessian-trace's
+    estimator: per probe a Rademacher draw of v over the conv/linear weights, flatness.hessian_vector_product over
+    the batches, the vᵀHv reduction) with `probes` probes on one mini-batch of 128, vs bare_hessian_vector_products
+    on the same network, weights (common.perturbable_params(weights_only=True)) and images. Reported per probe
+    (both times / `probes`). The measure's 500 images (flatness.py --n-hessian) are 4 batches: one batch charges
+    the draw and the reduction 4× more than a real probe does."""
+    import flatness
+    b = 128
+    x, y, net = measure_batch(args, device, b)
+    weights = common.perturbable_params(net, weights_only=True)
+    g = torch.Generator(device=device).manual_seed(0)
+    v = {k: torch.randint(0, 2, w.shape, device=device, generator=g).to(w.dtype).mul_(2).sub_(1)
+         for k, w in weights.items()}
+    t = side_by_side({"ours": lambda: flatness.hessian_trace_probes(net, x, y, probes, b),
+                      "bare": lambda: bare_hessian_vector_products(net, weights, x, y, v, probes, b)},
+                     device, args.repeats, 1,
+                     warmups={"ours": lambda: flatness.hessian_trace_probes(net, x, y, 1, b),
+                              "bare": lambda: bare_hessian_vector_products(net, weights, x, y, v, 1, b)})
+    return {"probe_s": t["ours"] / probes, "bare_probe_s": t["bare"] / probes, "efficiency": t["bare"] / t["ours"],
+            "probes": probes}
+
+
+# ------------------------------------------------------------------------------------------------
 # Row 4: data
 # ------------------------------------------------------------------------------------------------
 def row_data(args, device, b):
@@ -405,9 +514,11 @@ def epoch_times(args, device, images=50000, variants=EPOCH_VARIANTS, warmup=20, 
 
 
 ROW_FNS = {"at_step": row_at_step, "floor": row_floor, "wrn_floor": row_wrn_floor, "avg_flatness": row_avg_flatness,
-           "worst_flatness": row_worst_flatness, "data": row_data, "attack_memory": row_attack_memory}
+           "worst_flatness": row_worst_flatness, "adaptive_step": row_adaptive_step, "hutchinson": row_hutchinson,
+           "data": row_data, "attack_memory": row_attack_memory}
 TARGETS = {"at_step": ("speedup", "≥ 1.3"), "floor": ("efficiency", "≥ 0.9"), "wrn_floor": ("efficiency", "≥ 0.9"),
            "avg_flatness": ("efficiency", "≥ 0.9"), "worst_flatness": ("efficiency", "≥ 0.9"),
+           "adaptive_step": ("efficiency", "≥ 0.9"), "hutchinson": ("efficiency", "≥ 0.9"),
            "data": ("speedup", None), "attack_memory": ("ratio", "≤ 1.2")}
 
 

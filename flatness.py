@@ -242,7 +242,7 @@ class Perturbed(nn.Module):
 
 def plus(weights, nu, s=1.0):
     """{name: w_l + s·ν_l} (new tensors; w is detached, so no graph reaches the model)."""
-    return {k: weights[k] + s * nu[k] for k in weights}
+    return {k: weights[k] + nu[k] if s == 1 else weights[k] + s * nu[k] for k in weights}  # (no ×1 pass)
 
 
 def in_box(weights, nu, box):
@@ -647,10 +647,11 @@ def adaptive_step(nu, prev, grads, scale, rho, eta, sharpness_norm):
         ℓ∞: z = clip(ν + η·sign(g)⊙|w|, ±ρ|w|)                       (as sharpness.py)
         ℓ2: in u = ν ⊘ |w|: z = Π_{‖u‖₂≤ρ}(u + η·(g⊙|w|)/‖g⊙|w|‖₂) ⊙ |w|  (steepest ascent in u; sharpness.py
             steps along g/‖g‖ and projects onto the ellipsoid in ν, which a rescaling of a layer changes)
-        ν ← 0.75·z + 0.25·prev."""
+        ν ← 0.75·z + 0.25·prev.
+    In place on `grads` (consumed) and on z: on CPU a new 11M-element tensor costs more than its arithmetic."""
     with torch.no_grad():
         if sharpness_norm == "linf":
-            z = {k: torch.minimum(torch.maximum(nu[k] + eta * g.sign() * scale[k], -rho * scale[k]), rho * scale[k])
+            z = {k: g.sign_().mul_(scale[k]).mul_(eta).add_(nu[k]).clamp_(-rho * scale[k], rho * scale[k])
                  for k, g in zip(nu, grads)}
         else:
             gu = {k: g * scale[k] for k, g in zip(nu, grads)}
@@ -658,7 +659,7 @@ def adaptive_step(nu, prev, grads, scale, rho, eta, sharpness_norm):
             z = {k: nu[k] + eta * scale[k] * gu[k] / gnorm for k in nu}
             unorm = torch.sqrt(sum((torch.where(scale[k] > 0, z[k] / scale[k], 0) ** 2).sum() for k in z))
             z = {k: v * torch.clamp(rho / unorm.clamp_min(1e-12), max=1.0) for k, v in z.items()}
-        return {k: 0.75 * z[k] + 0.25 * prev[k] for k in z}
+        return {k: z[k].mul_(0.75).add_(prev[k], alpha=0.25) for k in z}  # (0.25·prev is exact: fused or not alike)
 
 
 def adaptive_ascent(model, x, y, init_loss, init_err, rho, sharpness_norm="linf", steps=20, step_mult=1.0,

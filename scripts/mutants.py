@@ -176,9 +176,10 @@ MUTANTS = [
     ("first-cache-per-test", "tests/conftest.py", '@pytest.fixture(scope="session", autouse=True)\ndef _cache_dir',
      "@pytest.fixture(autouse=True)\ndef _cache_dir", "tests/test_evaluate.py"),
     # ---- flatness.py: the other measures (README "Other flatness measures")
-    ("measures-linf-step-not-adaptive", "flatness.py", "nu[k] + eta * g.sign() * scale[k]", "nu[k] + eta * g.sign()",
+    ("measures-linf-step-not-adaptive", "flatness.py", "g.sign_().mul_(scale[k]).mul_(eta)", "g.sign_().mul_(eta)",
      MEAS + "test_adaptive_worst_case_matches_a_sharpness_py_style_loop"),
-    ("measures-momentum-swapped", "flatness.py", "0.75 * z[k] + 0.25 * prev[k]", "0.25 * z[k] + 0.75 * prev[k]",
+    ("measures-momentum-swapped", "flatness.py", "z[k].mul_(0.75).add_(prev[k], alpha=0.25)",
+     "z[k].mul_(0.25).add_(prev[k], alpha=0.75)",
      MEAS + "test_adaptive_worst_case_matches_a_sharpness_py_style_loop"),
     ("measures-no-reload-at-best", "flatness.py", "                        reload = i < steps\n",
      "                        reload = False\n", MEAS + "test_adaptive_worst_case_matches_a_sharpness_py_style_loop"),

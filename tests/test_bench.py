@@ -1,5 +1,6 @@
-"""bench.py: every row runs and reports finite ratios; the AT step it times is train_at.py's own;
-its floor does the passes it claims; bad flags get one error line."""
+"""bench.py: every row runs and reports finite ratios; the AT step, the adaptive ascent and the Hutchinson probes
+it times are the code's own, reported per step or probe; its floors do the passes they claim; bad flags get one error
+line."""
 import argparse
 import functools
 import json
@@ -17,10 +18,13 @@ from conftest import run_script
 
 def test_every_row_reports_a_finite_ratio(monkeypatch):
     """Each row's function, in this process (the command line runs each in a child process of its own); the memory
-    row with PGD-2 × 3 and a WRN-10-1."""
+    row with PGD-2 × 3 and a WRN-10-1, the adaptive ascent with 3 steps, one Hutchinson probe."""
     monkeypatch.setattr(bench, "MEMORY_WRN", "wrn-10-1")
     monkeypatch.setitem(bench.ROW_FNS, "attack_memory", functools.partial(bench.row_attack_memory, restarts=3, steps=2))
+    monkeypatch.setitem(bench.ROW_FNS, "adaptive_step", functools.partial(bench.row_adaptive_step, steps=3))
+    monkeypatch.setitem(bench.ROW_FNS, "hutchinson", functools.partial(bench.row_hutchinson, probes=1))
     args = bench.parse_args(["--device", "cpu", "--width", "8", "--repeats", "1", "--steps", "1", "--wrn", "wrn-10-1"])
+    assert set(bench.ROWS) == set(bench.ROW_FNS) == set(bench.TARGETS)  # the command line runs and prints each row
     for row in bench.ROWS:
         key, _ = bench.TARGETS[row]
         result = bench.ROW_FNS[row](args, torch.device("cpu"), 4)
@@ -77,6 +81,118 @@ def test_floor_step_takes_input_gradients_and_one_update():
     bench.floor_step(net, opt, torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,)))
     assert len(calls) == 8
     assert not torch.equal(before["conv1.weight"], net.conv1.weight)
+
+
+def fake_side_by_side(times, log):
+    """A side_by_side that runs each warm-up and each variant once, logging for each the grad mode of every forward of
+    the network (through `log`, which a forward hook fills), and returns the given seconds."""
+    def run(fns, device, repeats, steps, warmups=None):
+        for fn in (warmups or {}).values():
+            fn()
+        for k, fn in fns.items():
+            log.clear()
+            fn()
+            times[k + "_forwards"] = list(log)
+        return {k: times[k] for k in fns}
+    return run
+
+
+def hooked_make_net(log):
+    """bench.make_net with a forward hook that logs torch.is_grad_enabled() for every forward of the network."""
+    make_net = bench.make_net
+
+    def make(*a, **k):
+        net = make_net(*a, **k)
+        net.register_forward_hook(lambda m, i, o: log.append(torch.is_grad_enabled()))
+        return net
+    return make
+
+
+def test_adaptive_step_row_times_the_ascent_per_step(monkeypatch):
+    """Row 3c times flatness.adaptive_ascent itself (3 steps, --mode adaptive-worst's ρ and norm, from the given δ, on
+    the eval-mode network), counts its forwards (here one more than the ascent's own: the spy adds one, as a step
+    halving would) and gives the bare side as many: 3 with gradients, the rest without; both times per step."""
+    calls, log, times = [], [], {"ours": 6.0, "bare": 5.4}
+    import flatness
+    ascent = flatness.adaptive_ascent
+
+    def spy(model, x, y, init_loss, init_err, rho, norm, steps, **kw):
+        calls.append((model.training, len(x), rho, norm, steps, kw["delta"].abs().max().item()))
+        with torch.no_grad():
+            model(x)
+        return ascent(model, x, y, init_loss, init_err, rho, norm, steps, **kw)
+    monkeypatch.setattr(flatness, "adaptive_ascent", spy)
+    monkeypatch.setattr(bench, "make_net", hooked_make_net(log))
+    monkeypatch.setattr(bench, "side_by_side", fake_side_by_side(times, log))
+    args = bench.parse_args(["--device", "cpu", "--width", "4", "--repeats", "1"])
+    row = bench.row_adaptive_step(args, torch.device("cpu"), 4, steps=3)
+    assert len(calls) == 2 and all(c[:5] == (False, 128, 0.002, "linf", 3) for c in calls), calls
+    assert 0 < calls[0][5] <= 8 / 255 + 1e-6
+    ours, bare = times["ours_forwards"], times["bare_forwards"]
+    assert len(ours) >= 3 + 1 + 1 and row["forwards"] == len(ours) == len(bare)
+    assert bare == [True] * 3 + [False] * (len(ours) - 3)
+    assert row["step_s"] == pytest.approx(6.0 / 3) and row["bare_step_s"] == pytest.approx(5.4 / 3)
+    assert row["efficiency"] == pytest.approx(0.9) and row["steps"] == 3
+
+
+def test_adaptive_floor_takes_the_gradient_in_weights_and_inputs():
+    """The adaptive floor's gradient pass is w.r.t. ν (every conv/linear tensor) and δ, at w + ν and x + δ: it equals
+    the gradient of the CE of a model whose weights are w + ν (float64)."""
+    import flatness
+    torch.manual_seed(0)
+    net = common.ResNet18(width=4).double().eval()
+    x, y = torch.rand(3, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 1, 2])
+    weights = flatness.frozen_weights(net)
+    nu = {k: 0.01 * torch.randn_like(w) for k, w in weights.items()}
+    delta = 0.03 * torch.rand_like(x)
+    grads = bench.bare_adaptive_passes(net, weights, nu, x, delta, y, steps=2, forwards=3)
+    with torch.no_grad():
+        for k, p in common.perturbable_params(net).items():
+            p.add_(nu[k])
+    xd = (x + delta).requires_grad_(True)
+    expected = torch.autograd.grad(torch.nn.functional.cross_entropy(net(xd), y),
+                                   list(common.perturbable_params(net).values()) + [xd])
+    assert len(grads) == len(weights) + 1
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e)
+
+
+def test_hutchinson_row_times_the_probes_per_probe(monkeypatch):
+    """Row 3d times flatness.hessian_trace_probes itself (2 probes, on the eval-mode network and one batch of 128),
+    against 2 bare double-backward passes (one forward each), both per probe."""
+    import flatness
+    calls, log, times = [], [], {"ours": 4.0, "bare": 3.8}
+    probes = flatness.hessian_trace_probes
+
+    def spy(model, x, y, n, batch_size, **kw):
+        calls.append((model.training, len(x), n, batch_size))
+        return probes(model, x, y, n, batch_size, **kw)
+    monkeypatch.setattr(flatness, "hessian_trace_probes", spy)
+    monkeypatch.setattr(bench, "make_net", hooked_make_net(log))
+    monkeypatch.setattr(bench, "side_by_side", fake_side_by_side(times, log))
+    args = bench.parse_args(["--device", "cpu", "--width", "4", "--repeats", "1"])
+    row = bench.row_hutchinson(args, torch.device("cpu"), 4, probes=2)
+    assert calls[-1] == (False, 128, 2, 128), calls
+    assert times["ours_forwards"] == times["bare_forwards"] == [True, True]
+    assert row["probe_s"] == pytest.approx(2.0) and row["bare_probe_s"] == pytest.approx(1.9)
+    assert row["efficiency"] == pytest.approx(0.95) and row["probes"] == 2
+
+
+def test_hutchinson_floor_is_the_hessian_vector_product():
+    """The Hutchinson floor does the double backward of flatness.hessian_vector_product: the same H·v (one batch; in
+    float32, the measure's logits being float32 whatever the model's dtype), so it is not a cheaper single backward."""
+    import flatness
+    torch.manual_seed(0)
+    net = common.ResNet18(width=4).eval()
+    x, y = torch.rand(3, 3, 32, 32), torch.tensor([0, 1, 2])
+    weights = common.perturbable_params(net, weights_only=True)
+    v = {k: torch.randint(0, 2, w.shape).float().mul_(2).sub_(1) for k, w in weights.items()}
+    hv = bench.bare_hessian_vector_products(net, weights, x, y, v, probes=1)
+    expected = flatness.hessian_vector_product(net, {k: w.detach() for k, w in weights.items()}, x, y, v)
+    assert len(hv) == len(weights)
+    for h, k in zip(hv, weights):
+        torch.testing.assert_close(h, expected[k])
+    assert any(h.abs().max() > 0 for h in hv)
 
 
 def test_epoch_times_runs_the_eager_variants_on_cpu():
