@@ -1224,6 +1224,11 @@ def measure_checkpoint(model, info, todo, checkpoint_sha256, args, data, device,
                    "pac-bayes": f"σ'={m.details.get('sigma', 0):.4g}", "pac-bayes-mag": f"σ'={m.details.get('sigma', 0):.4g}",
                    "hessian-trace": f"± {m.details.get('stderr', 0):.3g} (std. error)"}[mode]
             print(f"{mode} {args.loss} ({args.norm}, n={len(y)}): reference {m.reference:.4f} → {m.value:.5g} ({how})")
+            if m.details.get("converged") is False:
+                print(f"  not converged: after {len(m.values)} bisection steps the error increase is "
+                      f"{abs(m.errs[-1] - m.reference):.3f}, not {args.target_deviation:g} ± {args.deviation_tolerance:g} "
+                      f"(raise --search-depth; with σ' near --sigma-max {args.sigma_max:g} the target is out of reach of "
+                      f"an error of {m.reference:.3f} for w: lower --target-deviation)")
         elif mode == "landscape":
             s_values, curves = landscape(model, x, y, args, progress)
             result = {"subset": "early-stop", "n": len(y), "s": s_values, **curves}
