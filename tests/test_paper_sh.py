@@ -3,7 +3,6 @@ command), the figure inputs it holds (Table 1, Fig. 4, Fig. 6, Fig. 7), flags ro
 tool, the cluster path (LAUNCHER, LIST_ROWS, one SLURM array task per row) and, with a stand-in
 python, skip / resume / failure handling. Bash only: nothing is trained."""
 import importlib
-import os
 import shlex
 import stat
 import subprocess
