@@ -1641,8 +1641,11 @@ def fig_measures(t, points, colours, out, log, written):
         tau = f"τ = {fmt(c['kendall_tau'], 2, signed=True)} (p = {c['kendall_p']:.2g})" if "kendall_tau" in c \
             else "τ: –"
         what = "default settings" if col["settings"] == "defaults" else col["settings"]
-        ax.set(title=f"{col['name']}\n{tau}, n = {c['n']}", xlabel=f"value ({what})" if col["type"] == "measure"
-               else col["name"], ylabel=LABELS["rloss"] if k % ncols == 0 else "")
+        ax.set(title=f"{col['name']}\n{tau}, n = {c['n']}", ylabel=LABELS["rloss"] if k % ncols == 0 else "")
+        if col["type"] == "measure":  # its settings, wrapped to the panel's width (they can be long)
+            ax.set_xlabel(textwrap.fill(f"value ({what})", 52), fontsize="x-small")
+        else:
+            ax.set_xlabel(col["name"])
     for ax in axes.flat[len(drawn):]:
         ax.axis("off")
     from matplotlib.lines import Line2D
