@@ -14,7 +14,8 @@
 #   thread each), PYTHON. Finished steps are skipped when the script is run again: a finished training by its
 #   final snapshot; evaluate.py and flatness.py are always called and skip what they measured with the same
 #   settings themselves (README "Result files").
-# Cost: a full run measured 4248 s (71 min) on the otherwise idle 2-core development machine;
+# Cost: a full run measured 4248 s (71 min) on the otherwise idle 2-core development machine before the other
+#   measures; they add 29 process-minutes (all rows but AT's extras: 5171 s, a test run sharing the machine);
 #   QUICK=1 measured 9.5 min on a loaded machine.
 #
 # Rows: AT (baseline), AT label noise 0.2 and 0.4 (a sweep for Fig. 7), AT weight decay 0.05,
